@@ -1,0 +1,65 @@
+// Co-activation counts on the CPU.
+//
+// Dense activations: binarise (finite and above threshold) into 0/1 float32 and let BLAS
+// form B^T B. Products of 0/1 are exact and float32 sums of ones stay exact up to 2^24,
+// so tokens go in chunks of at most 2^24 rows and each chunk's counts are exact integers.
+//
+// Sparse top-k codes: thread t owns the rows [a0, a1) of the count matrix and walks every
+// token's listed features, incrementing only pairs whose first feature it owns. No atomics,
+// no hot spots on frequent features, and the result is independent of the thread count.
+#include <ATen/Parallel.h>
+
+#include <algorithm>
+#include <limits>
+
+#include "ops.h"
+
+namespace supanalysis {
+
+void coactivation_update_cpu(at::Tensor& counts, const at::Tensor& x, double threshold) {
+  TORCH_CHECK(x.device().is_cpu() && counts.device().is_cpu(), "x and counts must be CPU tensors");
+  TORCH_CHECK(x.dim() == 2, "x must be 2-D [tokens, features]");
+  const int64_t T = x.size(0), n = x.size(1);
+  TORCH_CHECK(counts.scalar_type() == at::kLong && counts.is_contiguous() && counts.size(0) == n &&
+                  counts.size(1) == n,
+              "counts must be a contiguous int64 [n, n] tensor");
+  constexpr int64_t kExactRows = int64_t(1) << 24;
+  for (int64_t t0 = 0; t0 < T; t0 += kExactRows) {
+    const at::Tensor xs = x.narrow(0, t0, std::min(kExactRows, T - t0));
+    const at::Tensor B = (at::isfinite(xs) & (xs > threshold)).to(at::kFloat);
+    const at::Tensor G = at::mm(B.t(), B);
+    counts.add_(G.round().to(at::kLong));
+  }
+}
+
+void coactivation_update_sparse_cpu(at::Tensor& counts, const at::Tensor& indices_in) {
+  TORCH_CHECK(indices_in.device().is_cpu() && counts.device().is_cpu(),
+              "indices and counts must be CPU tensors");
+  TORCH_CHECK(indices_in.dim() == 2, "indices must be 2-D [tokens, k]");
+  const int64_t n = counts.size(0);
+  TORCH_CHECK(counts.scalar_type() == at::kLong && counts.is_contiguous() && counts.dim() == 2 &&
+                  counts.size(1) == n,
+              "counts must be a contiguous int64 [n, n] tensor");
+  const at::Tensor idx = indices_in.to(at::kLong).contiguous();
+  const int64_t T = idx.size(0), k = idx.size(1);
+  const int64_t* ip = idx.data_ptr<int64_t>();
+  for (int64_t e = 0; e < T * k; ++e)
+    TORCH_CHECK(ip[e] >= -1 && ip[e] < n, "indices must be in [-1, n), found ", ip[e]);
+  int64_t* c = counts.data_ptr<int64_t>();
+  at::parallel_for(0, n, 1, [&](int64_t a0, int64_t a1) {
+    for (int64_t t = 0; t < T; ++t) {
+      const int64_t* row = ip + t * k;
+      for (int64_t p = 0; p < k; ++p) {
+        const int64_t a = row[p];
+        if (a < a0 || a >= a1) continue;  // also skips padding (-1)
+        int64_t* ca = c + a * n;
+        for (int64_t q = 0; q < k; ++q) {
+          const int64_t b = row[q];
+          if (b >= 0) ++ca[b];
+        }
+      }
+    }
+  });
+}
+
+}  // namespace supanalysis

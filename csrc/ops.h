@@ -1,0 +1,61 @@
+// Declarations of every native launcher, CPU and CUDA. One op, one file per device:
+// csrc/cpu/<op>.cpp defines <op>_cpu, csrc/cuda/<op>.cu defines <op>_cuda.
+// Shapes and semantics are documented on the Python side (supanalysis/ops/<op>.py),
+// which validates arguments before any launcher runs; launchers re-check what would
+// otherwise be memory-unsafe.
+#pragma once
+
+#include <ATen/ATen.h>
+
+#include <optional>
+#include <vector>
+
+namespace supanalysis {
+
+// x [T, n] -> {finite_count[n] i64, fire_count[n] i64, mean[n] f64, m2[n] f64,
+//              max[n] f64, min[n] f64, active_sum[n] f64, l0[T] i64}
+std::vector<at::Tensor> activation_stats_cpu(const at::Tensor& x, double threshold);
+// indices [T, k] (i64, -1 = padding), values [T, k] -> same outputs, over n features.
+std::vector<at::Tensor> activation_stats_sparse_cpu(const at::Tensor& indices,
+                                                    const at::Tensor& values, int64_t n,
+                                                    double threshold);
+
+// W [n, m], V [k, m] or none -> {norms, sq_interference, sq_cos, dims, max_abs_cos,
+//                                argmax, topk_cos [n, topk], topk_index [n, topk]}
+std::vector<at::Tensor> interference_cpu(const at::Tensor& W, const std::optional<at::Tensor>& V,
+                                         int64_t topk, int64_t block);
+
+// comoment [na, nb] f64 (updated in place with Chan's formula), n_prev tokens already in it,
+// mean_a_prev [na] f64, mean_b_prev [nb] f64, xa [T, na], xb [T, nb]
+// -> {mean_a, m2_a, mean_b, m2_b} of this batch (f64).
+std::vector<at::Tensor> cross_moments_update_cpu(at::Tensor& comoment, int64_t n_prev,
+                                                 const at::Tensor& mean_a_prev,
+                                                 const at::Tensor& mean_b_prev,
+                                                 const at::Tensor& xa, const at::Tensor& xb);
+// comoment [na, nb] f64, inv_std_a [na] f64 (0 = constant feature), inv_std_b [nb]
+// -> {max_corr_a [na] f64, match_a [na] i64, max_corr_b [nb] f64, match_b [nb] i64}
+std::vector<at::Tensor> best_match_cpu(const at::Tensor& comoment, const at::Tensor& inv_std_a,
+                                       const at::Tensor& inv_std_b);
+
+// counts [n, n] i64 += pairs of features that are both active in a token.
+void coactivation_update_cpu(at::Tensor& counts, const at::Tensor& x, double threshold);
+void coactivation_update_sparse_cpu(at::Tensor& counts, const at::Tensor& indices);
+
+#ifdef SUPANALYSIS_WITH_CUDA
+std::vector<at::Tensor> activation_stats_cuda(const at::Tensor& x, double threshold);
+std::vector<at::Tensor> activation_stats_sparse_cuda(const at::Tensor& indices,
+                                                     const at::Tensor& values, int64_t n,
+                                                     double threshold);
+std::vector<at::Tensor> interference_cuda(const at::Tensor& W, const std::optional<at::Tensor>& V,
+                                          int64_t topk, int64_t block);
+std::vector<at::Tensor> cross_moments_update_cuda(at::Tensor& comoment, int64_t n_prev,
+                                                  const at::Tensor& mean_a_prev,
+                                                  const at::Tensor& mean_b_prev,
+                                                  const at::Tensor& xa, const at::Tensor& xb);
+std::vector<at::Tensor> best_match_cuda(const at::Tensor& comoment, const at::Tensor& inv_std_a,
+                                        const at::Tensor& inv_std_b);
+void coactivation_update_cuda(at::Tensor& counts, const at::Tensor& x, double threshold);
+void coactivation_update_sparse_cuda(at::Tensor& counts, const at::Tensor& indices);
+#endif
+
+}  // namespace supanalysis

@@ -1,0 +1,41 @@
+"""supanalysis: GPU-kernel-backed interpretability analysis.
+
+Tests whether "superposition is a complete theory of features" and "features are
+universal" can both hold, on models of equal parameter count and different aspect ratio.
+The ops (activation statistics, feature interference, cross-model correlation,
+co-activation) run on reference / C++ / Triton / CUDA backends; see :func:`backends`.
+"""
+
+from __future__ import annotations
+
+import torch  # noqa: F401  (loads libtorch before the extension)
+
+from ._backend import BACKENDS, BackendStatus, BackendUnavailable, backend_status
+from .accumulators import ActivationStats, BestMatch, CoActivation, CrossCorrelation
+from .ops.activation_stats import activation_stats, activation_stats_sparse
+from .ops.interference import InterferenceResult, interference, interference_matrix
+
+__version__ = "0.1.0"
+
+
+def backends() -> dict[str, BackendStatus]:
+    """Every backend with whether it can run here, on which devices, and why not."""
+    return backend_status()
+
+
+__all__ = [
+    "BACKENDS",
+    "ActivationStats",
+    "BackendStatus",
+    "BackendUnavailable",
+    "BestMatch",
+    "CoActivation",
+    "CrossCorrelation",
+    "InterferenceResult",
+    "__version__",
+    "activation_stats",
+    "activation_stats_sparse",
+    "backends",
+    "interference",
+    "interference_matrix",
+]

@@ -1,0 +1,7 @@
+"""Streaming accumulators: exact float64/int64 state, Chan merges, safetensors files, all-reduce."""
+
+from .coactivation import CoActivation
+from .correlation import BestMatch, CrossCorrelation
+from .stats import ActivationStats
+
+__all__ = ["ActivationStats", "BestMatch", "CoActivation", "CrossCorrelation"]

@@ -1,0 +1,263 @@
+"""CrossCorrelation: streaming Pearson correlation between two feature sets over the same tokens."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+import torch
+
+from ..ops._common import check_float, check_rank, flatten_tokens
+from ..ops.correlation import best_match, cross_moments_update
+from ._state import (
+    FORMAT_VERSION,
+    atomic_save,
+    chan_merge,
+    check_state,
+    dist_parallel_moments,
+    load_file_checked,
+    resolve_device,
+)
+
+DEFAULT_MAX_BYTES = 1 << 30
+
+#: A feature counts as constant when its standard deviation is below this fraction of
+#: |mean| (or exactly 0): float64 rounding of a mean leaves residues of about 1e-16 |mean|.
+CONSTANT_RTOL = 1e-12
+
+
+@dataclass(frozen=True)
+class BestMatch:
+    """Each feature's best partner on the other side, by signed Pearson correlation.
+
+    max_corr_a [n_a] float64, match_a [n_a] int64 (best feature of B for each feature of A,
+    -1 when there is none); max_corr_b, match_b the other way. constant_a / constant_b
+    [n] bool flag features with zero variance: their correlation is defined as 0 and
+    they are nobody's match (never NaN).
+    """
+
+    max_corr_a: torch.Tensor
+    match_a: torch.Tensor
+    max_corr_b: torch.Tensor
+    match_b: torch.Tensor
+    constant_a: torch.Tensor
+    constant_b: torch.Tensor
+
+    def matched_fraction_a(self, tau: float) -> float:
+        """Fraction of A's non-constant features whose best correlation is at least tau."""
+        live = ~self.constant_a
+        return float((self.max_corr_a[live] >= tau).double().mean()) if bool(live.any()) else 0.0
+
+    def matched_fraction_b(self, tau: float) -> float:
+        live = ~self.constant_b
+        return float((self.max_corr_b[live] >= tau).double().mean()) if bool(live.any()) else 0.0
+
+
+class CrossCorrelation:
+    """Streaming centred co-moments of ``xa [T, n_a]`` against ``xb [T, n_b]``.
+
+    State (float64): token count, per-feature means and M2 of both sides, and the
+    [n_a, n_b] co-moment, merged batch by batch with Chan's formulas (never E[xy]−E[x]E[y]).
+    Tokens where either side has a non-finite value are dropped and counted in
+    :attr:`n_skipped`. The state lives on ``device`` (default: the first update's device).
+    """
+
+    KIND = "CrossCorrelation"
+
+    def __init__(
+        self,
+        n_a: int,
+        n_b: int,
+        *,
+        device: torch.device | str | None = None,
+        backend: str | None = None,
+        max_bytes: int = 8 << 30,
+    ) -> None:
+        for name, v in (("n_a", n_a), ("n_b", n_b)):
+            if not isinstance(v, int) or v < 1:
+                raise ValueError(f"{name} must be a positive int, got {v!r}")
+        need = n_a * n_b * 8
+        if need > max_bytes:
+            raise MemoryError(
+                f"CrossCorrelation({n_a}, {n_b}) needs a {need / 2**30:.1f} GiB float64 co-moment, over "
+                f"max_bytes={max_bytes / 2**30:.1f} GiB; raise max_bytes or correlate fewer features"
+            )
+        self.n_a, self.n_b = n_a, n_b
+        self.backend = backend
+        self._device = torch.device(device) if device is not None else None
+        self._init_state(self._device or torch.device("cpu"))
+
+    def _init_state(self, device: torch.device) -> None:
+        f64 = dict(dtype=torch.float64, device=device)
+        self._n = 0
+        self._skipped = 0
+        self._mean_a = torch.zeros(self.n_a, **f64)
+        self._m2_a = torch.zeros(self.n_a, **f64)
+        self._mean_b = torch.zeros(self.n_b, **f64)
+        self._m2_b = torch.zeros(self.n_b, **f64)
+        self._com = torch.zeros(self.n_a, self.n_b, **f64)
+
+    # ------------------------------------------------------------------ updates
+    def update(self, xa: torch.Tensor, xb: torch.Tensor) -> CrossCorrelation:
+        """Add the same tokens seen by both sides. xa: (..., n_a), xb: (..., n_b)."""
+        check_float("xa", xa)
+        check_float("xb", xb)
+        xa2, xb2 = flatten_tokens(xa), flatten_tokens(xb)
+        check_rank("xa", xa2, 2, "[tokens, n_a]")
+        if xa2.shape[1] != self.n_a:
+            raise ValueError(f"xa must have n_a={self.n_a} features, got shape {tuple(xa.shape)}")
+        if xb2.shape[1] != self.n_b:
+            raise ValueError(f"xb must have n_b={self.n_b} features, got shape {tuple(xb.shape)}")
+        if xa2.shape[0] != xb2.shape[0]:
+            raise ValueError(f"xa and xb must cover the same tokens, got {xa2.shape[0]} and {xb2.shape[0]}")
+        dev = resolve_device(self._device, xa2, xb2)
+        if self._device is None:
+            self._device = dev
+            self._init_state(dev)
+        ok = torch.isfinite(xa2).all(1) & torch.isfinite(xb2).all(1)
+        skipped = int((~ok).sum())
+        if skipped:
+            xa2, xb2 = xa2[ok], xb2[ok]
+        T = xa2.shape[0]
+        if T:
+            ma, m2a, mb, m2b = cross_moments_update(
+                self._com, self._n, self._mean_a, self._mean_b, xa2, xb2, backend=self.backend
+            )
+            self._mean_a, self._m2_a = chan_merge(self._n, self._mean_a, self._m2_a, T, ma, m2a)
+            self._mean_b, self._m2_b = chan_merge(self._n, self._mean_b, self._m2_b, T, mb, m2b)
+            self._n += T
+        self._skipped += skipped
+        return self
+
+    def merge(self, other: CrossCorrelation) -> CrossCorrelation:
+        """Fold another accumulator over disjoint tokens into this one."""
+        if not isinstance(other, CrossCorrelation):
+            raise TypeError(f"other must be a CrossCorrelation, got {type(other).__name__}")
+        if (other.n_a, other.n_b) != (self.n_a, self.n_b):
+            raise ValueError(f"cannot merge CrossCorrelation{(other.n_a, other.n_b)} into {(self.n_a, self.n_b)}")
+        dev = self._com.device
+        na, nb = self._n, other._n
+        n = na + nb
+        if nb:
+            da = other._mean_a.to(dev) - self._mean_a
+            db = other._mean_b.to(dev) - self._mean_b
+            self._com += other._com.to(dev)
+            self._com += (na * nb / n) * torch.outer(da, db)
+            self._mean_a, self._m2_a = chan_merge(
+                na, self._mean_a, self._m2_a, nb, other._mean_a.to(dev), other._m2_a.to(dev)
+            )
+            self._mean_b, self._m2_b = chan_merge(
+                na, self._mean_b, self._m2_b, nb, other._mean_b.to(dev), other._m2_b.to(dev)
+            )
+            self._n = n
+        self._skipped += other._skipped
+        return self
+
+    def all_reduce(self, group=None) -> CrossCorrelation:
+        """Combine every rank's accumulator in place (exact parallel formula, float64)."""
+        import torch.distributed as dist
+
+        dev = self._com.device
+        n_local = torch.tensor(float(self._n), dtype=torch.float64, device=dev)
+        _, mu_a, m2_a = dist_parallel_moments(n_local.expand(self.n_a).contiguous(), self._mean_a, self._m2_a, group)
+        _, mu_b, m2_b = dist_parallel_moments(n_local.expand(self.n_b).contiguous(), self._mean_b, self._m2_b, group)
+        # Shift each rank's co-moment to the global means before summing.
+        self._com += n_local * torch.outer(self._mean_a - mu_a, self._mean_b - mu_b)
+        dist.all_reduce(self._com, group=group)
+        self._mean_a, self._m2_a, self._mean_b, self._m2_b = mu_a, m2_a, mu_b, m2_b
+        counts = torch.tensor([self._n, self._skipped], dtype=torch.int64, device=dev)
+        dist.all_reduce(counts, group=group)
+        self._n, self._skipped = int(counts[0]), int(counts[1])
+        return self
+
+    # ------------------------------------------------------------------ results
+    @property
+    def n_tokens(self) -> int:
+        return self._n
+
+    @property
+    def n_skipped(self) -> int:
+        """Tokens dropped because xa or xb had a non-finite value there."""
+        return self._skipped
+
+    @property
+    def mean_a(self) -> torch.Tensor:
+        return self._mean_a.clone()
+
+    @property
+    def mean_b(self) -> torch.Tensor:
+        return self._mean_b.clone()
+
+    @property
+    def comoment(self) -> torch.Tensor:
+        """[n_a, n_b] float64: Σ_t (xa - μa)(xb - μb)ᵀ."""
+        return self._com.clone()
+
+    def _inv_std(self, mean: torch.Tensor, m2: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        sd = torch.sqrt(m2.clamp_min(0.0))
+        const = (m2 <= 0) | (sd <= CONSTANT_RTOL * mean.abs() * (self._n**0.5))
+        inv = torch.where(const, torch.zeros_like(sd), 1.0 / torch.where(const, torch.ones_like(sd), sd))
+        return inv, const
+
+    def best_match(self) -> BestMatch:
+        """Best partner per feature, both ways, in one read of the co-moment."""
+        ia, ca = self._inv_std(self._mean_a, self._m2_a)
+        ib, cb = self._inv_std(self._mean_b, self._m2_b)
+        ma, aa, mb, ab = best_match(self._com, ia, ib, backend=self.backend)
+        return BestMatch(ma, aa, mb, ab, ca, cb)
+
+    def correlation(self, max_bytes: int = DEFAULT_MAX_BYTES) -> torch.Tensor:
+        """The dense [n_a, n_b] float64 correlation matrix (constant features: 0), small sizes only."""
+        need = self.n_a * self.n_b * 8
+        if need > max_bytes:
+            raise MemoryError(f"correlation() would hold {need / 2**30:.2f} GiB, over max_bytes; use best_match()")
+        ia, _ = self._inv_std(self._mean_a, self._m2_a)
+        ib, _ = self._inv_std(self._mean_b, self._m2_b)
+        return (self._com * ia[:, None] * ib[None, :]).clamp(-1.0, 1.0)
+
+    # ------------------------------------------------------------------ persistence
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        return {
+            "n_tokens": torch.tensor(self._n, dtype=torch.int64),
+            "n_skipped": torch.tensor(self._skipped, dtype=torch.int64),
+            "mean_a": self._mean_a.clone(),
+            "m2_a": self._m2_a.clone(),
+            "mean_b": self._mean_b.clone(),
+            "m2_b": self._m2_b.clone(),
+            "comoment": self._com.clone(),
+        }
+
+    def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
+        f, i = torch.float64, torch.int64
+        expected = {
+            "n_tokens": ((), i),
+            "n_skipped": ((), i),
+            "mean_a": ((self.n_a,), f),
+            "m2_a": ((self.n_a,), f),
+            "mean_b": ((self.n_b,), f),
+            "m2_b": ((self.n_b,), f),
+            "comoment": ((self.n_a, self.n_b), f),
+        }
+        check_state(state, expected, "CrossCorrelation.load_state_dict")
+        dev = self._device or torch.device("cpu")
+        s = {k: v.to(dev).clone() for k, v in state.items()}
+        self._n, self._skipped = int(s["n_tokens"]), int(s["n_skipped"])
+        self._mean_a, self._m2_a, self._mean_b, self._m2_b = s["mean_a"], s["m2_a"], s["mean_b"], s["m2_b"]
+        self._com = s["comoment"].contiguous()
+
+    def save(self, path: str | os.PathLike) -> None:
+        meta = {"kind": self.KIND, "version": FORMAT_VERSION, "n_a": self.n_a, "n_b": self.n_b}
+        atomic_save(self.state_dict(), meta, path)
+
+    @classmethod
+    def load(cls, path: str | os.PathLike, device: torch.device | str | None = None) -> CrossCorrelation:
+        tensors, meta = load_file_checked(path, cls.KIND)
+        try:
+            obj = cls(int(meta["n_a"]), int(meta["n_b"]), device=device, max_bytes=1 << 62)
+        except (KeyError, TypeError, ValueError) as exc:
+            raise ValueError(f"{path}: bad CrossCorrelation metadata: {exc}") from exc
+        obj.load_state_dict(tensors)
+        return obj
+
+    def __repr__(self) -> str:
+        return f"CrossCorrelation(n_a={self.n_a}, n_b={self.n_b}, n_tokens={self._n}, device={self._com.device})"

@@ -1,0 +1,168 @@
+"""Cross-model correlation: streaming centred co-moments and the fused best match.
+
+Two ops, each with the full anatomy:
+
+``cross_moments_update`` (``supanalysis::cross_moments_update``, mutates ``comoment``)
+  comoment [n_a, n_b] float64 is the running Σ_t (xa_t - μa)(xb_t - μb)ᵀ over ``n_prev``
+  tokens with running means ``mean_a_prev [n_a]``, ``mean_b_prev [n_b]``. One batch
+  ``xa [T, n_a]``, ``xb [T, n_b]`` is merged with Chan's formula,
+  C += C_batch + (n_prev·T / (n_prev + T)) · (μa_batch − μa)(μb_batch − μb)ᵀ,
+  and the batch's own (mean_a, m2_a, mean_b, m2_b) are returned (float64) for the caller
+  to merge into its per-feature state. Batches must be finite (the accumulator drops
+  and counts tokens with non-finite values before calling).
+
+``best_match`` (``supanalysis::best_match``)
+  corr_ij = C_ij · inv_std_a_i · inv_std_b_j, clamped to [-1, 1]; a feature with
+  inv_std 0 (constant) has correlation 0 with everything and is nobody's match. Returns
+  max_corr_a [n_a], match_a [n_a] (best partner in B, -1 if none), max_corr_b, match_b.
+  The maximum is the signed maximum (anti-correlation is not a match); ties go to the
+  smallest index. The correlation matrix is never materialised.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from .._backend import lazy, native, resolve
+
+IMPLEMENTED = ("reference", "cpp", "triton", "cuda")
+PREFERRED = {"cpu": ("cpp",), "cuda": ("cuda", "triton")}
+
+
+# ----------------------------------------------------------------------------- references
+def cross_moments_update_reference(
+    comoment: torch.Tensor,
+    n_prev: int,
+    mean_a_prev: torch.Tensor,
+    mean_b_prev: torch.Tensor,
+    xa: torch.Tensor,
+    xb: torch.Tensor,
+) -> list[torch.Tensor]:
+    """Float64 ground truth; updates ``comoment`` in place."""
+    T = xa.shape[0]
+    a = xa.to(torch.float64)
+    b = xb.to(torch.float64)
+    if T == 0:
+        za = torch.zeros(a.shape[1], dtype=torch.float64, device=xa.device)
+        zb = torch.zeros(b.shape[1], dtype=torch.float64, device=xa.device)
+        return [za, za.clone(), zb, zb.clone()]
+    ma, mb = a.mean(0), b.mean(0)
+    ca, cb = a - ma, b - mb
+    coef = n_prev * T / (n_prev + T)
+    comoment += ca.T @ cb
+    comoment += coef * torch.outer(ma - mean_a_prev.double(), mb - mean_b_prev.double())
+    return [ma, (ca * ca).sum(0), mb, (cb * cb).sum(0)]
+
+
+def best_match_reference(
+    comoment: torch.Tensor, inv_std_a: torch.Tensor, inv_std_b: torch.Tensor
+) -> list[torch.Tensor]:
+    """Float64 ground truth through the dense correlation matrix (small sizes only)."""
+    ia, ib = inv_std_a.double(), inv_std_b.double()
+    corr = (comoment.double() * ia[:, None] * ib[None, :]).clamp(-1.0, 1.0)
+    valid = (ia[:, None] != 0) & (ib[None, :] != 0)
+    neg = torch.tensor(-float("inf"), dtype=torch.float64, device=corr.device)
+    masked = torch.where(valid, corr, neg)
+
+    def reduce(m: torch.Tensor, dim: int, n: int) -> tuple[torch.Tensor, torch.Tensor]:
+        if m.shape[dim] == 0:
+            return (
+                torch.zeros(n, dtype=torch.float64, device=m.device),
+                torch.full((n,), -1, dtype=torch.int64, device=m.device),
+            )
+        val, arg = m.max(dim)  # first occurrence on ties
+        ok = torch.isfinite(val)
+        return torch.where(ok, val, 0.0), torch.where(ok, arg, -1)
+
+    ma, aa = reduce(masked, 1, masked.shape[0])
+    mb, ab = reduce(masked, 0, masked.shape[1])
+    return [ma, aa, mb, ab]
+
+
+# ----------------------------------------------------------------------------- native
+def cross_moments_update_cpu(comoment, n_prev, mean_a_prev, mean_b_prev, xa, xb):
+    return native().cross_moments_update_cpu(comoment, int(n_prev), mean_a_prev, mean_b_prev, xa, xb)
+
+
+def cross_moments_update_cuda(comoment, n_prev, mean_a_prev, mean_b_prev, xa, xb):
+    return native().cross_moments_update_cuda(comoment, int(n_prev), mean_a_prev, mean_b_prev, xa, xb)
+
+
+def best_match_cpu(comoment, inv_std_a, inv_std_b):
+    return native().best_match_cpu(comoment, inv_std_a, inv_std_b)
+
+
+def best_match_cuda(comoment, inv_std_a, inv_std_b):
+    return native().best_match_cuda(comoment, inv_std_a, inv_std_b)
+
+
+cross_moments_update_triton = lazy("supanalysis.kernels.correlation", "cross_moments_update_triton")
+best_match_triton = lazy("supanalysis.kernels.correlation", "best_match_triton")
+
+UPDATE_IMPLS = {
+    "reference": cross_moments_update_reference,
+    "cpp": cross_moments_update_cpu,
+    "triton": cross_moments_update_triton,
+    "cuda": cross_moments_update_cuda,
+}
+BEST_MATCH_IMPLS = {
+    "reference": best_match_reference,
+    "cpp": best_match_cpu,
+    "triton": best_match_triton,
+    "cuda": best_match_cuda,
+}
+
+
+# ----------------------------------------------------------------------------- registration
+@torch.library.custom_op("supanalysis::cross_moments_update", mutates_args=("comoment",))
+def _cross_moments_update_op(
+    comoment: torch.Tensor,
+    n_prev: int,
+    mean_a_prev: torch.Tensor,
+    mean_b_prev: torch.Tensor,
+    xa: torch.Tensor,
+    xb: torch.Tensor,
+    backend: str,
+) -> list[torch.Tensor]:
+    name = resolve("cross_moments_update", xa.device, backend or None, IMPLEMENTED, PREFERRED)
+    return list(UPDATE_IMPLS[name](comoment, n_prev, mean_a_prev, mean_b_prev, xa, xb))
+
+
+@_cross_moments_update_op.register_fake
+def _(comoment, n_prev, mean_a_prev, mean_b_prev, xa, xb, backend):
+    f64 = dict(dtype=torch.float64, device=xa.device)
+    na, nb = xa.shape[1], xb.shape[1]
+    return [xa.new_empty(na, **f64), xa.new_empty(na, **f64), xb.new_empty(nb, **f64), xb.new_empty(nb, **f64)]
+
+
+@torch.library.custom_op("supanalysis::best_match", mutates_args=())
+def _best_match_op(
+    comoment: torch.Tensor, inv_std_a: torch.Tensor, inv_std_b: torch.Tensor, backend: str
+) -> list[torch.Tensor]:
+    name = resolve("best_match", comoment.device, backend or None, IMPLEMENTED, PREFERRED)
+    return list(BEST_MATCH_IMPLS[name](comoment, inv_std_a, inv_std_b))
+
+
+@_best_match_op.register_fake
+def _(comoment, inv_std_a, inv_std_b, backend):
+    na, nb = comoment.shape
+    f64 = dict(dtype=torch.float64, device=comoment.device)
+    i64 = dict(dtype=torch.int64, device=comoment.device)
+    return [
+        comoment.new_empty(na, **f64),
+        comoment.new_empty(na, **i64),
+        comoment.new_empty(nb, **f64),
+        comoment.new_empty(nb, **i64),
+    ]
+
+
+def cross_moments_update(comoment, n_prev, mean_a_prev, mean_b_prev, xa, xb, backend=None):
+    """Merge one finite batch into ``comoment`` in place; see the module docstring."""
+    return torch.ops.supanalysis.cross_moments_update(
+        comoment, int(n_prev), mean_a_prev, mean_b_prev, xa, xb, backend or ""
+    )
+
+
+def best_match(comoment, inv_std_a, inv_std_b, backend=None):
+    """(max_corr_a, match_a, max_corr_b, match_b); see the module docstring."""
+    return torch.ops.supanalysis.best_match(comoment, inv_std_a, inv_std_b, backend or "")

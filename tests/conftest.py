@@ -1,0 +1,60 @@
+"""Shared test fixtures: which (backend, device) pairs can run here, and the tolerance rule."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+
+from supanalysis._backend import backend_status
+
+_STATUS = backend_status()
+
+
+def backend_devices() -> list[tuple[str, str]]:
+    """Every (backend, device) pair this machine can run; GPU pairs only with a GPU."""
+    pairs = []
+    for dev in ("cpu", "cuda"):
+        for name, st in _STATUS.items():
+            if st.available and dev in st.devices:
+                pairs.append((name, dev))
+    return pairs
+
+
+BACKEND_DEVICES = backend_devices()
+FAST_BACKEND_DEVICES = [(b, d) for b, d in BACKEND_DEVICES if not (b == "triton" and d == "cpu")]
+
+
+def ids(pairs):
+    return [f"{b}-{d}" for b, d in pairs]
+
+
+@pytest.fixture(params=BACKEND_DEVICES, ids=ids(BACKEND_DEVICES))
+def backend_device(request):
+    return request.param
+
+
+def interpreting(backend: str, device: str) -> bool:
+    """Triton on the CPU runs in the (slow) interpreter: tests shrink their sizes for it."""
+    return backend == "triton" and device == "cpu"
+
+
+def assert_tolerance_rule(got, ref64, same_dtype, *, atol: float, what: str = "") -> None:
+    """flash-attention's rule: |got - ref64| <= 2 |same_dtype - ref64| + atol (max norm)."""
+    got = got.detach().double().cpu()
+    ref64 = ref64.detach().double().cpu()
+    same = same_dtype.detach().double().cpu()
+    fin = torch.isfinite(ref64)
+    assert torch.equal(torch.isfinite(got), fin), f"{what}: non-finite pattern differs"
+    if fin.any():
+        err = (got[fin] - ref64[fin]).abs().max().item()
+        base = (same[fin] - ref64[fin]).abs().max().item()
+        assert err <= 2 * base + atol, f"{what}: error {err:.3e} > 2 x {base:.3e} + {atol:.1e}"
+    assert torch.equal(got[~fin], ref64[~fin]), f"{what}: infinities differ"
+
+
+def pytest_report_header(config):
+    lines = [str(s) for s in _STATUS.values()]
+    lines.append(f"TRITON_INTERPRET={os.environ.get('TRITON_INTERPRET', '0')}")
+    return lines

@@ -1,0 +1,101 @@
+"""Backend selection: explicit choices, the environment variable, auto fallback, errors."""
+
+from __future__ import annotations
+
+import logging
+import os
+
+import pytest
+import torch
+
+import supanalysis as sa
+from supanalysis import _backend
+from supanalysis.ops import activation_stats as stats_op
+
+
+def test_cpp_extension_loaded_when_required():
+    # CI sets SUPANALYSIS_REQUIRE_CPP=1: a silent fallback to the reference must fail it.
+    if os.environ.get("SUPANALYSIS_REQUIRE_CPP") == "1":
+        assert _backend.native() is not None, _backend.native_error()
+        assert sa.backends()["cpp"].available
+    ext = _backend.native()
+    if ext is not None:
+        assert hasattr(ext, "activation_stats_cpu")
+        assert ext.with_openmp
+
+
+def test_backends_reports_every_backend():
+    st = sa.backends()
+    assert set(st) == set(sa.BACKENDS)
+    assert st["reference"].available
+    for s in st.values():
+        assert s.reason
+        assert s.available == bool(s.devices)
+
+
+def test_explicit_backend_wins_over_env(monkeypatch):
+    monkeypatch.setenv("SUPANALYSIS_BACKEND", "cpp")
+    x = torch.randn(10, 3)
+    assert (
+        _backend.resolve("activation_stats", x.device, "reference", stats_op.IMPLEMENTED, stats_op.PREFERRED)
+        == "reference"
+    )
+
+
+def test_env_backend_used(monkeypatch):
+    monkeypatch.setenv("SUPANALYSIS_BACKEND", "reference")
+    assert (
+        _backend.resolve("activation_stats", torch.device("cpu"), None, stats_op.IMPLEMENTED, stats_op.PREFERRED)
+        == "reference"
+    )
+
+
+def test_unknown_backend_name_raises(monkeypatch):
+    with pytest.raises(ValueError, match="backend must be one of"):
+        sa.activation_stats(torch.randn(3, 2), backend="fast")
+    monkeypatch.setenv("SUPANALYSIS_BACKEND", "turbo")
+    with pytest.raises(ValueError, match="backend must be one of"):
+        sa.activation_stats(torch.randn(3, 2))
+
+
+def test_explicit_unavailable_backend_raises():
+    # The CUDA backend never runs on CPU tensors.
+    with pytest.raises(sa.BackendUnavailable, match="cuda"):
+        sa.activation_stats(torch.randn(4, 3), backend="cuda")
+
+
+def test_triton_on_cpu_needs_interpreter(monkeypatch):
+    if not _backend._triton_version():
+        pytest.skip("triton not installed")
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    with pytest.raises(sa.BackendUnavailable, match="triton"):
+        _backend.resolve("activation_stats", torch.device("cpu"), "triton", stats_op.IMPLEMENTED, stats_op.PREFERRED)
+
+
+def test_auto_falls_back_and_logs_once(monkeypatch, caplog):
+    # Pretend the op prefers a backend that cannot run here: auto must fall back and say so once.
+    prefs = {"cpu": ("cuda",)}
+    _backend._warned.clear()
+    with caplog.at_level(logging.WARNING, logger="supanalysis"):
+        a = _backend.resolve("fake_op", torch.device("cpu"), "auto", ("reference", "cuda"), prefs)
+        b = _backend.resolve("fake_op", torch.device("cpu"), "auto", ("reference", "cuda"), prefs)
+    assert a == b == "reference"
+    msgs = [r.getMessage() for r in caplog.records if "fake_op" in r.getMessage()]
+    assert len(msgs) == 1 and "reference" in msgs[0]
+
+
+def test_auto_prefers_cpp_on_cpu():
+    if not sa.backends()["cpp"].available:
+        pytest.skip("C++ extension not built")
+    assert (
+        _backend.resolve("activation_stats", torch.device("cpu"), "auto", stats_op.IMPLEMENTED, stats_op.PREFERRED)
+        == "cpp"
+    )
+
+
+def test_info_cli_prints_backends(capsys):
+    from supanalysis.cli import main
+
+    assert main(["info"]) == 0
+    out = capsys.readouterr().out
+    assert "torch" in out and "cpp" in out and "reference" in out

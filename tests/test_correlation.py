@@ -1,0 +1,153 @@
+"""CrossCorrelation and best_match against numpy float64."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from conftest import interpreting
+
+import supanalysis as sa
+
+
+def numpy_corr(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    a = a - a.mean(0)
+    b = b - b.mean(0)
+    sa_, sb = np.sqrt((a * a).sum(0)), np.sqrt((b * b).sum(0))
+    with np.errstate(divide="ignore", invalid="ignore"):
+        c = (a.T @ b) / np.outer(sa_, sb)
+    c[sa_ == 0, :] = 0
+    c[:, sb == 0] = 0
+    return c
+
+
+def make_pair(T, na, nb, seed):
+    g = torch.Generator().manual_seed(seed)
+    xa = torch.randn(T, na, generator=g, dtype=torch.float64)
+    xb = torch.randn(T, nb, generator=g, dtype=torch.float64)
+    k = min(na, nb, 3)
+    xb[:, :k] = 2 * xa[:, :k] + 0.1 * xb[:, :k]  # strongly correlated pairs
+    if nb > 4:
+        xb[:, 4] = -xa[:, 0]  # perfectly anti-correlated: not a match
+        xb[:, 3] = 7.0  # constant feature
+    if na > 5:
+        xa[:, 5] = 0.0  # always zero
+    return xa, xb
+
+
+@pytest.mark.parametrize("T,na,nb", [(1, 3, 2), (50, 7, 9), (300, 97, 33)])
+def test_streaming_matches_numpy(backend_device, T, na, nb):
+    backend, device = backend_device
+    if interpreting(backend, device) and na > 50:
+        na = 40
+    xa, xb = make_pair(T, na, nb, seed=T + na)
+    cc = sa.CrossCorrelation(na, nb, backend=backend)
+    for pa, pb in zip(xa.float().split(37), xb.float().split(37)):
+        cc.update(pa.to(device), pb.to(device))
+    assert cc.n_tokens == T
+    a32, b32 = xa.float().double().numpy(), xb.float().double().numpy()
+    want = numpy_corr(a32, b32)
+    got = cc.correlation().cpu().numpy()
+    if T > 1:
+        np.testing.assert_allclose(got, want, atol=2e-5)
+    bm = cc.best_match()
+    for t in (bm.max_corr_a, bm.max_corr_b):
+        assert torch.isfinite(t).all()
+    if T > 1:
+        live_b = ~bm.constant_b.cpu().numpy()
+        wa = np.where(live_b[None, :], want, -np.inf)
+        for i in range(na):
+            if bm.constant_a[i]:
+                assert bm.match_a[i] == -1 and bm.max_corr_a[i] == 0
+                continue
+            j = int(bm.match_a[i])
+            assert wa[i, j] >= wa[i].max() - 1e-5
+            assert float(bm.max_corr_a[i]) == pytest.approx(wa[i].max(), abs=2e-5)
+    if nb > 4 and T > 1:
+        assert bool(bm.constant_b[3]) and int(bm.match_b[3]) == -1 and float(bm.max_corr_b[3]) == 0.0
+        assert int(bm.match_b[0]) == 0 and float(bm.max_corr_b[0]) > 0.99
+    if na > 5 and T > 1:
+        assert bool(bm.constant_a[5])
+
+
+def test_best_match_ops_agree_on_ties(backend_device):
+    backend, device = backend_device
+    from supanalysis.ops.correlation import best_match, best_match_reference
+
+    C = torch.tensor([[1.0, 1.0, 0.5], [0.2, 0.2, 0.2], [-1.0, 0.0, 0.0]], dtype=torch.float64)
+    ia = torch.tensor([1.0, 1.0, 0.0], dtype=torch.float64)
+    ib = torch.ones(3, dtype=torch.float64)
+    got = best_match(C.to(device), ia.to(device), ib.to(device), backend=backend)
+    ref = best_match_reference(C, ia, ib)
+    for g, r in zip(got, ref):
+        assert torch.equal(g.cpu(), r), (g, r)
+    assert got[1].tolist() == [0, 0, -1]  # ties to the smallest index; constant row -> -1
+    assert got[3].tolist() == [0, 0, 0]
+
+
+def test_large_offset_precision():
+    # 10^6 tokens around a common offset of 1e6: raw-sum E[xy] - E[x]E[y] in float64 loses
+    # ~1e-16 * 1e12 per term of a unit covariance; the centred Chan state keeps ~1e-9.
+    g = torch.Generator().manual_seed(0)
+    cc = sa.CrossCorrelation(2, 2)
+    raw_xy = raw_x = raw_y = 0.0
+    n = 0
+    for _ in range(10):
+        z = torch.randn(100_000, 2, generator=g, dtype=torch.float64)
+        a = 1e6 + z
+        b = 1e6 + torch.stack([z[:, 0], torch.randn(100_000, generator=g, dtype=torch.float64)], 1)
+        cc.update(a, b)
+        raw_xy += float((a[:, 0] * b[:, 0]).sum())
+        raw_x += float(a[:, 0].sum())
+        raw_y += float(b[:, 0].sum())
+        n += 100_000
+    cov = cc.comoment[0, 0].item() / n
+    corr = cc.correlation()
+    assert corr[0, 0].item() == pytest.approx(1.0, abs=1e-9)
+    assert abs(corr[0, 1].item()) < 5e-3
+    raw_cov = raw_xy / n - (raw_x / n) * (raw_y / n)
+    assert abs(cov - 1.0) < 1e-2  # the sample variance of 10^6 normals
+    assert abs(raw_cov - cov) > 1e-7  # the naive formula visibly drifts from the centred one
+
+
+def test_nonfinite_tokens_are_dropped_and_counted():
+    xa = torch.randn(20, 3)
+    xb = torch.randn(20, 2)
+    xa[2, 1] = float("nan")
+    xb[5, 0] = float("inf")
+    cc = sa.CrossCorrelation(3, 2).update(xa, xb)
+    ok = torch.ones(20, dtype=torch.bool)
+    ok[[2, 5]] = False
+    ref = sa.CrossCorrelation(3, 2, backend="reference").update(xa[ok], xb[ok])
+    assert cc.n_tokens == 18 and cc.n_skipped == 2
+    assert torch.allclose(cc.comoment, ref.comoment, atol=1e-5)
+
+
+def test_merge_save_load(tmp_path):
+    xa, xb = make_pair(200, 6, 5, seed=3)
+    one = sa.CrossCorrelation(6, 5).update(xa, xb)
+    a = sa.CrossCorrelation(6, 5).update(xa[:77], xb[:77])
+    b = sa.CrossCorrelation(6, 5).update(xa[77:], xb[77:])
+    a.merge(b)
+    assert torch.allclose(a.comoment, one.comoment, rtol=1e-12, atol=1e-10)
+    assert torch.allclose(a.mean_a, one.mean_a, rtol=1e-14, atol=1e-15)
+    a.save(tmp_path / "cc.safetensors")
+    c = sa.CrossCorrelation.load(tmp_path / "cc.safetensors")
+    assert torch.equal(c.comoment, a.comoment) and c.n_tokens == 200
+
+
+def test_bad_input_leaves_state_unchanged():
+    cc = sa.CrossCorrelation(3, 2).update(torch.randn(10, 3), torch.randn(10, 2))
+    before = {k: v.clone() for k, v in cc.state_dict().items()}
+    with pytest.raises(ValueError, match="same tokens"):
+        cc.update(torch.randn(10, 3), torch.randn(9, 2))
+    with pytest.raises(ValueError, match="xa must have n_a=3"):
+        cc.update(torch.randn(10, 4), torch.randn(10, 2))
+    with pytest.raises(ValueError, match="xb must have n_b=2"):
+        cc.update(torch.randn(10, 3), torch.randn(10, 5))
+    with pytest.raises(TypeError, match="xb must be float16"):
+        cc.update(torch.randn(10, 3), torch.ones(10, 2, dtype=torch.int64))
+    with pytest.raises(MemoryError, match="co-moment"):
+        sa.CrossCorrelation(100_000, 100_000)
+    for k, v in cc.state_dict().items():
+        assert torch.equal(v, before[k]), k

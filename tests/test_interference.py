@@ -1,0 +1,163 @@
+"""interference against the exact cases of SCIENCE.md and the float64 reference."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+import torch
+from conftest import interpreting
+
+import supanalysis as sa
+from supanalysis.ops.interference import interference_reference
+
+
+def polygon(k: int) -> torch.Tensor:
+    a = torch.arange(k, dtype=torch.float64) * 2 * math.pi / k
+    return torch.stack([a.cos(), a.sin()], 1)
+
+
+def tetrahedron() -> torch.Tensor:
+    v = torch.tensor([[1, 1, 1], [1, -1, -1], [-1, 1, -1], [-1, -1, 1]], dtype=torch.float64)
+    return v / math.sqrt(3)
+
+
+# (name, W, D_i, Σ_{i≠j} cos², max |cos|) from SCIENCE.md's table.
+EXACT = [
+    ("orthonormal", torch.eye(4, dtype=torch.float64), 1.0, 0.0, 0.0),
+    ("antipodal", torch.tensor([[1.0], [-1.0]], dtype=torch.float64), 0.5, 2.0, 1.0),
+    ("triangle", polygon(3), 2 / 3, 1.5, 0.5),
+    ("pentagon", polygon(5), 0.4, 7.5, math.cos(math.radians(36))),
+    ("tetrahedron", tetrahedron(), 0.75, 4 / 3, 1 / 3),
+]
+
+
+def numpy_interference(W: np.ndarray):
+    """Independent ground truth through the dense Gram matrix."""
+    G = W @ W.T
+    nsq = np.diag(G).copy()
+    nrm = np.sqrt(nsq)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        cos = G / np.outer(nrm, nrm)
+    cos = np.nan_to_num(cos)
+    np.fill_diagonal(cos, 0.0)
+    sq = (cos**2 * nsq[None, :]).sum(1)
+    dims = np.where(nsq > 0, nsq**2 / np.where(nsq > 0, (G**2).sum(1), 1), 0.0)
+    return nrm, sq, (cos**2).sum(1), dims, np.abs(cos).max(1) if len(W) > 1 else np.zeros(len(W))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("case", EXACT, ids=[c[0] for c in EXACT])
+def test_exact_cases(backend_device, case, dtype):
+    backend, device = backend_device
+    _, W, d, sum_cos2, maxcos = case
+    r = sa.interference(W.to(dtype).to(device), topk=2, backend=backend)
+    tol = 1e-5 if dtype == torch.float32 else 1e-12
+    assert r.dims.cpu().tolist() == pytest.approx([d] * W.shape[0], abs=tol)
+    assert r.total_sq_cos == pytest.approx(sum_cos2, abs=10 * tol)
+    assert r.max_abs_cos.cpu().tolist() == pytest.approx([maxcos] * W.shape[0], abs=tol)
+    assert r.sum_dims == pytest.approx(d * W.shape[0], abs=10 * tol)
+    if maxcos == 0:
+        assert (r.argmax == -1).all() or dtype == torch.float32  # float32 rounding may leave ~1e-8
+
+
+def test_tight_frame_welch_bound(backend_device):
+    # n unit vectors forming a tight frame in R^m: Σ D_i = m and Σ_{i≠j} cos² = n²/m − n.
+    backend, device = backend_device
+    n, m = 12, 4
+    # A tight frame with unit rows: the harmonic frame (rows of a partial DFT, real form).
+    k = torch.arange(n, dtype=torch.float64)[:, None]
+    j = torch.arange(1, m // 2 + 1, dtype=torch.float64)[None, :]
+    ang = 2 * math.pi * k * j / n
+    F = torch.cat([ang.cos(), ang.sin()], 1) / math.sqrt(m / 2)
+    assert torch.allclose(F.norm(dim=1), torch.ones(n, dtype=torch.float64))
+    r = sa.interference(F.to(device), backend=backend)
+    assert r.sum_dims == pytest.approx(m, abs=1e-9)
+    assert r.total_sq_cos == pytest.approx(n * n / m - n, abs=1e-9)
+    assert r.welch_bound == pytest.approx(n * n / m - n)
+
+
+@pytest.mark.parametrize("n,m", [(1, 3), (2, 1), (97, 13), (300, 33)])
+def test_random_against_numpy(backend_device, n, m):
+    backend, device = backend_device
+    if interpreting(backend, device) and n > 100:
+        n = 70
+    g = torch.Generator().manual_seed(n * 31 + m)
+    W = torch.randn(n, m, generator=g, dtype=torch.float64)
+    if n > 5:
+        W[4] = 0  # a zero row: D = 0, cos 0 with everything, never NaN
+    r = sa.interference(W.float().to(device), topk=3, block=32, backend=backend)
+    nrm, sq, sqc, dims, mx = numpy_interference(W.float().double().numpy())
+    np.testing.assert_allclose(r.norms.cpu().numpy(), nrm, rtol=1e-6)
+    np.testing.assert_allclose(r.sq_interference.cpu().numpy(), sq, rtol=1e-4, atol=1e-4)
+    np.testing.assert_allclose(r.sq_cos.cpu().numpy(), sqc, rtol=1e-4, atol=1e-5)
+    np.testing.assert_allclose(r.dims.cpu().numpy(), dims, rtol=1e-4, atol=1e-6)
+    np.testing.assert_allclose(r.max_abs_cos.cpu().numpy(), mx, atol=1e-5)
+    for t in (r.norms, r.sq_interference, r.dims, r.max_abs_cos, r.topk_cos):
+        assert torch.isfinite(t).all()
+    if n > 5:
+        assert r.dims[4] == 0 and r.max_abs_cos[4] == 0 and r.argmax[4] == -1
+        assert (r.topk_index[4] == -1).all()
+    # argmax and top-k agree with the float64 reference except for near-ties.
+    ref = interference_reference(W.float(), None, 3, 0)
+    cos = torch.from_numpy(W.numpy() / np.maximum(nrm[:, None], 1e-300))
+    C = (cos @ cos.T).abs().fill_diagonal_(-1)
+    got_am = r.argmax.cpu()
+    for i in range(n):
+        if got_am[i] >= 0:
+            assert C[i, got_am[i]] >= C[i].max() - 1e-5
+        kk = int((ref[7][i] >= 0).sum())
+        got_set = set(r.topk_index[i].cpu().tolist()) - {-1}
+        assert len(got_set) == kk
+        if kk:
+            assert C[i, list(got_set)].min() >= torch.sort(C[i], descending=True).values[kk - 1] - 1e-5
+            got_cos = r.topk_cos[i].cpu()[: len(got_set)]
+            assert torch.allclose(got_cos.abs(), got_cos.abs().sort(descending=True).values)
+
+
+def test_cross_version(backend_device):
+    backend, device = backend_device
+    g = torch.Generator().manual_seed(5)
+    W = torch.randn(40, 8, generator=g)
+    V = torch.cat([W[:5] * 3, torch.randn(30, 8, generator=g)])  # V's first 5 rows parallel W's
+    r = sa.interference(W.to(device), V.to(device), topk=2, backend=backend)
+    ref = interference_reference(W.double(), V.double(), 2, 0)
+    assert r.dims is None
+    assert torch.allclose(r.sq_interference.cpu(), ref[1], rtol=1e-4)
+    assert torch.allclose(r.max_abs_cos.cpu(), ref[4], atol=1e-5)
+    assert r.argmax[:5].cpu().tolist() == [0, 1, 2, 3, 4]
+    assert torch.allclose(r.max_abs_cos[:5].cpu(), torch.ones(5, dtype=torch.float64), atol=1e-5)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_low_precision_inputs(backend_device, dtype):
+    backend, device = backend_device
+    if interpreting(backend, device) and dtype == torch.bfloat16:
+        pytest.skip("the Triton interpreter has no bfloat16 arithmetic")
+    W = torch.randn(50, 16, generator=torch.Generator().manual_seed(1)).to(dtype)
+    r = sa.interference(W.to(device), backend=backend)
+    ref = interference_reference(W.double(), None, 0, 0)  # exact float64 of the same values
+    assert torch.allclose(r.dims.cpu(), ref[3], rtol=1e-4, atol=1e-5)
+    assert torch.allclose(r.max_abs_cos.cpu(), ref[4], atol=1e-5)
+
+
+def test_bad_input_names_argument():
+    with pytest.raises(ValueError, match="W must be 2-D"):
+        sa.interference(torch.randn(5))
+    with pytest.raises(TypeError, match="W must be float16"):
+        sa.interference(torch.ones(3, 2, dtype=torch.int64))
+    with pytest.raises(ValueError, match="V must have W's dim m=4"):
+        sa.interference(torch.randn(3, 4), torch.randn(3, 5))
+    with pytest.raises(ValueError, match="W contains non-finite"):
+        sa.interference(torch.tensor([[1.0, float("nan")]]))
+    with pytest.raises(ValueError, match="topk must be a non-negative int"):
+        sa.interference(torch.randn(3, 2), topk=-1)
+
+
+def test_dense_matrix_refuses_beyond_budget():
+    W = torch.randn(100, 4)
+    M = sa.interference_matrix(W)
+    assert M.shape == (100, 100) and torch.allclose(M.diagonal(), torch.ones(100, dtype=torch.float64))
+    with pytest.raises(MemoryError, match=r"use supanalysis.interference\(W\)"):
+        sa.interference_matrix(W, max_bytes=1000)
