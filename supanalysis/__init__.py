@@ -10,8 +10,13 @@ from __future__ import annotations
 
 import torch  # noqa: F401  (loads libtorch before the extension)
 
+from . import data, dictionary, models, sites
 from ._backend import BACKENDS, BackendStatus, BackendUnavailable, backend_status
 from .accumulators import ActivationStats, BestMatch, CoActivation, CrossCorrelation
+from .capture import ActivationSource, capture
+from .data import TokenSequences
+from .dictionary import Dictionary, NeuronBasis, load_dictionary, save_dictionary, train_topk_sae
+from .models import ModelShape, TinyConfig, TinyTransformer, describe
 from .ops.activation_stats import activation_stats, activation_stats_sparse
 from .ops.interference import InterferenceResult, interference, interference_matrix
 
@@ -25,17 +30,33 @@ def backends() -> dict[str, BackendStatus]:
 
 __all__ = [
     "BACKENDS",
+    "ActivationSource",
     "ActivationStats",
     "BackendStatus",
     "BackendUnavailable",
     "BestMatch",
     "CoActivation",
     "CrossCorrelation",
+    "Dictionary",
     "InterferenceResult",
+    "ModelShape",
+    "NeuronBasis",
+    "TinyConfig",
+    "TinyTransformer",
+    "TokenSequences",
     "__version__",
     "activation_stats",
     "activation_stats_sparse",
     "backends",
+    "capture",
+    "data",
+    "describe",
+    "dictionary",
     "interference",
     "interference_matrix",
+    "load_dictionary",
+    "models",
+    "save_dictionary",
+    "sites",
+    "train_topk_sae",
 ]

@@ -1,0 +1,283 @@
+"""What is timed: each op's backends on named shapes, its eager baselines, its useful work.
+
+Every op builds its inputs once and returns one zero-argument callable per row:
+  reference, cpp, triton, cuda  the op's backend functions, called directly (the public
+                                wrappers add argument checks and dispatch on top)
+  user                          the eager PyTorch a user would write for the same result
+  bare ...                      (some ops) the one primitive the op cannot beat, e.g. W @ W.T
+Mutating ops (cross, coact, coact_sparse) accumulate into the same state on every repeat:
+their cost does not depend on the state's values, so no reset is needed or timed.
+Work units: "B" (bytes the op must read and write at least), "FLOP" (useful FLOPs,
+2·m·n·k per product), "incr" (pair increments, T·k·k for top-k coactivation).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from functools import partial
+
+import torch
+
+from supanalysis.ops import activation_stats as AS
+from supanalysis.ops import coactivation as CO
+from supanalysis.ops import correlation as CR
+from supanalysis.ops import interference as IF
+
+Dims = dict[str, int]
+Calls = dict[str, Callable[[], object]]
+F64 = 8  # bytes
+
+
+@dataclass(frozen=True)
+class Op:
+    name: str
+    implemented: tuple[str, ...]
+    unit: str  # "B", "FLOP" or "incr"
+    work: Callable[[Dims, int], float]  # (dims, element size) -> work per call
+    mem: Callable[[Dims, int], dict[str, float]]  # baseline -> rough peak temporary bytes
+    build: Callable[[Dims, torch.dtype, torch.device], Calls]
+    scale: tuple[str, int]  # baseline cost ~ dims[name] ** power (to estimate from a probe)
+    shapes: dict[str, Dims]  # "cpu", "cuda", "quick"
+    dtype: torch.dtype | None = None  # fixed dtype (ignores --dtype), else None
+
+
+def label(dims: Dims) -> str:
+    return " ".join(f"{k}={v:,}" for k, v in dims.items())
+
+
+def topk_indices(T: int, k: int, n: int, device: torch.device) -> torch.Tensor:
+    """[T, k] int64, k distinct features per row in random order (no dense [T, n] draw)."""
+    draw = torch.randint(0, n - k + 1, (T, k), device=device).sort(1).values
+    distinct = draw + torch.arange(k, device=device)  # strictly increasing, < n
+    order = torch.rand(T, k, device=device).argsort(1)
+    return distinct.gather(1, order)
+
+
+# ----------------------------------------------------------------------------- stats
+def stats_user(x: torch.Tensor) -> tuple:
+    fire = x > 0
+    return fire.sum(0), x.sum(0), x.mean(0), x.var(0), x.amax(0), x.amin(0), fire.sum(1)
+
+
+def build_stats(d: Dims, dtype, device) -> Calls:
+    x = torch.randn(d["T"], d["n"], device=device).to(dtype)
+    calls: Calls = {b: partial(f, x, 0.0) for b, f in AS.IMPLS.items()}
+    calls["user"] = partial(stats_user, x)
+    return calls
+
+
+def build_stats_sparse(d: Dims, dtype, device) -> Calls:
+    T, k, n = d["T"], d["k"], d["n"]
+    idx = topk_indices(T, k, n, device)
+    val = (torch.rand(T, k, device=device) + 0.1).to(dtype)
+    calls: Calls = {b: partial(f, idx, val, n, 0.0) for b, f in AS.SPARSE_IMPLS.items()}
+    calls["user"] = lambda: stats_user(x=torch.zeros(T, n, dtype=dtype, device=device).scatter_(1, idx, val))
+    return calls
+
+
+# ----------------------------------------------------------------------------- interference
+def interference_user(W: torch.Tensor) -> tuple:
+    Wn = W / W.norm(dim=1, keepdim=True)
+    G = Wn @ Wn.T
+    G.fill_diagonal_(0)
+    return G.square().sum(1), G.abs().max(1)
+
+
+def build_interference(d: Dims, dtype, device) -> Calls:
+    W = torch.randn(d["n"], d["m"], device=device).to(dtype)
+    calls: Calls = {b: partial(f, W, None, 0, 0) for b, f in IF.IMPLS.items()}
+    calls["user"] = partial(interference_user, W)
+    calls["bare W@W.T"] = lambda: W @ W.T
+    return calls
+
+
+# ----------------------------------------------------------------------------- correlation
+def build_cross(d: Dims, dtype, device) -> Calls:
+    T, na, nb = d["T"], d["n_a"], d["n_b"]
+    xa = torch.randn(T, na, device=device).to(dtype)
+    xb = torch.randn(T, nb, device=device).to(dtype)
+    C = torch.zeros(na, nb, dtype=torch.float64, device=device)
+    ma = torch.zeros(na, dtype=torch.float64, device=device)
+    mb = torch.zeros(nb, dtype=torch.float64, device=device)
+    calls: Calls = {b: partial(f, C, T, ma, mb, xa, xb) for b, f in CR.UPDATE_IMPLS.items()}
+
+    def user():
+        a, b = xa.double(), xb.double()
+        C.addmm_((a - a.mean(0)).T, b - b.mean(0))
+
+    calls["user"] = user
+    calls["bare xa.T@xb"] = lambda: xa.T @ xb
+    return calls
+
+
+def build_best_match(d: Dims, dtype, device) -> Calls:
+    na, nb = d["n_a"], d["n_b"]
+    C = torch.randn(na, nb, dtype=torch.float64, device=device) * 0.3
+    ia = torch.rand(na, dtype=torch.float64, device=device) + 0.5
+    ib = torch.rand(nb, dtype=torch.float64, device=device) + 0.5
+    calls: Calls = {b: partial(f, C, ia, ib) for b, f in CR.BEST_MATCH_IMPLS.items()}
+
+    def user():
+        corr = C * ia[:, None] * ib[None, :]
+        return corr.max(1), corr.max(0)
+
+    calls["user"] = user
+    calls["bare C.sum()"] = C.sum
+    return calls
+
+
+# ----------------------------------------------------------------------------- coactivation
+def build_coact(d: Dims, dtype, device) -> Calls:
+    x = torch.randn(d["T"], d["n"], device=device).to(dtype)
+    counts = torch.zeros(d["n"], d["n"], dtype=torch.int64, device=device)
+    calls: Calls = {b: partial(f, counts, x, 0.0) for b, f in CO.IMPLS.items()}
+
+    def user():
+        B = (x > 0).float()
+        counts.add_((B.T @ B).long())
+
+    calls["user"] = user
+    return calls
+
+
+def build_coact_sparse(d: Dims, dtype, device) -> Calls:
+    T, k, n = d["T"], d["k"], d["n"]
+    idx = topk_indices(T, k, n, device)
+    counts = torch.zeros(n, n, dtype=torch.int64, device=device)
+    calls: Calls = {b: partial(f, counts, idx) for b, f in CO.SPARSE_IMPLS.items()}
+
+    def user():  # densify, then the dense user baseline
+        B = torch.zeros(T, n, device=device).scatter_(1, idx, 1.0)
+        counts.add_((B.T @ B).long())
+
+    calls["user"] = user
+    return calls
+
+
+# ----------------------------------------------------------------------------- the table
+OPS: dict[str, Op] = {
+    op.name: op
+    for op in (
+        Op(
+            "stats",
+            AS.IMPLEMENTED,
+            "B",
+            work=lambda d, e: d["T"] * d["n"] * e + d["T"] * F64 + 7 * d["n"] * F64,
+            mem=lambda d, e: {"reference": 48 * d["T"] * d["n"], "user": 6 * d["T"] * d["n"]},
+            build=build_stats,
+            scale=("T", 1),
+            shapes={
+                "cpu": {"T": 65536, "n": 4096},
+                "cuda": {"T": 16384, "n": 131072},
+                "quick": {"T": 2048, "n": 256},
+            },
+        ),
+        Op(
+            "stats_sparse",
+            AS.IMPLEMENTED,
+            "B",
+            work=lambda d, e: d["T"] * d["k"] * (F64 + e) + d["T"] * F64 + 7 * d["n"] * F64,
+            mem=lambda d, e: {
+                "reference": 56 * d["T"] * d["n"],
+                "user": (e + 6) * d["T"] * d["n"],
+            },
+            build=build_stats_sparse,
+            scale=("T", 1),
+            shapes={
+                "cpu": {"T": 65536, "k": 64, "n": 65536},
+                "cuda": {"T": 262144, "k": 64, "n": 131072},
+                "quick": {"T": 2048, "k": 16, "n": 1024},
+            },
+        ),
+        Op(
+            "interference",
+            IF.IMPLEMENTED,
+            "FLOP",
+            work=lambda d, e: 2 * d["n"] ** 2 * d["m"],
+            mem=lambda d, e: {
+                "reference": 3 * F64 * d["n"] * d["m"] + 6 * F64 * 1024 * d["n"],
+                "user": 2 * e * d["n"] ** 2 + e * d["n"] * d["m"],
+                "bare W@W.T": e * d["n"] ** 2,
+            },
+            build=build_interference,
+            scale=("n", 2),
+            shapes={
+                "cpu": {"n": 16384, "m": 512},
+                "cuda": {"n": 65536, "m": 4096},
+                "quick": {"n": 512, "m": 64},
+            },
+        ),
+        Op(
+            "cross",
+            CR.IMPLEMENTED,
+            "FLOP",
+            work=lambda d, e: 2 * d["T"] * d["n_a"] * d["n_b"],
+            mem=lambda d, e: {
+                "reference": 2 * F64 * d["T"] * (d["n_a"] + d["n_b"]) + 2 * F64 * d["n_a"] * d["n_b"],
+                "user": 2 * F64 * d["T"] * (d["n_a"] + d["n_b"]),
+                "bare xa.T@xb": e * d["n_a"] * d["n_b"],
+            },
+            build=build_cross,
+            scale=("T", 1),
+            shapes={
+                "cpu": {"T": 8192, "n_a": 4096, "n_b": 4096},
+                "cuda": {"T": 65536, "n_a": 32768, "n_b": 32768},
+                "quick": {"T": 512, "n_a": 256, "n_b": 256},
+            },
+        ),
+        Op(
+            "best_match",
+            CR.IMPLEMENTED,
+            "B",
+            work=lambda d, e: F64 * d["n_a"] * d["n_b"] + 3 * F64 * (d["n_a"] + d["n_b"]),
+            mem=lambda d, e: {
+                "reference": 4 * F64 * d["n_a"] * d["n_b"],
+                "user": F64 * d["n_a"] * d["n_b"],
+            },
+            build=build_best_match,
+            scale=("n_a", 1),
+            shapes={
+                "cpu": {"n_a": 4096, "n_b": 4096},
+                "cuda": {"n_a": 32768, "n_b": 32768},
+                "quick": {"n_a": 256, "n_b": 256},
+            },
+            dtype=torch.float64,
+        ),
+        Op(
+            "coact",
+            CO.IMPLEMENTED,
+            "FLOP",
+            work=lambda d, e: 2 * d["T"] * d["n"] ** 2,
+            mem=lambda d, e: {
+                "reference": 9 * d["T"] * d["n"] + 3 * F64 * d["n"] ** 2,
+                "user": 5 * d["T"] * d["n"] + 2 * F64 * d["n"] ** 2,
+            },
+            build=build_coact,
+            scale=("T", 1),
+            shapes={
+                "cpu": {"T": 8192, "n": 4096},
+                "cuda": {"T": 65536, "n": 16384},
+                "quick": {"T": 512, "n": 256},
+            },
+        ),
+        Op(
+            "coact_sparse",
+            CO.IMPLEMENTED,
+            "incr",
+            work=lambda d, e: d["T"] * d["k"] ** 2,
+            mem=lambda d, e: {
+                "reference": F64 * d["T"] * d["n"] + 3 * F64 * d["n"] ** 2,
+                "user": 4 * d["T"] * d["n"] + 2 * F64 * d["n"] ** 2,
+            },
+            build=build_coact_sparse,
+            scale=("T", 1),
+            shapes={
+                "cpu": {"T": 65536, "k": 64, "n": 16384},
+                "cuda": {"T": 262144, "k": 64, "n": 16384},
+                "quick": {"T": 2048, "k": 16, "n": 512},
+            },
+            dtype=torch.int64,
+        ),
+    )
+}

@@ -1,0 +1,74 @@
+"""Smoke test of the benchmark harness: quick mode, in process, on two small ops."""
+
+from __future__ import annotations
+
+import json
+import math
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+if str(ROOT) not in sys.path:  # bench/ is a top-level package of the repository, not installed
+    sys.path.insert(0, str(ROOT))
+
+from bench import report, runner  # noqa: E402
+
+
+def test_quick_table_has_limits_and_every_requested_op(tmp_path):
+    md, js = tmp_path / "results.md", tmp_path / "results.json"
+    argv = [
+        "--quick",
+        "--device",
+        "cpu",
+        "--ops",
+        "stats,interference",
+        "--backends",
+        "cpp,reference",
+    ]
+    assert runner.main([*argv, "--markdown", str(md), "--json", str(js)]) == 0
+
+    data = json.loads(js.read_text())
+    rows = data["rows"]
+    header = data["header"]
+    assert header["torch"] and header["device"] and header["date"] and header["commit"]
+
+    def finite_positive(x):
+        return x is not None and math.isfinite(x) and x > 0
+
+    limits = [r for r in rows if r["op"] == "limit"]
+    assert {r["unit"] for r in limits} == {"B", "FLOP"}  # bandwidth and matmul rows
+    for r in limits:
+        assert finite_positive(r["seconds"]) and finite_positive(r["rate"])
+        assert math.isclose(r["pct_limit"], 100)
+
+    for op in ("stats", "interference"):
+        timed = {r["backend"]: r for r in rows if r["op"] == op and r["seconds"] is not None}
+        assert {"cpp", "reference", "user"} <= set(timed), f"{op}: timed rows {sorted(timed)}"
+        for r in timed.values():
+            for key in ("seconds", "rate", "pct_limit", "vs_ref", "vs_user"):
+                assert finite_positive(r[key]), f"{op}/{r['backend']}: {key}={r[key]}"
+        assert math.isclose(timed["reference"]["vs_ref"], 1)
+        assert math.isclose(timed["user"]["vs_user"], 1)
+    gram = [r for r in rows if r["op"] == "interference" and r["backend"] in ("bare W@W.T", "cpp")]
+    assert len(gram) == 2 and all(finite_positive(r["vs_bare"]) for r in gram)  # vs the bare Gram
+
+    text = md.read_text()
+    assert "| limit |" in text and "| stats |" in text and "| interference |" in text
+    assert "torch:" in text.split("|", 1)[0]  # header before the table
+
+
+def test_units_format():
+    assert report.fmt_rate(2.5e9, "B") == "2.5 GB/s"
+    assert report.fmt_rate(3e12, "FLOP") == "3 TFLOP/s"
+    assert report.fmt_time(0.0015) == "1.5 ms"
+    assert report.fmt_time(None) == "-"
+
+
+def test_baselines_over_budget_are_skipped_with_a_note():
+    args = runner.parse_args(["--quick", "--device", "cpu", "--ops", "best_match", "--budget", "1e-9"])
+    _, rows, _ = runner.run(args)
+    by_backend = {r.backend: r for r in rows if r.op == "best_match"}
+    for name in ("reference", "user", "bare C.sum()"):
+        assert by_backend[name].seconds is None and "skipped: est." in by_backend[name].note
+    cpp = by_backend["cpp"]  # a backend is always timed, but an over-budget call only once
+    assert cpp.seconds > 0 and cpp.samples == 1 and "one cold call" in cpp.note and cpp.vs_ref is None
