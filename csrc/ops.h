@@ -7,10 +7,21 @@
 
 #include <ATen/ATen.h>
 
+#include <cmath>
+#include <limits>
 #include <optional>
 #include <vector>
 
 namespace supanalysis {
+
+// The float32 threshold t' with (v > t') == (double(v) > t) for every float32 v: the
+// references compare in float64, and rounding t to the nearest float32 would flip values
+// equal to that float (float32(0.1) > 0.1 is true in float64, 0.1f > 0.1f is not).
+inline float threshold_f32(double t) {
+  float f = static_cast<float>(t);
+  if (static_cast<double>(f) > t) f = std::nextafter(f, -std::numeric_limits<float>::infinity());
+  return f;
+}
 
 // x [T, n] -> {finite_count[n] i64, fire_count[n] i64, mean[n] f64, m2[n] f64,
 //              max[n] f64, min[n] f64, active_sum[n] f64, l0[T] i64}

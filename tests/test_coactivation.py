@@ -84,3 +84,12 @@ def test_bad_input_and_round_trip(tmp_path):
     e = sa.CoActivation(5).update(torch.randn(7, 5))
     tot = before + e.counts()
     assert torch.equal(c.merge(e).counts(), tot)
+
+
+def test_threshold_compared_in_float64(backend_device):
+    # float32(0.1) > 0.1 in float64; rounding the threshold to the nearest float32 would say no.
+    backend, device = backend_device
+    x = torch.tensor([[0.1, 0.2], [0.05, 0.1]], dtype=torch.float32, device=device)
+    c = sa.CoActivation(2, threshold=0.1, backend=backend).update(x)
+    s = sa.ActivationStats(2, threshold=0.1, backend=backend).update(x)
+    assert c.counts().diagonal().tolist() == s.fire_count.tolist() == [1, 2]

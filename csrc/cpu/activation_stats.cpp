@@ -192,7 +192,7 @@ __attribute__((target_clones("avx2", "default"))) void tile_f64(const double* x,
 
 inline void run_tile(const float* x, int64_t rows, int64_t stride, int64_t w, double thr, TileAcc<float>* acc,
                      int32_t* l0, float*) {
-  tile_f32(x, rows, stride, w, static_cast<float>(thr), acc, l0);
+  tile_f32(x, rows, stride, w, threshold_f32(thr), acc, l0);
 }
 inline void run_tile(const double* x, int64_t rows, int64_t stride, int64_t w, double thr, TileAcc<double>* acc,
                      int32_t* l0, float*) {
@@ -204,7 +204,7 @@ inline void run_tile(const H* x, int64_t rows, int64_t stride, int64_t w, double
                      int32_t* l0, float* buf) {
   for (int64_t r = 0; r < rows; ++r)
     for (int64_t j = 0; j < w; ++j) buf[r * kChunk + j] = static_cast<float>(x[r * stride + j]);
-  tile_f32(buf, rows, kChunk, w, static_cast<float>(thr), acc, l0);
+  tile_f32(buf, rows, kChunk, w, threshold_f32(thr), acc, l0);
 }
 
 template <typename scalar_t>

@@ -26,7 +26,10 @@ void coactivation_update_cpu(at::Tensor& counts, const at::Tensor& x, double thr
   constexpr int64_t kExactRows = int64_t(1) << 24;
   for (int64_t t0 = 0; t0 < T; t0 += kExactRows) {
     const at::Tensor xs = x.narrow(0, t0, std::min(kExactRows, T - t0));
-    const at::Tensor B = (at::isfinite(xs) & (xs > threshold)).to(at::kFloat);
+    // Compare as the float64 reference does (see threshold_f32); half/bf16 widen exactly.
+    const at::Tensor xf = xs.scalar_type() == at::kDouble ? xs : xs.to(at::kFloat);
+    const double thr = xs.scalar_type() == at::kDouble ? threshold : static_cast<double>(threshold_f32(threshold));
+    const at::Tensor B = (at::isfinite(xf) & (xf > thr)).to(at::kFloat);
     const at::Tensor G = at::mm(B.t(), B);
     counts.add_(G.round().to(at::kLong));
   }

@@ -7,7 +7,8 @@ Anatomy: ``coactivation_update_reference`` / ``coactivation_update_sparse_refere
 
 Both mutate ``counts [n, n] int64`` in place: counts[i, j] += #tokens where features i
 and j are both active (the diagonal is each feature's firing count). Dense input
-``x [T, n]``: active means finite and ``x > threshold``. Sparse input
+``x [T, n]``: active means finite and ``x > threshold`` compared in float64 (as in
+activation_stats, so the diagonal equals ``fire_count``). Sparse input
 ``indices [T, k]``: the listed features are active (-1 = padding, no duplicates per row).
 """
 
@@ -22,7 +23,8 @@ PREFERRED = {"cpu": ("cpp",), "cuda": ("cuda", "triton")}
 
 
 def coactivation_update_reference(counts: torch.Tensor, x: torch.Tensor, threshold: float) -> None:
-    B = (torch.isfinite(x) & (x > threshold)).to(torch.float64)
+    x64 = x.to(torch.float64)  # compare in float64, like activation_stats_reference
+    B = (torch.isfinite(x64) & (x64 > threshold)).to(torch.float64)
     counts += (B.T @ B).round().long()
 
 

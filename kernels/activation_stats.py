@@ -1,0 +1,358 @@
+"""Triton backend of ``supanalysis::activation_stats`` (dense and top-k sparse).
+
+Contract: ``supanalysis/ops/activation_stats.py`` (the float64 reference and its docstring).
+Outputs, in order: finite_count [n] int64, fire_count [n] int64, mean, m2, max, min,
+active_sum [n] float64, l0 [T] int64.
+
+Precision: float16/bfloat16/float32 inputs are widened to float32 in registers; float64
+inputs are computed in float64. Each BLOCK_T x BLOCK_N tile is reduced in that type and
+merged into float64 running state with Chan's formula, so long token ranges never
+accumulate raw sums in float32.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from ._utils import chan_merge_splits, compute_dtype, num_sms, threshold_for
+
+
+@triton.jit
+def _activation_stats_kernel(
+    cnt_ptr,  # [S, n] int64 finite entries per (split, feature)
+    fire_ptr,  # [S, n] int64
+    mean_ptr,  # [S, n] float64
+    m2_ptr,  # [S, n] float64
+    max_ptr,  # [S, n] float64
+    min_ptr,  # [S, n] float64
+    act_ptr,  # [S, n] float64
+    l0_ptr,  # [T] int32, accumulated atomically across feature blocks
+    x_ptr,  # [T, n]
+    thr_ptr,  # [1] threshold in the compute dtype (a tensor: Python floats arrive as fp32)
+    T,
+    n,
+    tokens_per_split,
+    stride_t,
+    stride_n,
+    ACC: tl.constexpr,
+    BLOCK_T: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+):
+    pid_n = tl.program_id(0).to(tl.int64)
+    pid_s = tl.program_id(1).to(tl.int64)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    mask_n = offs_n < n
+    thr = tl.load(thr_ptr)
+    t_start = pid_s * tokens_per_split
+    t_end = tl.minimum(t_start + tokens_per_split, T)
+
+    run_cnt = tl.zeros([BLOCK_N], dtype=tl.int64)
+    run_fire = tl.zeros([BLOCK_N], dtype=tl.int64)
+    run_mean = tl.zeros([BLOCK_N], dtype=tl.float64)
+    run_m2 = tl.zeros([BLOCK_N], dtype=tl.float64)
+    run_act = tl.zeros([BLOCK_N], dtype=tl.float64)
+    run_max = tl.full([BLOCK_N], float("-inf"), dtype=tl.float64)
+    run_min = tl.full([BLOCK_N], float("inf"), dtype=tl.float64)
+
+    for t0 in range(t_start, t_end, BLOCK_T):
+        offs_t = t0 + tl.arange(0, BLOCK_T).to(tl.int64)
+        mask_t = offs_t < t_end
+        mask = mask_t[:, None] & mask_n[None, :]
+        ptrs = x_ptr + offs_t[:, None] * stride_t + offs_n[None, :] * stride_n
+        v = tl.load(ptrs, mask=mask, other=0.0).to(ACC)
+        # |v| < inf is false for NaN and +-Inf: non-finite entries leave every moment.
+        fin = mask & (tl.abs(v) < float("inf"))
+        # Corrected two-pass mean in registers: the float32 rounding of the first-pass mean
+        # m0 is recovered by summing the deviations from it, so the tile mean is accurate
+        # to the spread's ulp, not |mean|'s. Costs a reduction, no extra read.
+        c = tl.sum(fin.to(tl.int32), axis=0)
+        cf = tl.maximum(c, 1).to(ACC)
+        shift = tl.sum(tl.where(fin, v, 0.0), axis=0) / cf
+        d0 = tl.where(fin, v - shift[None, :], 0.0)
+        tmean_d = tl.sum(d0, axis=0) / cf
+        # Centred about the tile's own mean while the tile is still in registers: no
+        # second read of x, and no E[x^2] - E[x]^2 cancellation.
+        d = tl.where(fin, d0 - tmean_d[None, :], 0.0)
+        tm2 = tl.sum(d * d, axis=0)
+        tmean = shift.to(tl.float64) + tmean_d.to(tl.float64)
+        tmax = tl.max(tl.where(fin, v, float("-inf")), axis=0)
+        tmin = tl.min(tl.where(fin, v, float("inf")), axis=0)
+        fire = fin & (v > thr)
+        tfire = tl.sum(fire.to(tl.int32), axis=0)
+        tact = tl.sum(tl.where(fire, v, 0.0), axis=0)
+        # Per-token L0 sums over feature blocks: int32 atomics are exact and one call per
+        # tile keeps contention at (#feature blocks) adds per token.
+        tl.atomic_add(l0_ptr + offs_t, tl.sum(fire.to(tl.int32), axis=1), mask=mask_t, sem="relaxed")
+
+        # Chan merge of the tile (count c, mean tmean, M2 tm2) into the float64 state.
+        cb = c.to(tl.int64)
+        nab = run_cnt + cb
+        w = cb.to(tl.float64) / tl.maximum(nab, 1).to(tl.float64)
+        delta = tmean - run_mean
+        run_mean += delta * w
+        run_m2 += tm2.to(tl.float64) + delta * delta * run_cnt.to(tl.float64) * w
+        run_cnt = nab
+        run_max = tl.maximum(run_max, tmax.to(tl.float64))
+        run_min = tl.minimum(run_min, tmin.to(tl.float64))
+        run_fire += tfire.to(tl.int64)
+        run_act += tact.to(tl.float64)
+
+    out = pid_s * n + offs_n
+    tl.store(cnt_ptr + out, run_cnt, mask=mask_n)
+    tl.store(fire_ptr + out, run_fire, mask=mask_n)
+    tl.store(mean_ptr + out, run_mean, mask=mask_n)
+    tl.store(m2_ptr + out, run_m2, mask=mask_n)
+    tl.store(max_ptr + out, run_max, mask=mask_n)
+    tl.store(min_ptr + out, run_min, mask=mask_n)
+    tl.store(act_ptr + out, run_act, mask=mask_n)
+
+
+def _empty_outputs(T: int, n: int, device: torch.device) -> list[torch.Tensor]:
+    i64 = dict(dtype=torch.int64, device=device)
+    f64 = dict(dtype=torch.float64, device=device)
+    return [
+        torch.zeros(n, **i64),
+        torch.zeros(n, **i64),
+        torch.zeros(n, **f64),
+        torch.zeros(n, **f64),
+        torch.full((n,), float("-inf"), **f64),
+        torch.full((n,), float("inf"), **f64),
+        torch.zeros(n, **f64),
+        torch.zeros(T, **i64),
+    ]
+
+
+def activation_stats_triton(x: torch.Tensor, threshold: float, *, splits: int | None = None) -> list[torch.Tensor]:
+    """x: (T, n) float16/bfloat16/float32/float64, any strides. See the module docstring.
+
+    ``splits`` (tests only) forces the number of token splits.
+    """
+    T, n = x.shape
+    device = x.device
+    if T == 0 or n == 0:
+        return _empty_outputs(T, n, device)
+    acc = compute_dtype(x.dtype)
+    acc_torch = torch.float64 if acc == tl.float64 else torch.float32
+    thr = torch.tensor([threshold_for(threshold, x.dtype)], dtype=acc_torch, device=device)
+
+    BLOCK_N = 64 if n >= 64 else max(16, triton.next_power_of_2(n))
+    # 32-token tiles: each float32 tile sum rounds over at most 32 terms before the float64
+    # Chan merge, which keeps a float32 input's mean and M2 within a few ulp of float64
+    # even where tl.sum is sequential (the interpreter) and costs ~10 fp64 ops per
+    # feature per 32 tokens on a GPU.
+    BLOCK_T = 32
+    n_blocks = triton.cdiv(n, BLOCK_N)
+    t_tiles = triton.cdiv(T, BLOCK_T)
+    if splits is None:
+        # Enough programs to cover every SM a few times; more splits only add partials.
+        splits = max(1, min(t_tiles, (4 * num_sms(device)) // n_blocks))
+    splits = max(1, min(int(splits), t_tiles))
+    tokens_per_split = triton.cdiv(t_tiles, splits) * BLOCK_T
+    splits = triton.cdiv(T, tokens_per_split)
+
+    i64 = dict(dtype=torch.int64, device=device)
+    f64 = dict(dtype=torch.float64, device=device)
+    cnt = torch.empty(splits, n, **i64)
+    fire = torch.empty(splits, n, **i64)
+    mean = torch.empty(splits, n, **f64)
+    m2 = torch.empty(splits, n, **f64)
+    vmax = torch.empty(splits, n, **f64)
+    vmin = torch.empty(splits, n, **f64)
+    act = torch.empty(splits, n, **f64)
+    l0 = torch.zeros(T, dtype=torch.int32, device=device)
+    _activation_stats_kernel[(n_blocks, splits)](
+        cnt, fire, mean, m2, vmax, vmin, act, l0,
+        x, thr, T, n, tokens_per_split, x.stride(0), x.stride(1),
+        ACC=acc, BLOCK_T=BLOCK_T, BLOCK_N=BLOCK_N,
+    )  # fmt: skip
+    # Deterministic float64 merge of the splits (fixed order, centred terms only).
+    count, mu, m2_tot = chan_merge_splits(cnt, mean, m2)
+    return [
+        count,
+        fire.sum(0),
+        mu,
+        m2_tot,
+        vmax.amax(0),
+        vmin.amin(0),
+        act.sum(0),
+        l0.to(torch.int64),
+    ]
+
+
+# ----------------------------------------------------------------------------- sparse
+@triton.jit
+def _sparse_segment_stats_kernel(
+    cnt_ptr,  # [n] int64 finite listed entries
+    fire_ptr,  # [n] int64 listed entries > threshold
+    mean_ptr,  # [n] float64 mean of the finite listed entries
+    m2_ptr,  # [n] float64 their centred M2
+    max_ptr,  # [n] float64
+    min_ptr,  # [n] float64
+    act_ptr,  # [n] float64
+    vals_ptr,  # [E] listed values, sorted by feature (contiguous segments)
+    starts_ptr,  # [n] int64 first entry of each feature's segment
+    lens_ptr,  # [n] int64 segment lengths
+    thr_ptr,  # [1] threshold in the compute dtype
+    n,
+    ACC: tl.constexpr,
+    BLOCK_F: tl.constexpr,
+    BLOCK_E: tl.constexpr,
+):
+    # A program owns BLOCK_F features' whole segments: no atomics, so a feature listed by
+    # every token costs a longer loop, never a contended address. Each step reads a
+    # [BLOCK_F, BLOCK_E] tile: BLOCK_E entries of each of the BLOCK_F segments.
+    pid = tl.program_id(0).to(tl.int64)
+    fs = pid * BLOCK_F + tl.arange(0, BLOCK_F)
+    mask_f = fs < n
+    start = tl.load(starts_ptr + fs, mask=mask_f, other=0)
+    length = tl.load(lens_ptr + fs, mask=mask_f, other=0)
+    longest = tl.max(length, axis=0)
+    thr = tl.load(thr_ptr)
+    run_cnt = tl.zeros([BLOCK_F], dtype=tl.int64)
+    run_fire = tl.zeros([BLOCK_F], dtype=tl.int64)
+    run_mean = tl.zeros([BLOCK_F], dtype=tl.float64)
+    run_m2 = tl.zeros([BLOCK_F], dtype=tl.float64)
+    run_act = tl.zeros([BLOCK_F], dtype=tl.float64)
+    run_max = tl.full([BLOCK_F], float("-inf"), dtype=tl.float64)
+    run_min = tl.full([BLOCK_F], float("inf"), dtype=tl.float64)
+    for e0 in range(0, longest, BLOCK_E):
+        offs = e0 + tl.arange(0, BLOCK_E).to(tl.int64)
+        mask = offs[None, :] < length[:, None]
+        v = tl.load(vals_ptr + start[:, None] + offs[None, :], mask=mask, other=0.0).to(ACC)
+        fin = mask & (tl.abs(v) < float("inf"))
+        # Corrected two-pass mean in registers, as in the dense kernel.
+        c = tl.sum(fin.to(tl.int32), axis=1)
+        cf = tl.maximum(c, 1).to(ACC)
+        shift = tl.sum(tl.where(fin, v, 0.0), axis=1) / cf
+        d0 = tl.where(fin, v - shift[:, None], 0.0)
+        tmean_d = tl.sum(d0, axis=1) / cf
+        d = tl.where(fin, d0 - tmean_d[:, None], 0.0)
+        tm2 = tl.sum(d * d, axis=1)
+        tmean = shift.to(tl.float64) + tmean_d.to(tl.float64)
+        fire = fin & (v > thr)
+        cb = c.to(tl.int64)
+        nab = run_cnt + cb
+        w = cb.to(tl.float64) / tl.maximum(nab, 1).to(tl.float64)
+        delta = tmean - run_mean
+        run_mean += delta * w
+        run_m2 += tm2.to(tl.float64) + delta * delta * run_cnt.to(tl.float64) * w
+        run_cnt = nab
+        run_max = tl.maximum(run_max, tl.max(tl.where(fin, v, float("-inf")), axis=1).to(tl.float64))
+        run_min = tl.minimum(run_min, tl.min(tl.where(fin, v, float("inf")), axis=1).to(tl.float64))
+        run_fire += tl.sum(fire.to(tl.int32), axis=1).to(tl.int64)
+        run_act += tl.sum(tl.where(fire, v, 0.0), axis=1).to(tl.float64)
+    tl.store(cnt_ptr + fs, run_cnt, mask=mask_f)
+    tl.store(fire_ptr + fs, run_fire, mask=mask_f)
+    tl.store(mean_ptr + fs, run_mean, mask=mask_f)
+    tl.store(m2_ptr + fs, run_m2, mask=mask_f)
+    tl.store(max_ptr + fs, run_max, mask=mask_f)
+    tl.store(min_ptr + fs, run_min, mask=mask_f)
+    tl.store(act_ptr + fs, run_act, mask=mask_f)
+
+
+@triton.jit
+def _sparse_l0_kernel(
+    l0_ptr,  # [T] int64
+    idx_ptr,  # [T, k]
+    vals_ptr,  # [T, k]
+    thr_ptr,  # [1]
+    T,
+    k,
+    n,
+    stride_it,
+    stride_ik,
+    stride_vt,
+    stride_vk,
+    ACC: tl.constexpr,
+    BLOCK_T: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+):
+    pid = tl.program_id(0).to(tl.int64)
+    offs_t = pid * BLOCK_T + tl.arange(0, BLOCK_T)
+    offs_k = tl.arange(0, BLOCK_K)
+    mask_t = offs_t < T
+    mask = mask_t[:, None] & (offs_k[None, :] < k)
+    idx = tl.load(idx_ptr + offs_t[:, None] * stride_it + offs_k[None, :] * stride_ik, mask=mask, other=-1)
+    v = tl.load(vals_ptr + offs_t[:, None] * stride_vt + offs_k[None, :] * stride_vk, mask=mask, other=0.0)
+    v = v.to(ACC)
+    thr = tl.load(thr_ptr)
+    listed = idx >= 0
+    fire = listed & (tl.abs(v) < float("inf")) & (v > thr)
+    n_listed = tl.sum(listed.to(tl.int64), axis=1)
+    # Every unlisted feature is an explicit 0, which fires iff 0 > threshold.
+    zero_fires = (thr < 0).to(tl.int64)
+    l0 = tl.sum(fire.to(tl.int64), axis=1) + (n - n_listed) * zero_fires
+    tl.store(l0_ptr + offs_t, l0, mask=mask_t)
+
+
+def activation_stats_sparse_triton(
+    indices: torch.Tensor, values: torch.Tensor, n: int, threshold: float
+) -> list[torch.Tensor]:
+    """indices, values: (T, k) top-k codes (-1 = padding); n features. See module docstring.
+
+    Sort-and-segment: the listed (feature, value) pairs are sorted by feature (a stable
+    torch sort of the integer keys), each feature's segment is reduced by one program, and
+    the implicit zeros (T - listed entries per feature) are merged in float64 afterwards.
+    """
+    T, k = indices.shape
+    device = values.device
+    n = int(n)
+    if T == 0 or n == 0:
+        return _empty_outputs(T, n, device)
+    acc = compute_dtype(values.dtype)
+    acc_torch = torch.float64 if acc == tl.float64 else torch.float32
+    thr = torch.tensor([threshold_for(threshold, values.dtype)], dtype=acc_torch, device=device)
+
+    i64 = dict(dtype=torch.int64, device=device)
+    f64 = dict(dtype=torch.float64, device=device)
+    l0 = torch.empty(T, **i64)
+    BLOCK_T = 64
+    BLOCK_K = max(2, triton.next_power_of_2(max(k, 1)))
+    _sparse_l0_kernel[(triton.cdiv(T, BLOCK_T),)](
+        l0, indices, values, thr, T, k, n,
+        indices.stride(0), indices.stride(1), values.stride(0), values.stride(1),
+        ACC=acc, BLOCK_T=BLOCK_T, BLOCK_K=BLOCK_K,
+    )  # fmt: skip
+
+    keys = indices.reshape(-1).to(torch.int64)
+    order = torch.argsort(keys, stable=True)  # padding (-1) sorts first
+    vals_sorted = values.reshape(-1)[order].contiguous()
+    per_key = torch.bincount(keys + 1, minlength=n + 1)
+    starts = (torch.cumsum(per_key, 0) - per_key)[1:].contiguous()
+    lens = per_key[1:].contiguous()
+
+    cnt_l = torch.empty(n, **i64)
+    fire_l = torch.empty(n, **i64)
+    mean_l = torch.empty(n, **f64)
+    m2_l = torch.empty(n, **f64)
+    max_l = torch.empty(n, **f64)
+    min_l = torch.empty(n, **f64)
+    act_l = torch.empty(n, **f64)
+    if k > 0:
+        # 16 features x 32 entries per step: short segments (the common case for top-k
+        # codes) share a program instead of idling one each.
+        BLOCK_F = 16
+        _sparse_segment_stats_kernel[(triton.cdiv(n, BLOCK_F),)](
+            cnt_l, fire_l, mean_l, m2_l, max_l, min_l, act_l,
+            vals_sorted, starts, lens, thr, n,
+            ACC=acc, BLOCK_F=BLOCK_F, BLOCK_E=32,
+        )  # fmt: skip
+    else:
+        cnt_l.zero_(), fire_l.zero_(), mean_l.zero_(), m2_l.zero_(), act_l.zero_()
+        max_l.fill_(float("-inf")), min_l.fill_(float("inf"))
+
+    # Implicit zeros: (z, mean 0, M2 0) merged with the listed group by Chan's formula.
+    z = T - lens
+    count = cnt_l + z
+    c_f, z_f = cnt_l.to(torch.float64), z.to(torch.float64)
+    tot = count.to(torch.float64).clamp_min(1.0)
+    mean = mean_l * (c_f / tot)
+    m2 = m2_l + mean_l * mean_l * (c_f * z_f / tot)
+    has_zero = z > 0
+    zero = torch.zeros((), **f64)
+    vmax = torch.where(has_zero, torch.maximum(max_l, zero), max_l)
+    vmin = torch.where(has_zero, torch.minimum(min_l, zero), min_l)
+    fire = fire_l + (z if 0.0 > float(threshold) else 0)
+    return [count, fire, mean, m2, vmax, vmin, act_l, l0]

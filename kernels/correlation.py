@@ -1,0 +1,314 @@
+"""Triton backend of ``supanalysis::cross_moments_update`` and ``supanalysis::best_match``.
+
+Contract: ``supanalysis/ops/correlation.py``.
+
+cross_moments_update: a reduction kernel gives the batch's column means and M2 (per token
+split, merged in float64); a tl.dot kernel over (n_a, n_b) tiles then multiplies the
+*centred* batch (x - batch mean, formed in registers, never stored) and adds, in its
+epilogue, the tile plus Chan's rank-one correction coef * da_i * db_j into the float64
+co-moment in place. Centred products in float32 accumulate over at most MERGE_T tokens
+before they are moved into a float64 accumulator.
+
+best_match: one read of the co-moment. A (row group, column group) grid: each program
+sweeps its row tiles and, inside, its column tiles, keeping row maxima in registers and
+column maxima in a per-row-group scratch row it alone owns; the group partials are reduced
+in torch with ties going to the smallest index.
+
+Precision: float16/bfloat16/float32 batches are widened to float32 and multiplied with the
+full-precision dot (``input_precision="ieee"``: TF32 would cost 13 bits on centred data);
+float64 batches are computed in float64. best_match runs in float64 (the co-moment is).
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from ._utils import chan_merge_splits, compute_dtype, interpreting, num_sms
+
+# Larger than any index: the neutral element of the index argmin (a constexpr, so
+# kernels may read it as a global).
+_NO_INDEX = tl.constexpr(2**62)
+
+
+@triton.jit
+def _column_moments_kernel(
+    mean_ptr,  # [S, n] float64 per-split mean
+    m2_ptr,  # [S, n] float64 per-split centred M2
+    x_ptr,  # [T, n], finite
+    T,
+    n,
+    tokens_per_split,
+    stride_t,
+    stride_n,
+    ACC: tl.constexpr,
+    BLOCK_T: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+):
+    pid_n = tl.program_id(0).to(tl.int64)
+    pid_s = tl.program_id(1).to(tl.int64)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    mask_n = offs_n < n
+    t_start = pid_s * tokens_per_split
+    t_end = tl.minimum(t_start + tokens_per_split, T)
+    run_cnt = tl.zeros([BLOCK_N], dtype=tl.float64)
+    run_mean = tl.zeros([BLOCK_N], dtype=tl.float64)
+    run_m2 = tl.zeros([BLOCK_N], dtype=tl.float64)
+    for t0 in range(t_start, t_end, BLOCK_T):
+        offs_t = t0 + tl.arange(0, BLOCK_T).to(tl.int64)
+        mask_t = offs_t < t_end
+        mask = mask_t[:, None] & mask_n[None, :]
+        v = tl.load(x_ptr + offs_t[:, None] * stride_t + offs_n[None, :] * stride_n, mask=mask, other=0.0).to(ACC)
+        # Corrected two-pass mean in registers (see activation_stats): tile-mean accuracy
+        # scales with the spread, not with |mean|.
+        c = tl.sum(mask_t.to(ACC), axis=0)
+        shift = tl.sum(v, axis=0) / c
+        d0 = tl.where(mask, v - shift[None, :], 0.0)
+        tmean_d = tl.sum(d0, axis=0) / c
+        d = tl.where(mask, d0 - tmean_d[None, :], 0.0)
+        tm2 = tl.sum(d * d, axis=0)
+        # Chan merge of the tile (c tokens) into the float64 state.
+        nab = run_cnt + c.to(tl.float64)
+        w = c.to(tl.float64) / nab
+        delta = shift.to(tl.float64) + tmean_d.to(tl.float64) - run_mean
+        run_mean += delta * w
+        run_m2 += tm2.to(tl.float64) + delta * delta * run_cnt * w
+        run_cnt = nab
+    tl.store(mean_ptr + pid_s * n + offs_n, run_mean, mask=mask_n)
+    tl.store(m2_ptr + pid_s * n + offs_n, run_m2, mask=mask_n)
+
+
+def _column_moments(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Column mean and centred M2 of a finite x (T >= 1, n >= 1), float64."""
+    T, n = x.shape
+    BLOCK_N = 64 if n >= 64 else max(16, triton.next_power_of_2(n))
+    BLOCK_T = 32  # short float32 tiles before each float64 merge: see activation_stats
+    n_blocks = triton.cdiv(n, BLOCK_N)
+    t_tiles = triton.cdiv(T, BLOCK_T)
+    splits = max(1, min(t_tiles, (4 * num_sms(x.device)) // n_blocks))
+    tokens_per_split = triton.cdiv(t_tiles, splits) * BLOCK_T
+    splits = triton.cdiv(T, tokens_per_split)
+    mean = torch.empty(splits, n, dtype=torch.float64, device=x.device)
+    m2 = torch.empty_like(mean)
+    _column_moments_kernel[(n_blocks, splits)](
+        mean, m2, x, T, n, tokens_per_split, x.stride(0), x.stride(1),
+        ACC=compute_dtype(x.dtype), BLOCK_T=BLOCK_T, BLOCK_N=BLOCK_N,
+    )  # fmt: skip
+    counts = torch.clamp(T - torch.arange(splits, device=x.device) * tokens_per_split, max=tokens_per_split)
+    _, mu, m2_tot = chan_merge_splits(counts[:, None].expand(splits, n), mean, m2)
+    return mu, m2_tot
+
+
+@triton.jit
+def _cross_moments_update_kernel(
+    c_ptr,  # [na, nb] float64 co-moment, updated in place
+    xa_ptr,  # [T, na]
+    xb_ptr,  # [T, nb]
+    ma_ptr,  # [na] batch mean of xa, compute dtype (the centring shift)
+    mb_ptr,  # [nb]
+    da_ptr,  # [na] float64 coef * (batch mean a - previous mean a)
+    db_ptr,  # [nb] float64 batch mean b - previous mean b
+    T,
+    na,
+    nb,
+    stride_at,
+    stride_an,
+    stride_bt,
+    stride_bn,
+    stride_cm,
+    stride_cn,
+    ACC: tl.constexpr,
+    BLOCK_A: tl.constexpr,
+    BLOCK_B: tl.constexpr,
+    BLOCK_T: tl.constexpr,
+    MERGE_T: tl.constexpr,
+):
+    pid_a = tl.program_id(0).to(tl.int64)
+    pid_b = tl.program_id(1).to(tl.int64)
+    ra = pid_a * BLOCK_A + tl.arange(0, BLOCK_A)
+    rb = pid_b * BLOCK_B + tl.arange(0, BLOCK_B)
+    mask_a = ra < na
+    mask_b = rb < nb
+    ma = tl.load(ma_ptr + ra, mask=mask_a, other=0.0)
+    mb = tl.load(mb_ptr + rb, mask=mask_b, other=0.0)
+    acc64 = tl.zeros([BLOCK_A, BLOCK_B], dtype=tl.float64)
+    for t1 in range(0, T, MERGE_T):
+        acc = tl.zeros([BLOCK_A, BLOCK_B], dtype=ACC)
+        t_end = tl.minimum(t1 + MERGE_T, T)
+        for t0 in range(t1, t_end, BLOCK_T):
+            ts = t0 + tl.arange(0, BLOCK_T).to(tl.int64)
+            mt = ts < t_end
+            ka = mt[:, None] & mask_a[None, :]
+            kb = mt[:, None] & mask_b[None, :]
+            a = tl.load(xa_ptr + ts[:, None] * stride_at + ra[None, :] * stride_an, mask=ka, other=0.0)
+            b = tl.load(xb_ptr + ts[:, None] * stride_bt + rb[None, :] * stride_bn, mask=kb, other=0.0)
+            # Centre in registers; padded rows/columns must contribute exactly 0.
+            a = tl.where(ka, a.to(ACC) - ma[None, :], 0.0)
+            b = tl.where(kb, b.to(ACC) - mb[None, :], 0.0)
+            acc = tl.dot(tl.trans(a), b, acc, input_precision="ieee")
+        acc64 += acc.to(tl.float64)
+    da = tl.load(da_ptr + ra, mask=mask_a, other=0.0)
+    db = tl.load(db_ptr + rb, mask=mask_b, other=0.0)
+    mask = mask_a[:, None] & mask_b[None, :]
+    ptrs = c_ptr + ra[:, None] * stride_cm + rb[None, :] * stride_cn
+    c = tl.load(ptrs, mask=mask, other=0.0)
+    tl.store(ptrs, c + acc64 + da[:, None] * db[None, :], mask=mask)
+
+
+def cross_moments_update_triton(
+    comoment: torch.Tensor,
+    n_prev: int,
+    mean_a_prev: torch.Tensor,
+    mean_b_prev: torch.Tensor,
+    xa: torch.Tensor,
+    xb: torch.Tensor,
+) -> list[torch.Tensor]:
+    """comoment: (n_a, n_b) float64, updated in place; xa: (T, n_a); xb: (T, n_b), finite.
+
+    Returns the batch's [mean_a, m2_a, mean_b, m2_b] (float64).
+    """
+    T, na = xa.shape
+    nb = xb.shape[1]
+    device = xa.device
+    if T == 0:
+        z = lambda k: torch.zeros(k, dtype=torch.float64, device=device)
+        return [z(na), z(na), z(nb), z(nb)]
+    if xa.dtype != xb.dtype:
+        common = torch.promote_types(xa.dtype, xb.dtype)
+        xa, xb = xa.to(common), xb.to(common)
+    ma = torch.zeros(na, dtype=torch.float64, device=device)
+    m2a = torch.zeros_like(ma)
+    mb = torch.zeros(nb, dtype=torch.float64, device=device)
+    m2b = torch.zeros_like(mb)
+    if na > 0:
+        ma, m2a = _column_moments(xa)
+    if nb > 0:
+        mb, m2b = _column_moments(xb)
+    if na == 0 or nb == 0:
+        return [ma, m2a, mb, m2b]
+    acc = compute_dtype(xa.dtype)
+    acc_torch = torch.float64 if acc == tl.float64 else torch.float32
+    coef = float(n_prev) * T / (float(n_prev) + T)
+    da = (coef * (ma - mean_a_prev.to(torch.float64))).contiguous()
+    db = (mb - mean_b_prev.to(torch.float64)).contiguous()
+    BLOCK_A = 64 if na >= 64 else max(16, triton.next_power_of_2(na))
+    BLOCK_B = 64 if nb >= 64 else max(16, triton.next_power_of_2(nb))
+    BLOCK_T = 32 if not interpreting() else 64
+    _cross_moments_update_kernel[(triton.cdiv(na, BLOCK_A), triton.cdiv(nb, BLOCK_B))](
+        comoment, xa, xb, ma.to(acc_torch), mb.to(acc_torch), da, db, T, na, nb,
+        xa.stride(0), xa.stride(1), xb.stride(0), xb.stride(1),
+        comoment.stride(0), comoment.stride(1),
+        ACC=acc, BLOCK_A=BLOCK_A, BLOCK_B=BLOCK_B, BLOCK_T=BLOCK_T, MERGE_T=4096,
+    )  # fmt: skip
+    return [ma, m2a, mb, m2b]
+
+
+# ----------------------------------------------------------------------------- best match
+@triton.jit
+def _best_match_kernel(
+    rowmax_ptr,  # [H, na] float64 row maxima per column group
+    rowarg_ptr,  # [H, na] int64
+    colmax_ptr,  # [G, nb] float64 column maxima per row group (pre-filled -inf)
+    colarg_ptr,  # [G, nb] int64 (pre-filled -1)
+    c_ptr,  # [na, nb] float64 co-moment
+    ia_ptr,  # [na] float64 inverse standard deviations (0 = constant feature)
+    ib_ptr,  # [nb] float64
+    na,
+    nb,
+    stride_cm,
+    stride_cn,
+    rows_per_group,
+    cols_per_group,
+    BLOCK_A: tl.constexpr,
+    BLOCK_B: tl.constexpr,
+):
+    g = tl.program_id(0).to(tl.int64)
+    h = tl.program_id(1).to(tl.int64)
+    r_start = g * rows_per_group
+    r_end = tl.minimum(r_start + rows_per_group, na)
+    c_start = h * cols_per_group
+    c_end = tl.minimum(c_start + cols_per_group, nb)
+    for r0 in range(r_start, r_end, BLOCK_A):
+        rows = r0 + tl.arange(0, BLOCK_A).to(tl.int64)
+        mask_r = rows < r_end
+        ia = tl.load(ia_ptr + rows, mask=mask_r, other=0.0)
+        rmax = tl.full([BLOCK_A], float("-inf"), dtype=tl.float64)
+        rarg = tl.full([BLOCK_A], -1, dtype=tl.int64)
+        for c0 in range(c_start, c_end, BLOCK_B):
+            cols = c0 + tl.arange(0, BLOCK_B).to(tl.int64)
+            mask_c = cols < c_end
+            ib = tl.load(ib_ptr + cols, mask=mask_c, other=0.0)
+            mask = mask_r[:, None] & mask_c[None, :]
+            c = tl.load(c_ptr + rows[:, None] * stride_cm + cols[None, :] * stride_cn, mask=mask, other=0.0)
+            corr = c * ia[:, None] * ib[None, :]
+            corr = tl.minimum(tl.maximum(corr, -1.0), 1.0)
+            # Constant features (inv_std 0) are nobody's match: -inf never wins a strict >.
+            valid = mask & (ia != 0.0)[:, None] & (ib != 0.0)[None, :]
+            corr = tl.where(valid, corr, float("-inf"))
+
+            tmax = tl.max(corr, axis=1)
+            targ = tl.min(tl.where(corr == tmax[:, None], cols[None, :], _NO_INDEX), axis=1)
+            better = tmax > rmax  # strict: earlier (smaller) columns keep ties
+            rmax = tl.where(better, tmax, rmax)
+            rarg = tl.where(better, targ, rarg)
+
+            cmax = tl.max(corr, axis=0)
+            carg = tl.min(tl.where(corr == cmax[None, :], rows[:, None], _NO_INDEX), axis=0)
+            pptr = g * nb + cols
+            pmax = tl.load(colmax_ptr + pptr, mask=mask_c, other=float("-inf"))
+            parg = tl.load(colarg_ptr + pptr, mask=mask_c, other=-1)
+            cb = cmax > pmax  # strict: earlier (smaller) rows keep ties
+            tl.store(colmax_ptr + pptr, tl.where(cb, cmax, pmax), mask=mask_c)
+            tl.store(colarg_ptr + pptr, tl.where(cb, carg, parg), mask=mask_c)
+            # The scratch row is re-read by other threads of this program on the next row
+            # tile: a CTA barrier orders those global writes before the reads.
+            tl.debug_barrier()
+        tl.store(rowmax_ptr + h * na + rows, rmax, mask=mask_r)
+        tl.store(rowarg_ptr + h * na + rows, rarg, mask=mask_r)
+
+
+def _reduce_groups(vmax: torch.Tensor, varg: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Max over group partials (dim 0), ties to the smallest index; -inf -> (0, -1)."""
+    mx = vmax.amax(0)
+    arg = torch.where(vmax == mx[None, :], varg, _NO_INDEX.value).amin(0)
+    ok = torch.isfinite(mx)
+    return torch.where(ok, mx, 0.0), torch.where(ok, arg, -1)
+
+
+def best_match_triton(comoment: torch.Tensor, inv_std_a: torch.Tensor, inv_std_b: torch.Tensor) -> list[torch.Tensor]:
+    """comoment: (n_a, n_b); inv_std_a: (n_a,); inv_std_b: (n_b,).
+
+    Returns [max_corr_a, match_a, max_corr_b, match_b].
+    """
+    na, nb = comoment.shape
+    device = comoment.device
+    f64 = dict(dtype=torch.float64, device=device)
+    i64 = dict(dtype=torch.int64, device=device)
+    if na == 0 or nb == 0:
+        return [torch.zeros(na, **f64), torch.full((na,), -1, **i64),
+                torch.zeros(nb, **f64), torch.full((nb,), -1, **i64)]  # fmt: skip
+    C = comoment.to(torch.float64)
+    ia = inv_std_a.to(torch.float64).contiguous()
+    ib = inv_std_b.to(torch.float64).contiguous()
+    BLOCK_A = 32 if na >= 32 else max(16, triton.next_power_of_2(na))
+    BLOCK_B = 64 if nb >= 64 else max(16, triton.next_power_of_2(nb))
+    tiles_a, tiles_b = triton.cdiv(na, BLOCK_A), triton.cdiv(nb, BLOCK_B)
+    # Groups: enough programs for the machine, few enough that the partials stay
+    # O(groups * (n_a + n_b)). Under the interpreter 2 x 2 keeps the merge exercised.
+    side = 2 if interpreting() or device.type != "cuda" else max(2, int((4 * num_sms(device)) ** 0.5))
+    G, H = min(tiles_a, side), min(tiles_b, side)
+    rows_per_group = triton.cdiv(tiles_a, G) * BLOCK_A
+    cols_per_group = triton.cdiv(tiles_b, H) * BLOCK_B
+    G, H = triton.cdiv(na, rows_per_group), triton.cdiv(nb, cols_per_group)
+    rowmax = torch.empty(H, na, **f64)
+    rowarg = torch.empty(H, na, **i64)
+    colmax = torch.full((G, nb), float("-inf"), **f64)
+    colarg = torch.full((G, nb), -1, **i64)
+    _best_match_kernel[(G, H)](
+        rowmax, rowarg, colmax, colarg, C, ia, ib, na, nb, C.stride(0), C.stride(1),
+        rows_per_group, cols_per_group, BLOCK_A=BLOCK_A, BLOCK_B=BLOCK_B,
+    )  # fmt: skip
+    max_a, match_a = _reduce_groups(rowmax, rowarg)
+    max_b, match_b = _reduce_groups(colmax, colarg)
+    return [max_a, match_a, max_b, match_b]
