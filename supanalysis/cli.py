@@ -1,4 +1,4 @@
-"""The ``supanalysis`` command line: info, demo (and, as issues land, test and toy)."""
+"""The ``supanalysis`` command line: test, demo, toy, info."""
 
 from __future__ import annotations
 
@@ -48,10 +48,89 @@ def build_parser() -> argparse.ArgumentParser:
     info.add_argument("--require-cpp", action="store_true", help="exit 1 unless the C++ extension loaded")
     info.add_argument("--require-cuda", action="store_true", help="exit 1 unless CUDA kernels were compiled")
     info.set_defaults(func=_cmd_info)
+    _add_test_parser(sub)
     from .demo import add_demo_parser
+    from .toy_tour import add_toy_parser
 
     add_demo_parser(sub)
+    add_toy_parser(sub)
     return p
+
+
+def _add_test_parser(sub) -> None:
+    p = sub.add_parser("test", help="run the superposition-versus-universality test on two models")
+    p.add_argument("--config", help="a TOML or JSON TestConfig; flags below override its fields")
+    p.add_argument("--model-a", help="folder of model A (TinyTransformer or Hugging Face, loaded locally)")
+    p.add_argument("--model-b", help="folder of model B")
+    p.add_argument("--tokens", help="token ids file (.npy, or .bin with --token-dtype)")
+    p.add_argument("--token-dtype", choices=["uint8", "uint16", "uint32", "int32"])
+    p.add_argument("--sites-a", nargs="+", help="sites of A (default: every layer's resid_post)")
+    p.add_argument("--sites-b", nargs="+", help="sites of B")
+    p.add_argument("--dict-a", help='dictionaries of A: a folder with one subfolder per site, "neuron" or "train"')
+    p.add_argument("--dict-b", help="dictionaries of B (as --dict-a)")
+    p.add_argument("--tau", type=float, help="best-match correlation threshold τ")
+    p.add_argument("--phi", type=float, help="matched-fraction threshold φ")
+    p.add_argument("--C", type=float, dest="C", help="compressed-sensing constant C")
+    p.add_argument("--out", default="supanalysis-out/test", help="report folder (default: %(default)s)")
+    p.add_argument("--no-progress", action="store_true")
+    p.set_defaults(func=_cmd_test)
+
+
+def _test_config(args: argparse.Namespace):
+    from dataclasses import replace
+
+    from .config import ModelSpec, TestConfig
+
+    cfg = TestConfig.load(args.config) if args.config else TestConfig()
+    a, b = cfg.model_a, cfg.model_b
+    a = replace(a, path=args.model_a or a.path, sites=args.sites_a or a.sites, dictionary=args.dict_a or a.dictionary)
+    b = replace(b, path=args.model_b or b.path, sites=args.sites_b or b.sites, dictionary=args.dict_b or b.dictionary)
+    th = cfg.thresholds
+    th = replace(
+        th,
+        tau=th.tau if args.tau is None else args.tau,
+        phi=th.phi if args.phi is None else args.phi,
+        C=th.C if args.C is None else args.C,
+    )
+    cfg = replace(cfg, model_a=ModelSpec(**vars(a)), model_b=ModelSpec(**vars(b)), thresholds=th)
+    if args.tokens:
+        cfg = replace(cfg, tokens=args.tokens)
+    if args.token_dtype:
+        cfg = replace(cfg, token_dtype=args.token_dtype)
+    if not cfg.model_a.path or not cfg.model_b.path or not cfg.tokens:
+        raise ValueError("need --config or all of --model-a, --model-b and --tokens")
+    return cfg
+
+
+def _cmd_test(args: argparse.Namespace) -> int:
+    from .pipeline import run_test
+
+    cfg = _test_config(args)
+    report = run_test(cfg, progress=not args.no_progress)
+    report.write(args.out)  # only after every measurement succeeded: no partial report
+    print_summary(report.data, args.out)
+    return 0
+
+
+def print_summary(report: dict, out: str) -> None:
+    """The verdict and the numbers behind it, in a few lines, and where the report is."""
+    import os
+
+    v = report["verdict"]
+    print()
+    print(f"verdict: {v['outcome']}: {v['reason']}")
+    for p in report["premises"]:
+        print(f"  {'ok ' if p['holds'] else 'NOT'} {p['name']}: {p['detail']}")
+    for pr in report["pairs"]:
+        lr = pr["median_log_ratio"]
+        lr_text = "—" if lr["value"] is None else f"{lr['value']:.3f} [{lr['lo']:.3f}, {lr['hi']:.3f}]"
+        pi = pr["predicted_ratio"]
+        print(
+            f"  {pr['site_a']} ~ {pr['site_b']}: matched {pr['matched_fraction_a']:.2f} "
+            f"(baseline {pr['baseline_fraction_a']:.2f}), median ln ratio {lr_text}, "
+            f"π {'—' if pi is None else f'{pi:.3f}'} -> {pr['verdict']['outcome']}"
+        )
+    print(f"report: {os.path.join(out, 'report.html')} (also report.md, report.json)")
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -1,11 +1,9 @@
-"""``supanalysis demo``: the library's ops on a built-in, fully local example.
+"""``supanalysis toy``: every op family on toy models of superposition (Elhage et al. 2022).
 
-Until the full superposition-versus-universality demo (two TinyTransformers of equal
-parameters and different aspect ratio) lands, the demo runs every op family on toy models
-of superposition (Elhage et al. 2022), trained here in seconds, where the right answers
-are known: at low feature density five features share two dimensions as a regular
-pentagon (every D_i = 2/5), at density 1 the model keeps two orthogonal features (D = 1).
-Nothing is downloaded; every number in the report is computed in the run.
+The models train here in seconds and the right answers are known: at low feature density
+five features share two dimensions as a regular pentagon (every D_i = 2/5), at density 1
+the model keeps two orthogonal features (D = 1). Nothing is downloaded; every number in
+the report is computed in the run.
 """
 
 from __future__ import annotations
@@ -39,7 +37,7 @@ def _geometry(models, i: int) -> dict:
     }
 
 
-def run_demo(out_dir: str, quick: bool = False, seed: int = 0) -> dict:
+def run_toy_tour(out_dir: str, quick: bool = False, seed: int = 0) -> dict:
     """Train, measure, write ``report.json`` and ``report.md`` to ``out_dir``; return the report."""
     t0 = time.time()
     steps = 300 if quick else 2000
@@ -92,7 +90,7 @@ def run_demo(out_dir: str, quick: bool = False, seed: int = 0) -> dict:
 
 def _markdown(r: dict) -> str:
     lines = [
-        "# supanalysis demo: toy models of superposition",
+        "# supanalysis toy: toy models of superposition",
         "",
         f"{r['what']}; {r['steps']} training steps; {r['tokens']} streamed tokens; {r['seconds']} s.",
         "",
@@ -123,8 +121,8 @@ def _markdown(r: dict) -> str:
     return "\n".join(lines)
 
 
-def _cmd_demo(args: argparse.Namespace) -> int:
-    report = run_demo(args.out, quick=args.quick, seed=args.seed)
+def _cmd_toy(args: argparse.Namespace) -> int:
+    report = run_toy_tour(args.out, quick=args.quick, seed=args.seed)
     print()
     for seed, geo in report["geometry"].items():
         sparse = geo[-1]
@@ -137,9 +135,9 @@ def _cmd_demo(args: argparse.Namespace) -> int:
     return 0
 
 
-def add_demo_parser(sub) -> None:
-    p = sub.add_parser("demo", help="run the built-in example end to end and write a report")
+def add_toy_parser(sub) -> None:
+    p = sub.add_parser("toy", help="toy models of superposition: every op on known geometry (pentagon)")
     p.add_argument("--quick", action="store_true", help="fewer steps and tokens (CI smoke, < 2 minutes)")
-    p.add_argument("--out", default="supanalysis-out/demo", help="output folder (default: %(default)s)")
+    p.add_argument("--out", default="supanalysis-out/toy", help="output folder (default: %(default)s)")
     p.add_argument("--seed", type=int, default=0)
-    p.set_defaults(func=_cmd_demo)
+    p.set_defaults(func=_cmd_toy)
