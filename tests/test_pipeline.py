@@ -132,7 +132,7 @@ def test_densities_of_planted_features(workspace):
 def test_bad_configs_fail_clearly(workspace, tmp_path):
     with pytest.raises(FileNotFoundError, match="model A folder not found"):
         measure(config(workspace, model_a=ModelSpec(path=str(tmp_path / "nope"))), progress=False)
-    with pytest.raises(ValueError, match="site 'resid_post.9': layer 9 out of range"):
+    with pytest.raises(ValueError, match=r"site 'resid_post\.9': layer 9 out of range"):
         measure(config(workspace, model_a=ModelSpec(path=str(workspace / "A"), sites=["resid_post.9"])), progress=False)
     np.save(tmp_path / "floats.npy", np.zeros(100, dtype=np.float32))
     with pytest.raises(ValueError, match="integers"):
@@ -142,7 +142,7 @@ def test_bad_configs_fail_clearly(workspace, tmp_path):
     from supanalysis.dictionary import Dictionary, save_dictionary
 
     save_dictionary(Dictionary(8, 32, "relu"), tmp_path / "wrong" / "resid_post.0")
-    with pytest.raises(ValueError, match="d_in=8, but site 'resid_post.0' has 16 neurons"):
+    with pytest.raises(ValueError, match=r"d_in=8, but site 'resid_post\.0' has 16 neurons"):
         measure(config(workspace, model_a=ModelSpec(path=str(workspace / "A"), dictionary=str(tmp_path / "wrong"))))
     with pytest.raises(ValueError, match="unknown key"):
         TestConfig.from_dict({"model_a": {"path": "x"}, "colour": "red"})
