@@ -14,11 +14,13 @@ from . import data, dictionary, models, sites
 from ._backend import BACKENDS, BackendStatus, BackendUnavailable, backend_status
 from .accumulators import ActivationStats, BestMatch, CoActivation, CrossCorrelation
 from .capture import ActivationSource, capture
+from .config import ModelSpec, TestConfig, Thresholds
 from .data import TokenSequences
 from .dictionary import Dictionary, NeuronBasis, load_dictionary, save_dictionary, train_topk_sae
 from .models import ModelShape, TinyConfig, TinyTransformer, describe
 from .ops.activation_stats import activation_stats, activation_stats_sparse
 from .ops.interference import InterferenceResult, interference, interference_matrix
+from .pipeline import TestReport, analyse, measure, run_test
 
 __version__ = "0.1.0"
 
@@ -40,13 +42,18 @@ __all__ = [
     "Dictionary",
     "InterferenceResult",
     "ModelShape",
+    "ModelSpec",
     "NeuronBasis",
+    "TestConfig",
+    "TestReport",
+    "Thresholds",
     "TinyConfig",
     "TinyTransformer",
     "TokenSequences",
     "__version__",
     "activation_stats",
     "activation_stats_sparse",
+    "analyse",
     "backends",
     "capture",
     "data",
@@ -55,7 +62,9 @@ __all__ = [
     "interference",
     "interference_matrix",
     "load_dictionary",
+    "measure",
     "models",
+    "run_test",
     "save_dictionary",
     "sites",
     "train_topk_sae",
