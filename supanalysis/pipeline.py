@@ -8,6 +8,7 @@ model. ``run_test`` is the two in sequence. SCIENCE.md is the specification of e
 
 from __future__ import annotations
 
+import copy
 import datetime as _dt
 import math
 import os
@@ -204,6 +205,9 @@ def measure(
             if not os.path.isdir(spec.path):
                 raise FileNotFoundError(f"model {label} folder not found: {spec.path}")
             given = load_model(spec.path, device=dev)
+        if models and given is models[0]:
+            # Both sides' capture hooks would sit on the same modules: give B its own copy.
+            given = copy.deepcopy(given)
         models.append(given.to(dev).eval())
     vocab = min(int(describe(m).vocab_size) for m in models)
     if tokens.size and int(np.max(tokens[: min(tokens.size, 1 << 22)])) >= vocab:

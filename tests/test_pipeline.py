@@ -165,3 +165,29 @@ def test_cli_test_writes_report_and_rejects_bad_input(workspace, tmp_path, capsy
                "--tokens", str(workspace / "tokens.npy"), "--out", str(bad)])  # fmt: skip
     assert rc != 0 and not bad.exists()
     assert "not found" in capsys.readouterr().err
+
+
+class TokenShuffledCopy(TinyTransformer):
+    """The same weights, fed a fixed permutation of every sequence's positions: its
+    activation at position t belongs to another token, so nothing beyond chance aligns."""
+
+    def forward(self, ids):
+        perm = torch.randperm(ids.shape[1], generator=torch.Generator().manual_seed(7))
+        return super().forward(ids[:, perm])
+
+
+def test_token_shuffled_copy_matches_at_baseline(workspace):
+    # Without position embeddings (which a position-keeping shuffle would leave aligned), the
+    # copy's activation at each position belongs to another token and context.
+    a = TinyTransformer.load(workspace / "A")
+    with torch.no_grad():
+        a.pos_embed.weight.zero_()
+    b = TokenShuffledCopy(a.config)
+    b.load_state_dict(a.state_dict())
+    cfg = config(workspace, model_a=ModelSpec(name="A"), model_b=ModelSpec(name="A, shuffled tokens"))
+    rep, _ = analyse(measure(cfg, model_a=a, model_b=b.eval(), progress=False), Thresholds(tau=0.5))
+    (pair,) = rep["pairs"]
+    identical, _ = analyse(measure(cfg, model_a=a, model_b=a, progress=False))
+    assert identical["pairs"][0]["matched_fraction_a"] == 1.0
+    assert pair["matched_fraction_a"] <= pair["baseline_fraction_a"] + 0.15
+    assert abs(pair["mean_max_corr_a"] - pair["baseline_mean_max_corr_a"]) < 0.15
