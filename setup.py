@@ -85,7 +85,8 @@ def _extensions():
     import torch
     from torch.utils import cpp_extension
 
-    cxx = ["-O3", "-fopenmp", "-std=c++17"]
+    # No -std flag: torch adds the standard its headers need (C++20 for torch >= 2.14).
+    cxx = ["-O3", "-fopenmp"]
     if os.environ.get("SUPANALYSIS_NATIVE", "0") == "1":
         cxx.append("-march=native")  # opt-in: a wheel built this way runs only on this CPU family
     sources = sorted(glob.glob(os.path.join("csrc", "*.cpp")) + glob.glob(os.path.join("csrc", "cpu", "*.cpp")))
@@ -103,7 +104,7 @@ def _extensions():
         include_dirs += _nvidia_wheel_includes()
         define_macros.append(("SUPANALYSIS_WITH_CUDA", "1"))
         ext_cls = cpp_extension.CUDAExtension
-        extra = {"cxx": cxx, "nvcc": ["-O3", "--use_fast_math", "-lineinfo", "-std=c++17"]}
+        extra = {"cxx": cxx, "nvcc": ["-O3", "-lineinfo"]}
     else:
         ext_cls = cpp_extension.CppExtension
         extra = {"cxx": cxx}

@@ -5,7 +5,7 @@
 // otherwise be memory-unsafe.
 #pragma once
 
-#include <ATen/ATen.h>
+#include <ATen/core/Tensor.h>
 
 #include <cmath>
 #include <limits>

@@ -20,6 +20,8 @@
 #include <type_traits>
 #include <vector>
 
+#include <ATen/ATen.h>
+
 #include "ops.h"
 
 #ifdef _OPENMP

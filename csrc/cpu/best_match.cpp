@@ -11,6 +11,8 @@
 #include <limits>
 #include <vector>
 
+#include <ATen/ATen.h>
+
 #include "ops.h"
 
 #ifdef _OPENMP

@@ -12,6 +12,8 @@
 #include <algorithm>
 #include <limits>
 
+#include <ATen/ATen.h>
+
 #include "ops.h"
 
 namespace supanalysis {

@@ -7,6 +7,8 @@
 // C += G + (n_prev * T / (n_prev + T)) * da db^T, is one fused pass over the state.
 #include <ATen/Parallel.h>
 
+#include <ATen/ATen.h>
+
 #include "ops.h"
 
 namespace supanalysis {

@@ -15,6 +15,8 @@
 #include <cmath>
 #include <numeric>
 
+#include <ATen/ATen.h>
+
 #include "ops.h"
 
 namespace supanalysis {

@@ -18,10 +18,11 @@
 //   one integer atomic per row: integers, so exact and order-independent.
 //
 // Sparse top-k codes (indices, values [T, k]): only the codes are read. Per-feature
-// counters are updated with global atomics (int64 counts exact; float64 sums), then a
-// finalize kernel adds the implicit zeros in closed form, and a second pass over the codes
-// adds the centred squares of the listed entries about the final mean (two-pass M2, as the
-// C++ CPU kernel does).
+// counters are privatised per block in shared memory when n <= 1024 and otherwise updated
+// with global atomics (int64 counts exact; float64 sums, whose order, and so last-bit
+// rounding, may vary from run to run). A finalize kernel then adds the implicit zeros in
+// closed form, and a second pass over the codes adds the centred squares of the listed
+// entries about the final mean (two-pass M2, as the C++ CPU kernel does).
 #include "common.cuh"
 
 namespace supanalysis {
@@ -273,9 +274,42 @@ void launch_dense(const at::Tensor& x, double threshold, at::Tensor& finite_coun
 
 // ------------------------------------------------------------------------------ sparse
 
-// Pass 1 over the codes, one thread per (token, slot). Invalid indices (outside [0, n),
-// which the Python layer rejects before any launch) are skipped like padding rather than
-// trusted, so a bad code can never write out of bounds.
+__device__ __forceinline__ void count_one(int64_t* c) { atomic_add_i64(c, 1); }
+__device__ __forceinline__ void count_one(unsigned int* c) { atomicAdd(c, 1u); }
+
+// One listed entry into per-feature accumulators (global or shared: generic addresses).
+template <typename cnt_t>
+__device__ __forceinline__ void add_entry(cnt_t* present, cnt_t* nonfinite, cnt_t* fire,
+                                          double* sum, double* act, double* vmax, double* vmin,
+                                          int64_t f, double v, bool fin, bool fires) {
+  if (!fin) {
+    count_one(nonfinite + f);
+    return;
+  }
+  count_one(present + f);
+  atomicAdd(sum + f, v);
+  atomic_max_f64(vmax + f, v);
+  atomic_min_f64(vmin + f, v);
+  if (fires) {
+    count_one(fire + f);
+    atomicAdd(act + f, v);
+  }
+}
+
+// l0 starts at n when an implicit zero fires (threshold < 0): each listed entry that does
+// not fire takes one away. Otherwise it starts at 0 and each firing entry adds one.
+__device__ __forceinline__ void add_l0(int64_t* l0, int64_t t, bool fires, bool zero_fires) {
+  if (zero_fires) {
+    if (!fires) atomic_add_i64(l0 + t, -1);
+  } else if (fires) {
+    atomic_add_i64(l0 + t, 1);
+  }
+}
+
+// Pass 1 over the codes, one thread per (token, slot), straight into global accumulators
+// (n too large to privatise). Invalid indices (outside [0, n), which the Python layer
+// rejects before any launch) are skipped like padding rather than trusted, so a bad code
+// can never write out of bounds.
 template <typename scalar_t, typename index_t>
 __global__ void _activation_stats_sparse_kernel(
     int64_t* __restrict__ present, int64_t* __restrict__ nonfinite, int64_t* __restrict__ fire,
@@ -288,29 +322,63 @@ __global__ void _activation_stats_sparse_kernel(
        e += static_cast<int64_t>(gridDim.x) * blockDim.x) {
     const int64_t f = static_cast<int64_t>(indices[e]);
     if (f < 0 || f >= n) continue;
-    const int64_t t = e / k;
     // float64 comparison, exactly as the float64 reference compares.
     const double v = static_cast<double>(values[e]);
     const bool fin = is_finite_bits(v);
     const bool fires = fin && v > threshold;
-    if (!fin) {
-      atomic_add_i64(nonfinite + f, 1);
-    } else {
-      atomic_add_i64(present + f, 1);
-      atomicAdd(sum + f, v);
-      atomic_max_f64(vmax + f, v);
-      atomic_min_f64(vmin + f, v);
-      if (fires) {
-        atomic_add_i64(fire + f, 1);
-        atomicAdd(act + f, v);
-      }
+    add_entry(present, nonfinite, fire, sum, act, vmax, vmin, f, v, fin, fires);
+    add_l0(l0, e / k, fires, zero_fires);
+  }
+}
+
+// Pass 1 with per-block private accumulators in shared memory (n <= kSmemFeatures):
+// frequent features then contend only within a block, on fast shared atomics, and each
+// block adds its totals to the global accumulators once per touched feature. Per-block
+// counts fit in 32 bits (the launcher caps entries per block below 2^31).
+constexpr int kSmemFeatures = 1024;  // 44 KiB of shared memory, under the 48 KiB default
+
+template <typename scalar_t, typename index_t>
+__global__ void _activation_stats_sparse_smem_kernel(
+    int64_t* __restrict__ present, int64_t* __restrict__ nonfinite, int64_t* __restrict__ fire,
+    double* __restrict__ sum, double* __restrict__ act, double* __restrict__ vmax,
+    double* __restrict__ vmin, int64_t* __restrict__ l0, const index_t* __restrict__ indices,
+    const scalar_t* __restrict__ values, int64_t T, int64_t k, int64_t n, double threshold,
+    bool zero_fires) {
+  __shared__ unsigned int s_present[kSmemFeatures], s_nonfinite[kSmemFeatures], s_fire[kSmemFeatures];
+  __shared__ double s_sum[kSmemFeatures], s_act[kSmemFeatures], s_max[kSmemFeatures], s_min[kSmemFeatures];
+  for (int64_t f = threadIdx.x; f < n; f += blockDim.x) {
+    s_present[f] = 0;
+    s_nonfinite[f] = 0;
+    s_fire[f] = 0;
+    s_sum[f] = 0.0;
+    s_act[f] = 0.0;
+    s_max[f] = -INFINITY;
+    s_min[f] = INFINITY;
+  }
+  __syncthreads();
+  const int64_t total = T * k;
+  for (int64_t e = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; e < total;
+       e += static_cast<int64_t>(gridDim.x) * blockDim.x) {
+    const int64_t f = static_cast<int64_t>(indices[e]);
+    if (f < 0 || f >= n) continue;
+    const double v = static_cast<double>(values[e]);
+    const bool fin = is_finite_bits(v);
+    const bool fires = fin && v > threshold;
+    add_entry(s_present, s_nonfinite, s_fire, s_sum, s_act, s_max, s_min, f, v, fin, fires);
+    add_l0(l0, e / k, fires, zero_fires);
+  }
+  __syncthreads();
+  for (int64_t f = threadIdx.x; f < n; f += blockDim.x) {
+    if (s_nonfinite[f] != 0) atomic_add_i64(nonfinite + f, s_nonfinite[f]);
+    if (s_present[f] != 0) {
+      atomic_add_i64(present + f, s_present[f]);
+      atomicAdd(sum + f, s_sum[f]);
+      atomic_max_f64(vmax + f, s_max[f]);
+      atomic_min_f64(vmin + f, s_min[f]);
     }
-    // l0 starts at n when an implicit zero fires (threshold < 0): each listed entry that
-    // does not fire takes one away. Otherwise it starts at 0 and each firing entry adds one.
-    if (zero_fires) {
-      if (!fires) atomic_add_i64(l0 + t, -1);
-    } else if (fires) {
-      atomic_add_i64(l0 + t, 1);
+    if (s_fire[f] != 0) {
+      atomic_add_i64(fire + f, s_fire[f]);
+      atomicAdd(act + f, s_act[f]);
     }
   }
 }
@@ -442,10 +510,23 @@ std::vector<at::Tensor> activation_stats_sparse_cuda(const at::Tensor& indices_i
   constexpr int threads = 256;
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, val.scalar_type(), "activation_stats_sparse_cuda", [&] {
     AT_DISPATCH_INDEX_TYPES(idx.scalar_type(), "activation_stats_sparse_cuda_index", [&] {
-      _activation_stats_sparse_kernel<scalar_t, index_t><<<grid_for(total, threads), threads, 0, stream>>>(
-          cp, cp + n, cp + 2 * n, sum.data_ptr<double>(), active_sum.data_ptr<double>(),
-          vmax.data_ptr<double>(), vmin.data_ptr<double>(), l0.data_ptr<int64_t>(),
-          idx.data_ptr<index_t>(), val.data_ptr<scalar_t>(), T, k, n, threshold, zero_fires);
+      if (n <= kSmemFeatures) {
+        // Few blocks: each pays an O(n) init and flush, so a couple per SM is enough; but
+        // never so few that one block's 32-bit counters could see 2^31 entries.
+        const int64_t blocks = std::min<int64_t>(
+            std::max<int64_t>(2 * static_cast<int64_t>(num_sms()), ceil_div(total, int64_t(1) << 30)),
+            std::min<int64_t>(ceil_div(total, threads), std::numeric_limits<int>::max()));
+        _activation_stats_sparse_smem_kernel<scalar_t, index_t>
+            <<<static_cast<unsigned>(std::max<int64_t>(1, blocks)), threads, 0, stream>>>(
+                cp, cp + n, cp + 2 * n, sum.data_ptr<double>(), active_sum.data_ptr<double>(),
+                vmax.data_ptr<double>(), vmin.data_ptr<double>(), l0.data_ptr<int64_t>(),
+                idx.data_ptr<index_t>(), val.data_ptr<scalar_t>(), T, k, n, threshold, zero_fires);
+      } else {
+        _activation_stats_sparse_kernel<scalar_t, index_t><<<grid_for(total, threads), threads, 0, stream>>>(
+            cp, cp + n, cp + 2 * n, sum.data_ptr<double>(), active_sum.data_ptr<double>(),
+            vmax.data_ptr<double>(), vmin.data_ptr<double>(), l0.data_ptr<int64_t>(),
+            idx.data_ptr<index_t>(), val.data_ptr<scalar_t>(), T, k, n, threshold, zero_fires);
+      }
       C10_CUDA_KERNEL_LAUNCH_CHECK();
       _activation_stats_sparse_finalize_kernel<<<grid_for(n, threads), threads, 0, stream>>>(
           finite_count.data_ptr<int64_t>(), fire_count.data_ptr<int64_t>(), mean.data_ptr<double>(),

@@ -5,9 +5,8 @@
 // round(G) into the int64 counts. Products of 0/1 are exact and float32 sums of ones are
 // exact up to 2^24, so tokens go in chunks of at most 2^24 rows (TF32, if a user enables
 // it, is exact on 0/1 too: the inputs are representable and accumulation stays float32).
-// The threshold comparison follows the reference, `x > threshold` in x's own precision
-// class as ATen's CUDA comparison does it (float for half/bfloat16/float, double for
-// double).
+// The threshold comparison is the reference's float64 `x > threshold`, done exactly in
+// float: the threshold is rounded toward -inf to a float (see threshold_as).
 //
 // Sparse codes indices [T, k]: one thread per (token, slot p) walks the token's k slots and
 // adds 1 to counts[a, b] for every listed pair with integer atomics (exact; the k x k
@@ -93,7 +92,7 @@ void coactivation_update_cuda(at::Tensor& counts, const at::Tensor& x, double th
       using cmp_t = acc_type_t<scalar_t>;
       _coactivation_binarise_kernel<scalar_t, cmp_t><<<grid_for(rows * n, threads), threads, 0, stream>>>(
           Bc.data_ptr<float>(), xc.data_ptr<scalar_t>() + t0 * ld, rows, n, ld,
-          static_cast<cmp_t>(threshold));
+          threshold_as<cmp_t>(threshold));
       C10_CUDA_KERNEL_LAUNCH_CHECK();
     });
     const at::Tensor G = at::mm(Bc.t(), Bc);  // [n, n] float32, exact integers
