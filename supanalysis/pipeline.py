@@ -408,19 +408,21 @@ def analyse(meas: Measurements, thresholds: Thresholds | None = None) -> tuple[d
     la, lb = meas.a.losses, meas.b.losses
     n = min(la.numel(), lb.numel())
     rel = S.paired_relative_difference(la[:n], lb[:n], n_boot=nb, seed=cfg.seed)
+    # P1 and P2 are properties of the models; P3 compares the neurons of each site pair.
+    model_premises = [
+        S.premise_equal_params(
+            meas.a.shape.non_embedding_params, meas.b.shape.non_embedding_params, th.params_tolerance
+        ),
+        S.premise_equal_performance(rel, th.loss_tolerance),
+    ]
     pairs_out, verdicts = [], []
     premises_all = None
     for p in meas.pairs:
         sa_, sb_ = meas.a.sites[p.i], meas.b.sites[p.j]
         ra, rb = sites_out["A"][p.i], sites_out["B"][p.j]
-        premises = [
-            S.premise_equal_params(
-                meas.a.shape.non_embedding_params, meas.b.shape.non_embedding_params, th.params_tolerance
-            ),
-            S.premise_equal_performance(rel, th.loss_tolerance),
-            S.premise_different_neurons(sa_.m, sb_.m, per_model["A"]["neurons_total"], per_model["B"]["neurons_total"]),
-        ]
-        premises_all = premises_all or premises
+        p3 = S.premise_different_neurons(sa_.m, sb_.m, per_model["A"]["neurons_total"], per_model["B"]["neurons_total"])
+        premises = [*model_premises, p3]
+        premises_all = premises_all or premises  # the report's premise table shows the first pair's P3
         bm = p.corr.best_match()
         blm = p.baseline.best_match() if p.baseline is not None else None
         pa = sa_.stats.density.cpu()
@@ -500,12 +502,7 @@ def analyse(meas: Measurements, thresholds: Thresholds | None = None) -> tuple[d
 
     overall = S.overall_verdict(verdicts)
     if premises_all is None:  # no pairs: still report the model-level premises
-        premises_all = [
-            S.premise_equal_params(
-                meas.a.shape.non_embedding_params, meas.b.shape.non_embedding_params, th.params_tolerance
-            ),
-            S.premise_equal_performance(rel, th.loss_tolerance),
-        ]
+        premises_all = model_premises
     cfg_dict = cfg.to_dict()
     cfg_dict["thresholds"] = asdict(th)
     cfg_dict["C"] = th.C

@@ -7,6 +7,7 @@ from collections.abc import Iterable
 import torch
 from torch import Tensor
 
+from ..accumulators._state import chan_merge
 from .base import Dictionary
 
 
@@ -47,10 +48,7 @@ def evaluate_sae(sae: Dictionary, source: Iterable, site: str | None, n_tokens: 
         if mean is None:
             mean, m2 = mean_b, m2_b
         else:
-            delta = mean_b - mean
-            total = count + n_b
-            mean = mean + delta * (n_b / total)
-            m2 = m2 + m2_b + delta.pow(2) * (count * n_b / total)
+            mean, m2 = chan_merge(count, mean, m2, n_b, mean_b, m2_b)
         count += n_b
         if n_tokens is not None and count >= n_tokens:
             break
