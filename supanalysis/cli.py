@@ -73,6 +73,15 @@ def _add_test_parser(sub) -> None:
     p.add_argument("--C", type=float, dest="C", help="compressed-sensing constant C")
     p.add_argument("--out", default="supanalysis-out/test", help="report folder (default: %(default)s)")
     p.add_argument("--no-progress", action="store_true")
+    ck = p.add_argument_group("checkpoint and resume")
+    ck.add_argument("--checkpoint-dir", help="save the measurement pass's state here (one folder per run)")
+    ck.add_argument("--resume", action="store_true", help="continue from --checkpoint-dir's last checkpoint")
+    ck.add_argument(
+        "--checkpoint-every", type=int, metavar="TOKENS", help="checkpoint every TOKENS statistics tokens per rank"
+    )
+    ck.add_argument(
+        "--checkpoint-minutes", type=float, default=10.0, help="and at least every this many minutes (%(default)s)"
+    )
     p.set_defaults(func=_cmd_test)
 
 
@@ -103,12 +112,31 @@ def _test_config(args: argparse.Namespace):
 
 
 def _cmd_test(args: argparse.Namespace) -> int:
+    from dataclasses import replace
+
+    from .distributed import init_from_env
     from .pipeline import run_test
 
     cfg = _test_config(args)
-    report = run_test(cfg, progress=not args.no_progress)
-    report.write(args.out)  # only after every measurement succeeded: no partial report
-    print_summary(report.data, args.out)
+    if args.resume and not args.checkpoint_dir:
+        raise ValueError("--resume needs --checkpoint-dir")
+    if args.checkpoint_minutes is not None and args.checkpoint_minutes <= 0:
+        raise ValueError(f"--checkpoint-minutes must be positive, got {args.checkpoint_minutes}")
+    # Under torchrun (WORLD_SIZE > 1) join the process group: every rank measures its share.
+    rank, _world, device = init_from_env(cfg.device)
+    if device != cfg.device:
+        cfg = replace(cfg, device=device)
+    report = run_test(
+        cfg,
+        progress=not args.no_progress and rank == 0,
+        checkpoint_dir=args.checkpoint_dir,
+        resume=args.resume,
+        checkpoint_every_tokens=args.checkpoint_every,
+        checkpoint_every_seconds=args.checkpoint_minutes * 60.0,
+    )
+    if rank == 0:
+        report.write(args.out)  # only after every measurement succeeded: no partial report
+        print_summary(report.data, args.out)
     return 0
 
 

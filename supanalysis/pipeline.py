@@ -14,11 +14,13 @@ import math
 import os
 import platform
 import re
+import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import numpy as np
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
@@ -26,13 +28,23 @@ from tqdm.auto import tqdm
 from . import science as S
 from .accumulators import ActivationStats, CrossCorrelation
 from .capture import ActivationSource
+from .checkpoint import CheckpointMismatch, MeasureCheckpoint, module_hash, prefixed, run_fingerprint, unprefixed
 from .config import ModelSpec, TestConfig, Thresholds
 from .data import TokenSequences, open_tokens
-from .dictionary import NeuronBasis, TopKTrainConfig, load_dictionary, train_topk_sae
+from .dictionary import Dictionary, NeuronBasis, TopKTrainConfig, load_dictionary, train_topk_sae
+from .dictionary.activations import TopK
 from .dictionary.base import FeatureBasis
+from .distributed import (
+    agree,
+    all_gather_cat,
+    all_reduce_sum,
+    broadcast_module,
+    interference_split,
+    rank_world,
+    shard_range,
+)
 from .models import ModelShape, describe
 from .models import load as load_model
-from .ops.interference import interference
 from .sites import resolve_sites
 
 SCHEMA = "supanalysis.test_report/1"
@@ -51,7 +63,9 @@ def _logits(model: nn.Module, ids: torch.Tensor) -> torch.Tensor:
 
 
 @torch.no_grad()
-def token_losses(model: nn.Module, seqs: TokenSequences, device: torch.device, max_tokens: int) -> torch.Tensor:
+def token_losses(
+    model: nn.Module, seqs: TokenSequences, device: torch.device, max_tokens: int, allow_empty: bool = False
+) -> torch.Tensor:
     """Next-token cross-entropy (nats) of every predicted position, up to ``max_tokens``. -> (N,)"""
     out, have = [], 0
     for ids in seqs:
@@ -63,6 +77,8 @@ def token_losses(model: nn.Module, seqs: TokenSequences, device: torch.device, m
         if have >= max_tokens:
             break
     if not out:
+        if allow_empty:
+            return torch.zeros(0, dtype=torch.float64)
         raise ValueError("the token file has no eval sequences")
     return torch.cat(out)[:max_tokens]
 
@@ -146,7 +162,15 @@ class Measurements:
 
 
 def _resolve_dictionary(
-    spec: ModelSpec, site: str, m: int, model: nn.Module, cfg: TestConfig, train_seqs: TokenSequences, progress: bool
+    spec: ModelSpec,
+    site: str,
+    m: int,
+    model: nn.Module,
+    cfg: TestConfig,
+    train_seqs: TokenSequences,
+    progress: bool,
+    sae_dir: Path | None,
+    device: torch.device,
 ) -> tuple[FeatureBasis, str]:
     choice = spec.dictionary
     if isinstance(choice, dict):
@@ -156,18 +180,7 @@ def _resolve_dictionary(
     if choice == "neuron":
         return NeuronBasis(m), f"neuron basis (m={m})"
     if choice == "train":
-        src = ActivationSource(model, train_seqs, [site], progress=False)
-        result = train_topk_sae(
-            src,
-            site,
-            d_sae=cfg.sae.expansion * m,
-            k=cfg.sae.k,
-            n_tokens=cfg.sae.tokens,
-            config=TopKTrainConfig(batch_size=cfg.sae.batch_size, lr=cfg.sae.lr, seed=cfg.seed, log_every=10**9),
-            progress=progress,
-        )
-        d = result.dictionary
-        return d, f"TopK SAE trained here (n={d.n_features}, k={cfg.sae.k}, {result.tokens} tokens)"
+        return _train_dictionary(site, m, model, cfg, train_seqs, progress, sae_dir, device)
     folder = Path(choice)
     if (folder / _clean(site)).is_dir():
         folder = folder / _clean(site)
@@ -179,10 +192,141 @@ def _resolve_dictionary(
     return d, f"{folder}"
 
 
+def _train_dictionary(
+    site: str,
+    m: int,
+    model: nn.Module,
+    cfg: TestConfig,
+    train_seqs: TokenSequences,
+    progress: bool,
+    sae_dir: Path | None,
+    device: torch.device,
+) -> tuple[FeatureBasis, str]:
+    """Train a TopK SAE (rank 0 only in a distributed run; the others receive its weights).
+
+    With a checkpoint folder, training checkpoints there and a resumed run continues it
+    (or, when it had finished, reloads the result without training again).
+    """
+    rank, world = rank_world()
+    d_sae = cfg.sae.expansion * m
+    tokens = torch.zeros(1, dtype=torch.int64, device=device)
+    error: Exception | None = None
+    d: Dictionary | None = None
+    if rank == 0:
+        try:
+            src = ActivationSource(model, train_seqs, [site], progress=False)
+            result = train_topk_sae(
+                src,
+                site,
+                d_sae=d_sae,
+                k=cfg.sae.k,
+                n_tokens=cfg.sae.tokens,
+                config=TopKTrainConfig(batch_size=cfg.sae.batch_size, lr=cfg.sae.lr, seed=cfg.seed, log_every=10**9),
+                checkpoint_dir=sae_dir,
+                progress=progress,
+            )
+            d = result.dictionary.to(device)
+            tokens += result.tokens
+        except Exception as exc:  # re-raised below, after telling the other ranks
+            error = exc
+    if not agree(error is None, device):
+        raise error or RuntimeError(f"rank 0 failed to train the dictionary of {site}; see its error")
+    if world > 1:
+        if d is None:
+            d = Dictionary(m, d_sae, TopK(cfg.sae.k), metadata={"hook_name": site}).to(device)
+        broadcast_module(d)
+        dist.broadcast(tokens, src=0)
+    assert d is not None
+    return d, f"TopK SAE trained here (n={d.n_features}, k={cfg.sae.k}, {int(tokens)} tokens)"
+
+
 def _encode_dense(d: FeatureBasis, x: torch.Tensor) -> torch.Tensor:
     if isinstance(d, NeuronBasis):
         return x.float()
     return d.encode(x.float())
+
+
+def _batch_seed(seed: int, batch: int) -> int:
+    # One generator per global batch: the shuffled baseline does not depend on how the
+    # batches are split across ranks or across an interruption.
+    return ((seed & 0xFFFFFFFF) << 32) | (batch & 0xFFFFFFFF)
+
+
+def _open_checkpoint(
+    folder: str | os.PathLike, cfg: TestConfig, tokens: np.ndarray, models: list[nn.Module], resume: bool
+) -> tuple[MeasureCheckpoint, tuple[dict[str, torch.Tensor], dict] | None]:
+    """Bind the folder to this run (rank 0 first) and read this rank's saved state, if any."""
+    rank, world = rank_world()
+    fp = run_fingerprint(cfg, tokens, models, world)
+    ck: MeasureCheckpoint | None = None
+    error: Exception | None = None
+    if rank == 0:
+        try:
+            ck = MeasureCheckpoint.open(folder, fp, rank, world, resume)
+        except CheckpointMismatch as exc:
+            error = exc
+    if not agree(error is None):
+        raise error or CheckpointMismatch(f"rank 0 refused the checkpoint folder {folder}; see its error")
+    saved = None
+    try:
+        if ck is None:
+            ck = MeasureCheckpoint.open(folder, fp, rank, world, resume, join=True)
+        saved = ck.load_state()
+    except CheckpointMismatch as exc:
+        error = exc
+    if not agree(error is None):
+        raise error or CheckpointMismatch(f"another rank refused its checkpoint in {folder}; see its error")
+    assert ck is not None
+    return ck, saved
+
+
+def _state_tensors(
+    a: ModelMeasurement,
+    b: ModelMeasurement,
+    cross: dict[tuple[int, int], CrossCorrelation],
+    baselines: dict[tuple[int, int], CrossCorrelation],
+) -> dict[str, torch.Tensor]:
+    """Every accumulator of this rank, flattened for a checkpoint (see _restore_state)."""
+    out: dict[str, torch.Tensor] = {"losses.a": a.losses, "losses.b": b.losses}
+    for label, mm in (("a", a), ("b", b)):
+        for i, s in enumerate(mm.sites):
+            out.update(prefixed(f"{label}{i}.stats", s.stats.state_dict()))
+            out.update(prefixed(f"{label}{i}.x_stats", s.x_stats.state_dict()))
+            out[f"{label}{i}.sse"] = torch.tensor(s.sse, dtype=torch.float64)
+    for (i, j), cc in cross.items():
+        out.update(prefixed(f"cross.{i}.{j}", cc.state_dict()))
+    for (i, j), bl in baselines.items():
+        out.update(prefixed(f"baseline.{i}.{j}", bl.state_dict()))
+    return out
+
+
+def _restore_state(
+    t: dict[str, torch.Tensor],
+    a: ModelMeasurement,
+    b: ModelMeasurement,
+    cross: dict[tuple[int, int], CrossCorrelation],
+    baselines: dict[tuple[int, int], CrossCorrelation],
+) -> None:
+    for label, mm in (("a", a), ("b", b)):
+        for i, s in enumerate(mm.sites):
+            s.stats.load_state_dict(unprefixed(f"{label}{i}.stats", t))
+            s.x_stats.load_state_dict(unprefixed(f"{label}{i}.x_stats", t))
+            s.sse = float(t[f"{label}{i}.sse"])
+    for (i, j), cc in cross.items():
+        cc.load_state_dict(unprefixed(f"cross.{i}.{j}", t))
+    for (i, j), bl in baselines.items():
+        bl.load_state_dict(unprefixed(f"baseline.{i}.{j}", t))
+
+
+def _eval_losses(model: nn.Module, cfg: TestConfig, seqs, n_eval: int, device: torch.device) -> torch.Tensor:
+    """Per-token eval losses; in a distributed run each rank takes a contiguous share."""
+    rank, world = rank_world()
+    if world == 1:
+        return token_losses(model, seqs(0, n_eval), device, cfg.eval_tokens)
+    lo, hi = shard_range(n_eval, rank, world)
+    part = token_losses(model, seqs(lo, hi - lo), device, 1 << 62, allow_empty=True)
+    # Rank order is sequence order, so the concatenation is the single-process result.
+    return all_gather_cat(part.to(device)).cpu()[: cfg.eval_tokens]
 
 
 def measure(
@@ -191,8 +335,27 @@ def measure(
     model_b: nn.Module | None = None,
     *,
     progress: bool = True,
+    checkpoint_dir: str | os.PathLike | None = None,
+    resume: bool = False,
+    checkpoint_every_tokens: int | None = None,
+    checkpoint_every_seconds: float | None = 600.0,
 ) -> Measurements:
-    """Run both models over the tokens and fill every accumulator (see module docstring)."""
+    """Run both models over the tokens and fill every accumulator (see module docstring).
+
+    Distributed (inside a torch.distributed process group, e.g. under torchrun): each rank
+    takes a contiguous share of the eval sequences, of the dictionaries' rows for the
+    interference, and of the statistics batches; the accumulators then all-reduce exactly,
+    so every rank returns what one process would (to float64 rounding). Dictionaries
+    trained here are trained on rank 0 and broadcast.
+
+    Checkpoints (``checkpoint_dir``): the statistics pass saves every rank's accumulators
+    and its position every ``checkpoint_every_tokens`` tokens or ``checkpoint_every_seconds``
+    seconds, whichever comes first, and at the end; ``resume=True`` continues from there
+    and gives the same measurements as an uninterrupted run. See :mod:`supanalysis.checkpoint`.
+    """
+    if checkpoint_every_tokens is not None and checkpoint_every_tokens < 1:
+        raise ValueError(f"checkpoint_every_tokens must be positive, got {checkpoint_every_tokens}")
+    rank, world = rank_world()
     dev = _device(cfg)
     if not cfg.tokens:
         raise ValueError("config.tokens must name a token file (.npy or .bin)")
@@ -214,7 +377,7 @@ def measure(
         raise ValueError(f"token file {cfg.tokens} has ids >= the models' vocabulary size {vocab}")
 
     # The token file is cut into consecutive slices: eval | SAE training | statistics.
-    L = cfg.seq_len
+    L, bs = cfg.seq_len, cfg.batch_size
     n_eval = _sequence_budget(cfg.eval_tokens + cfg.eval_tokens // L, L)
     n_train = _sequence_budget(cfg.sae.tokens, L) if "train" in _dictionary_choices(specs) else 0
     n_stats = _sequence_budget(cfg.stats_tokens, L)
@@ -224,8 +387,12 @@ def measure(
             f"the token file holds {total} sequences of {L} tokens; this config needs {n_eval + n_train + n_stats} "
             f"(eval {n_eval}, SAE training {n_train}, statistics {n_stats}): lower the token counts or add data"
         )
-    seqs = lambda start, count: TokenSequences(tokens, L, cfg.batch_size, start=start, max_sequences=count)  # noqa: E731
-    eval_seqs, train_seqs, stats_seqs = seqs(0, n_eval), seqs(n_eval, n_train), seqs(n_eval + n_train, n_stats)
+    seqs = lambda start, count: TokenSequences(tokens, L, bs, start=start, max_sequences=count)  # noqa: E731
+    train_seqs = seqs(n_eval, n_train)
+
+    ck, saved = (None, None)
+    if checkpoint_dir is not None:
+        ck, saved = _open_checkpoint(checkpoint_dir, cfg, tokens, models, resume)
 
     mms: list[ModelMeasurement] = []
     dicts: list[list[FeatureBasis]] = []
@@ -233,7 +400,10 @@ def measure(
         shape = describe(model)
         names = spec.sites or [f"resid_post.{layer}" for layer in range(shape.n_layers)]
         sites = resolve_sites(model, names)
-        losses = token_losses(model, eval_seqs, dev, cfg.eval_tokens)
+        if saved is not None:
+            losses = saved[0][f"losses.{label.lower()}"]
+        else:
+            losses = _eval_losses(model, cfg, seqs, n_eval, dev)
         mm = ModelMeasurement(
             spec.name or (Path(spec.path).name if spec.path else f"model {label}"),
             spec.path or "in-memory",
@@ -245,15 +415,16 @@ def measure(
         probe = next(iter(ActivationSource(model, seqs(0, 1), names, progress=False)))
         for s in sites:
             m = probe[s.name].shape[-1]
-            d, desc = _resolve_dictionary(spec, s.name, m, model, cfg, train_seqs, progress)
+            sae_dir = ck.sae_dir(label, s.name) if ck is not None else None
+            d, desc = _resolve_dictionary(spec, s.name, m, model, cfg, train_seqs, progress, sae_dir, dev)
             d = d.to(dev)
-            r = interference(d.W_dec.detach().float(), backend=cfg.backend)
+            r = interference_split(d.W_dec.detach().float(), backend=cfg.backend)
             n_lat = d.W_dec.shape[0]
             mm.sites.append(
                 SiteMeasurement(
                     s.name, s.layer if s.layer is not None else -1, m, desc,
-                    ActivationStats(n_lat, cfg.activation_threshold, backend=cfg.backend),
-                    ActivationStats(m, 0.0, backend=cfg.backend), 0.0,
+                    ActivationStats(n_lat, cfg.activation_threshold, device=dev, backend=cfg.backend),
+                    ActivationStats(m, 0.0, device=dev, backend=cfg.backend), 0.0,
                     r.dims.cpu(), r.max_abs_cos.cpu(), r.sum_dims, r.d_star, r.welch_bound, r.total_sq_cos,
                 )
             )  # fmt: skip
@@ -266,38 +437,94 @@ def measure(
     lb = [s.layer for s in b.sites]
     depth_pairs = pair_by_depth(la, a.shape.n_layers, lb, b.shape.n_layers)
     all_pairs = [(i, j) for i in range(len(a.sites)) for j in range(len(b.sites))] if cfg.any_layer else depth_pairs
-    cross = {
-        (i, j): CrossCorrelation(a.sites[i].stats.n_features, b.sites[j].stats.n_features, backend=cfg.backend)
-        for (i, j) in all_pairs
-    }
-    baselines = {
-        p: CrossCorrelation(a.sites[p[0]].stats.n_features, b.sites[p[1]].stats.n_features, backend=cfg.backend)
-        for p in depth_pairs
-    }
-    gen = torch.Generator().manual_seed(cfg.seed)
+
+    def corr(i: int, j: int) -> CrossCorrelation:
+        return CrossCorrelation(
+            a.sites[i].stats.n_features, b.sites[j].stats.n_features, device=dev, backend=cfg.backend
+        )
+
+    cross = {(i, j): corr(i, j) for (i, j) in all_pairs}
+    baselines = {p: corr(*p) for p in depth_pairs}
+
+    # The statistics pass: global batches [0, n_batches), this rank's block [k_lo, k_hi).
+    dict_hashes = {
+        f"{label}.{s.site}": module_hash(d) for label, mm, ds in (("A", a, dicts[0]), ("B", b, dicts[1]))
+        for s, d in zip(mm.sites, ds)
+    }  # fmt: skip
+    n_batches = math.ceil(n_stats / bs)
+    k_lo, k_hi = shard_range(n_batches, rank, world)
+    k = k_lo
+    if saved is not None:
+        state, meta = saved
+        if meta.get("dictionaries") != dict_hashes:
+            raise CheckpointMismatch(
+                f"checkpoint {ck.state_path} was measured with other dictionaries than the ones "
+                "resolved now (a dictionary file changed?); refusing to mix it in"
+            )
+        _restore_state(state, a, b, cross, baselines)
+        k = int(meta["next_batch"])
+
+    def save(next_batch: int) -> None:
+        if ck is not None:
+            ck.save_state(
+                _state_tensors(a, b, cross, baselines), {"next_batch": next_batch, "dictionaries": dict_hashes}
+            )
+
+    if saved is None:
+        save(k)  # eval losses and dictionaries are done: a resumed run never redoes them
+    stats_start = n_eval + n_train
+    per_batch = bs * L  # tokens of a full batch (the pipeline keeps every position)
     names_a = [s.site for s in a.sites]
     names_b = [s.site for s in b.sites]
-    src_a = ActivationSource(models[0], stats_seqs, names_a, max_tokens=cfg.stats_tokens, progress=False)
-    src_b = ActivationSource(models[1], stats_seqs, names_b, max_tokens=cfg.stats_tokens, progress=False)
-    seen = 0
+    first_seq, n_seq = k * bs, min(n_stats, k_hi * bs) - k * bs
+    budget = cfg.stats_tokens - k * per_batch
+    todo = max(0, min(n_seq * L, budget))
+    done_before = min(k_hi * bs * L, cfg.stats_tokens) - k_lo * per_batch - todo
     bar = tqdm(
-        total=cfg.stats_tokens, unit="tok", unit_scale=True, desc="statistics and matching", disable=not progress
+        total=max(0, done_before) + todo,
+        initial=max(0, done_before),
+        unit="tok",
+        unit_scale=True,
+        desc="statistics and matching",
+        disable=not progress or rank != 0,
     )
-    with torch.no_grad():
-        for ba, bb in zip(src_a, src_b):
-            codes_a = _site_updates(a, dicts[0], ba)
-            codes_b = _site_updates(b, dicts[1], bb)
-            T = next(iter(ba.values())).shape[0]
-            take = max(0, min(T, cfg.match_tokens - seen))
-            if take:
-                perm = torch.randperm(take, generator=gen).to(dev)
-                for (i, j), cc in cross.items():
-                    cc.update(codes_a[i][:take], codes_b[j][:take])
-                for (i, j), bl in baselines.items():
-                    bl.update(codes_a[i][:take], codes_b[j][:take][perm])
-            seen += T
-            bar.update(T)
+    last_time, last_tokens = time.monotonic(), 0
+    if todo > 0:
+        batch_seqs = seqs(stats_start + first_seq, n_seq)
+        src_a = ActivationSource(models[0], batch_seqs, names_a, max_tokens=todo, progress=False)
+        src_b = ActivationSource(models[1], batch_seqs, names_b, max_tokens=todo, progress=False)
+        with torch.no_grad():
+            for ba, bb in zip(src_a, src_b):
+                codes_a = _site_updates(a, dicts[0], ba)
+                codes_b = _site_updates(b, dicts[1], bb)
+                T = next(iter(ba.values())).shape[0]
+                take = max(0, min(T, cfg.match_tokens - k * per_batch))
+                if take:
+                    gen = torch.Generator().manual_seed(_batch_seed(cfg.seed, k))
+                    perm = torch.randperm(take, generator=gen).to(dev)
+                    for (i, j), cc in cross.items():
+                        cc.update(codes_a[i][:take], codes_b[j][:take])
+                    for (i, j), bl in baselines.items():
+                        bl.update(codes_a[i][:take], codes_b[j][:take][perm])
+                k += 1
+                last_tokens += T
+                bar.update(T)
+                due_tokens = checkpoint_every_tokens is not None and last_tokens >= checkpoint_every_tokens
+                due_time = checkpoint_every_seconds is not None and (
+                    time.monotonic() - last_time >= checkpoint_every_seconds
+                )
+                if due_tokens or due_time:
+                    save(k)
+                    last_time, last_tokens = time.monotonic(), 0
     bar.close()
+    save(k_hi)  # the finished pass: resuming it only redoes the all-reduce and the analysis
+    if world > 1:
+        for s in a.sites + b.sites:
+            s.stats.all_reduce()
+            s.x_stats.all_reduce()
+            s.sse = all_reduce_sum(s.sse, dev)
+        for acc in list(cross.values()) + list(baselines.values()):
+            acc.all_reduce()
     pairs = [PairMeasurement(i, j, cross[(i, j)], baselines[(i, j)]) for (i, j) in depth_pairs]
     return Measurements(cfg, a, b, pairs, cross, str(dev), cfg.backend)
 
@@ -605,9 +832,15 @@ def run_test(
     model_b: nn.Module | None = None,
     *,
     progress: bool = True,
+    **checkpointing,
 ) -> TestReport:
-    """Measure and analyse; ``config`` is a :class:`TestConfig` or a TOML/JSON file."""
+    """Measure and analyse; ``config`` is a :class:`TestConfig` or a TOML/JSON file.
+
+    ``checkpointing``: ``checkpoint_dir``, ``resume``, ``checkpoint_every_tokens``,
+    ``checkpoint_every_seconds`` as in :func:`measure`. Inside a torch.distributed process
+    group every rank returns the same report (write it from rank 0).
+    """
     cfg = config if isinstance(config, TestConfig) else TestConfig.load(config)
-    meas = measure(cfg, model_a, model_b, progress=progress)
+    meas = measure(cfg, model_a, model_b, progress=progress, **checkpointing)
     data, arrays = analyse(meas)
     return TestReport(data, arrays, meas)
