@@ -2,16 +2,126 @@
 //
 // The batch is centred about its own float64 means before the product, so the GEMM sees
 // values of the data's own spread rather than its offset (a large common offset is what
-// ruins E[xy] - E[x]E[y]). The product runs through ATen's BLAS in the input's precision
-// class (float32 for fp16/bf16/fp32, float64 for fp64); the merge into the float64 state,
-// C += G + (n_prev * T / (n_prev + T)) * da db^T, is one fused pass over the state.
+// ruins E[xy] - E[x]E[y]). Centring is one fused pass per input after a column-sum pass:
+// it writes the centred copy in the GEMM's precision (float32 for fp16/bf16/fp32,
+// float64 for fp64) and accumulates the batch's M2 in float64 on the way, so the inputs
+// are read twice and written once in total. The product runs through ATen's BLAS; the
+// merge C += G + (n_prev * T / (n_prev + T)) * da db^T reads G in its own precision, one
+// fused pass over the float64 state.
 #include <ATen/Parallel.h>
 
 #include <ATen/ATen.h>
 
+#include <c10/util/BFloat16.h>
+#include <c10/util/Half.h>
+
+#include <algorithm>
+#include <vector>
+
 #include "ops.h"
 
 namespace supanalysis {
+namespace {
+
+// Both passes stream whole rows (contiguous memory). Rows are cut into a few tasks per
+// thread; every task keeps n-wide float64 partial sums, added up in task order afterwards
+// (deterministic for a given thread count; memory 4 * threads * n doubles).
+constexpr int64_t kMinRows = 64;
+
+inline double widen(double v) { return v; }
+inline double widen(float v) { return v; }
+inline double widen(c10::Half v) { return static_cast<float>(v); }
+inline double widen(c10::BFloat16 v) { return static_cast<float>(v); }
+
+// Sum over tasks of per-task n-wide partials produced by body(t0, t1, acc).
+template <typename F>
+void reduce_rows(int64_t T, int64_t n, double* out, F body) {
+  const int64_t tasks =
+      std::max<int64_t>(1, std::min<int64_t>(4 * at::get_num_threads(), (T + kMinRows - 1) / kMinRows));
+  const int64_t rows = (T + tasks - 1) / tasks;
+  std::vector<double> partial(static_cast<size_t>(tasks * n), 0.0);
+  at::parallel_for(0, tasks, 1, [&](int64_t k0, int64_t k1) {
+    for (int64_t k = k0; k < k1; ++k)
+      body(std::min(T, k * rows), std::min(T, (k + 1) * rows), partial.data() + k * n);
+  });
+  std::fill(out, out + n, 0.0);
+  for (int64_t k = 0; k < tasks; ++k) {
+    const double* p = partial.data() + k * n;
+#pragma omp simd
+    for (int64_t j = 0; j < n; ++j) out[j] += p[j];
+  }
+}
+
+// x [T, n] contiguous -> centred copy [T, n] in out_t, batch mean [n] and M2 [n] (float64).
+template <typename in_t, typename out_t>
+void center_columns(const in_t* x, int64_t T, int64_t n, out_t* out, double* mean, double* m2) {
+  reduce_rows(T, n, mean, [&](int64_t t0, int64_t t1, double* acc) {
+    for (int64_t t = t0; t < t1; ++t) {
+      const in_t* row = x + t * n;
+#pragma omp simd
+      for (int64_t j = 0; j < n; ++j) acc[j] += widen(row[j]);
+    }
+  });
+  for (int64_t j = 0; j < n; ++j) mean[j] /= static_cast<double>(T);
+  reduce_rows(T, n, m2, [&](int64_t t0, int64_t t1, double* acc) {
+    for (int64_t t = t0; t < t1; ++t) {
+      const in_t* row = x + t * n;
+      out_t* orow = out + t * n;
+#pragma omp simd
+      for (int64_t j = 0; j < n; ++j) {
+        const double v = widen(row[j]) - mean[j];
+        orow[j] = static_cast<out_t>(v);
+        acc[j] += v * v;
+      }
+    }
+  });
+}
+
+// Centre x into a new tensor of dtype `compute`; fill mean and m2 (float64, [n]).
+at::Tensor centered(const at::Tensor& x_in, at::ScalarType compute, at::Tensor& mean, at::Tensor& m2) {
+  const at::Tensor x = x_in.contiguous();
+  const int64_t T = x.size(0), n = x.size(1);
+  at::Tensor out = at::empty({T, n}, x.options().dtype(compute));
+  double* mu = mean.data_ptr<double>();
+  double* s2 = m2.data_ptr<double>();
+  if (compute == at::kDouble) {
+    // A float64 product: the other side may be narrower, so widen it first.
+    const at::Tensor x64 = x.to(at::kDouble);
+    center_columns<double, double>(x64.data_ptr<double>(), T, n, out.data_ptr<double>(), mu, s2);
+    return out;
+  }
+  float* o = out.data_ptr<float>();
+  switch (x.scalar_type()) {
+    case at::kFloat:
+      center_columns<float, float>(x.data_ptr<float>(), T, n, o, mu, s2);
+      break;
+    case at::kHalf:
+      center_columns<c10::Half, float>(x.data_ptr<c10::Half>(), T, n, o, mu, s2);
+      break;
+    case at::kBFloat16:
+      center_columns<c10::BFloat16, float>(x.data_ptr<c10::BFloat16>(), T, n, o, mu, s2);
+      break;
+    default:
+      TORCH_CHECK(false, "cross_moments_update: unsupported dtype ", x.scalar_type());
+  }
+  return out;
+}
+
+template <typename g_t>
+void merge_into(double* c, const g_t* g, const double* da, const double* db, double coef,
+                int64_t na, int64_t nb) {
+  at::parallel_for(0, na, 16, [&](int64_t b, int64_t e) {
+    for (int64_t i = b; i < e; ++i) {
+      const double s = coef * da[i];
+      double* ci = c + i * nb;
+      const g_t* gi = g + i * nb;
+#pragma omp simd
+      for (int64_t j = 0; j < nb; ++j) ci[j] += static_cast<double>(gi[j]) + s * db[j];
+    }
+  });
+}
+
+}  // namespace
 
 std::vector<at::Tensor> cross_moments_update_cpu(at::Tensor& comoment, int64_t n_prev,
                                                  const at::Tensor& mean_a_prev,
@@ -25,34 +135,25 @@ std::vector<at::Tensor> cross_moments_update_cpu(at::Tensor& comoment, int64_t n
   TORCH_CHECK(comoment.scalar_type() == at::kDouble && comoment.is_contiguous() &&
                   comoment.size(0) == na && comoment.size(1) == nb,
               "comoment must be a contiguous float64 [n_a, n_b] tensor");
-  const auto compute =
-      (xa.scalar_type() == at::kDouble || xb.scalar_type() == at::kDouble) ? at::kDouble : at::kFloat;
-  const at::Tensor a64 = xa.to(at::kDouble), b64 = xb.to(at::kDouble);
-  at::Tensor mean_a = T > 0 ? a64.mean(0) : at::zeros({na}, a64.options());
-  at::Tensor mean_b = T > 0 ? b64.mean(0) : at::zeros({nb}, b64.options());
-  const at::Tensor ca64 = a64 - mean_a, cb64 = b64 - mean_b;
-  at::Tensor m2_a = ca64.pow(2).sum(0), m2_b = cb64.pow(2).sum(0);
+  const auto f64 = xa.options().dtype(at::kDouble);
+  at::Tensor mean_a = at::zeros({na}, f64), m2_a = at::zeros({na}, f64);
+  at::Tensor mean_b = at::zeros({nb}, f64), m2_b = at::zeros({nb}, f64);
   if (T == 0) return {mean_a, m2_a, mean_b, m2_b};
 
-  const at::Tensor ca = ca64.to(compute), cb = cb64.to(compute);
-  const at::Tensor G = at::mm(ca.t(), cb).to(at::kDouble).contiguous();
+  const auto compute =
+      (xa.scalar_type() == at::kDouble || xb.scalar_type() == at::kDouble) ? at::kDouble : at::kFloat;
+  const at::Tensor ca = centered(xa, compute, mean_a, m2_a);
+  const at::Tensor cb = centered(xb, compute, mean_b, m2_b);
+  const at::Tensor G = at::mm(ca.t(), cb).contiguous();
   const double coef = static_cast<double>(n_prev) * static_cast<double>(T) /
                       static_cast<double>(n_prev + T);
   const at::Tensor da = (mean_a - mean_a_prev.to(at::kDouble)).contiguous();
   const at::Tensor db = (mean_b - mean_b_prev.to(at::kDouble)).contiguous();
-  const double* g = G.data_ptr<double>();
-  const double* dap = da.data_ptr<double>();
-  const double* dbp = db.data_ptr<double>();
   double* c = comoment.data_ptr<double>();
-  at::parallel_for(0, na, 16, [&](int64_t b, int64_t e) {
-    for (int64_t i = b; i < e; ++i) {
-      const double s = coef * dap[i];
-      double* ci = c + i * nb;
-      const double* gi = g + i * nb;
-#pragma omp simd
-      for (int64_t j = 0; j < nb; ++j) ci[j] += gi[j] + s * dbp[j];
-    }
-  });
+  if (compute == at::kDouble)
+    merge_into(c, G.data_ptr<double>(), da.data_ptr<double>(), db.data_ptr<double>(), coef, na, nb);
+  else
+    merge_into(c, G.data_ptr<float>(), da.data_ptr<double>(), db.data_ptr<double>(), coef, na, nb);
   return {mean_a, m2_a, mean_b, m2_b};
 }
 
