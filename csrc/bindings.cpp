@@ -25,6 +25,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("interference_cpu", &sa::interference_cpu, "W [n, m], V [k, m] or None, topk, block");
   m.def("cross_moments_update_cpu", &sa::cross_moments_update_cpu,
         "comoment (in place), n_prev, mean_a_prev, mean_b_prev, xa, xb");
+  m.def("sparse_outer_update_cpu", &sa::sparse_outer_update_cpu,
+        "out (in place), indices_a, values_a, indices_b, values_b");
   m.def("best_match_cpu", &sa::best_match_cpu, "comoment, inv_std_a, inv_std_b");
   m.def("coactivation_update_cpu", &sa::coactivation_update_cpu, "counts (in place), x, threshold");
   m.def("coactivation_update_sparse_cpu", &sa::coactivation_update_sparse_cpu,
@@ -35,6 +37,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("interference_cuda", &sa::interference_cuda);
   m.def("cross_moments_update_cuda", &sa::cross_moments_update_cuda);
   m.def("best_match_cuda", &sa::best_match_cuda);
+  m.def("sparse_outer_update_cuda", &sa::sparse_outer_update_cuda);
   m.def("coactivation_update_cuda", &sa::coactivation_update_cuda);
   m.def("coactivation_update_sparse_cuda", &sa::coactivation_update_sparse_cuda);
 #endif

@@ -43,6 +43,10 @@ std::vector<at::Tensor> cross_moments_update_cpu(at::Tensor& comoment, int64_t n
                                                  const at::Tensor& mean_a_prev,
                                                  const at::Tensor& mean_b_prev,
                                                  const at::Tensor& xa, const at::Tensor& xb);
+// out [na, nb] f64 += sum over tokens t and slots p, q of va[t,p] * vb[t,q] at
+// (ia[t,p], ib[t,q]); index -1 is padding. The raw cross-product of two sets of top-k codes.
+void sparse_outer_update_cpu(at::Tensor& out, const at::Tensor& ia, const at::Tensor& va,
+                             const at::Tensor& ib, const at::Tensor& vb);
 // comoment [na, nb] f64, inv_std_a [na] f64 (0 = constant feature), inv_std_b [nb]
 // -> {max_corr_a [na] f64, match_a [na] i64, max_corr_b [nb] f64, match_b [nb] i64}
 std::vector<at::Tensor> best_match_cpu(const at::Tensor& comoment, const at::Tensor& inv_std_a,
@@ -53,6 +57,8 @@ void coactivation_update_cpu(at::Tensor& counts, const at::Tensor& x, double thr
 void coactivation_update_sparse_cpu(at::Tensor& counts, const at::Tensor& indices);
 
 #ifdef SUPANALYSIS_WITH_CUDA
+void sparse_outer_update_cuda(at::Tensor& out, const at::Tensor& ia, const at::Tensor& va,
+                              const at::Tensor& ib, const at::Tensor& vb);
 std::vector<at::Tensor> activation_stats_cuda(const at::Tensor& x, double threshold);
 std::vector<at::Tensor> activation_stats_sparse_cuda(const at::Tensor& indices,
                                                      const at::Tensor& values, int64_t n,

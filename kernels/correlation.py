@@ -312,3 +312,62 @@ def best_match_triton(comoment: torch.Tensor, inv_std_a: torch.Tensor, inv_std_b
     max_a, match_a = _reduce_groups(rowmax, rowarg)
     max_b, match_b = _reduce_groups(colmax, colarg)
     return [max_a, match_a, max_b, match_b]
+
+
+# ----------------------------------------------------------------------------- sparse codes
+@triton.jit
+def _sparse_outer_kernel(
+    out_ptr,  # [n_a, n_b] float64, updated in place (atomically)
+    ia_ptr,  # [T, k_a] int64, -1 = padding
+    va_ptr,  # [T, k_a]
+    ib_ptr,  # [T, k_b] int64
+    vb_ptr,  # [T, k_b]
+    T,
+    ka,
+    kb,
+    stride_o,
+    BLOCK_T: tl.constexpr,
+    BLOCK_KA: tl.constexpr,
+    BLOCK_KB: tl.constexpr,
+):
+    pid = tl.program_id(0).to(tl.int64)
+    ts = pid * BLOCK_T + tl.arange(0, BLOCK_T).to(tl.int64)
+    pa = tl.arange(0, BLOCK_KA)
+    pb = tl.arange(0, BLOCK_KB)
+    ma = (ts < T)[:, None] & (pa < ka)[None, :]
+    mb = (ts < T)[:, None] & (pb < kb)[None, :]
+    ia = tl.load(ia_ptr + ts[:, None] * ka + pa[None, :], mask=ma, other=-1)
+    ib = tl.load(ib_ptr + ts[:, None] * kb + pb[None, :], mask=mb, other=-1)
+    # Products of the inputs' values are exact in float64.
+    va = tl.load(va_ptr + ts[:, None] * ka + pa[None, :], mask=ma, other=0.0).to(tl.float64)
+    vb = tl.load(vb_ptr + ts[:, None] * kb + pb[None, :], mask=mb, other=0.0).to(tl.float64)
+    ok = (ia >= 0)[:, :, None] & (ib >= 0)[:, None, :]
+    prod = va[:, :, None] * vb[:, None, :]
+    ptrs = out_ptr + ia[:, :, None] * stride_o + ib[:, None, :]
+    tl.atomic_add(ptrs, prod, mask=ok, sem="relaxed")
+
+
+def sparse_outer_update_triton(
+    out: torch.Tensor, ia: torch.Tensor, va: torch.Tensor, ib: torch.Tensor, vb: torch.Tensor
+) -> None:
+    """out [n_a, n_b] float64 += Σ_t Σ_p Σ_q va[t,p]·vb[t,q] at (ia[t,p], ib[t,q]); -1 = padding.
+
+    One float64 atomic add per pair (sm_60+); top-k pairs spread over n_a·n_b cells, so
+    contention is low. The summation order is not fixed: results agree to float64 rounding.
+    """
+    T, ka = ia.shape
+    kb = ib.shape[1]
+    if T == 0 or ka == 0 or kb == 0:
+        return
+    ia, ib = ia.to(torch.int64).contiguous(), ib.to(torch.int64).contiguous()
+    if va.dtype == torch.float64:
+        va, vb = va.contiguous(), vb.contiguous()
+    else:  # bf16/fp16 widen to float32 (the interpreter has no bf16 arithmetic)
+        va, vb = va.float().contiguous(), vb.float().contiguous()
+    BLOCK_KA = max(2, triton.next_power_of_2(ka))
+    BLOCK_KB = max(2, triton.next_power_of_2(kb))
+    BLOCK_T = max(1, min(4096 // (BLOCK_KA * BLOCK_KB), triton.next_power_of_2(T)))
+    _sparse_outer_kernel[(triton.cdiv(T, BLOCK_T),)](
+        out, ia, va, ib, vb, T, ka, kb, out.stride(0),
+        BLOCK_T=BLOCK_T, BLOCK_KA=BLOCK_KA, BLOCK_KB=BLOCK_KB,
+    )  # fmt: skip

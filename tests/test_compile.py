@@ -41,10 +41,14 @@ def _ops_and_args():
         ),
         (torch.ops.supanalysis.coactivation_update.default, (torch.zeros(7, 7, dtype=torch.int64), x, 0.0, "")),
         (torch.ops.supanalysis.coactivation_update_sparse.default, (torch.zeros(7, 7, dtype=torch.int64), idx, "")),
+        (
+            torch.ops.supanalysis.sparse_outer_update.default,
+            (torch.zeros(7, 5, dtype=torch.float64), idx, torch.rand(33, 3), idx % 5, torch.rand(33, 3), ""),
+        ),
     ]
 
 
-@pytest.mark.parametrize("case", range(8))
+@pytest.mark.parametrize("case", range(9))
 def test_opcheck(case):
     op, args = _ops_and_args()[case]
     torch.library.opcheck(op, args, test_utils=("test_schema", "test_faketensor"))

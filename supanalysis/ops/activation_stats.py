@@ -180,15 +180,17 @@ def activation_stats(x: torch.Tensor, threshold: float = 0.0, backend: str | Non
     return StatsBatch(*torch.ops.supanalysis.activation_stats(x2, float(threshold), backend or ""))
 
 
-def check_sparse_codes(indices: torch.Tensor, values: torch.Tensor, n: int) -> None:
+def check_sparse_codes(
+    indices: torch.Tensor, values: torch.Tensor, n: int, iname: str = "indices", vname: str = "values"
+) -> None:
     """Validate top-k codes (shapes, dtypes, device, index range, no duplicates per row)."""
-    check_index("indices", indices)
-    check_float("values", values)
-    check_rank("indices", indices, 2, "[tokens, k]")
+    check_index(iname, indices)
+    check_float(vname, values)
+    check_rank(iname, indices, 2, "[tokens, k]")
     if values.shape != indices.shape:
-        raise ValueError(f"values must have the shape of indices {tuple(indices.shape)}, got {tuple(values.shape)}")
-    check_same_device(indices=indices, values=values)
-    check_indices_range("indices", indices, n)
+        raise ValueError(f"{vname} must have the shape of {iname} {tuple(indices.shape)}, got {tuple(values.shape)}")
+    check_same_device(**{iname: indices, vname: values})
+    check_indices_range(iname, indices, n)
 
 
 def activation_stats_sparse(

@@ -11,6 +11,12 @@ Two ops, each with the full anatomy:
   to merge into its per-feature state. Batches must be finite (the accumulator drops
   and counts tokens with non-finite values before calling).
 
+``sparse_outer_update`` (``supanalysis::sparse_outer_update``, mutates ``out``)
+  out [n_a, n_b] float64 += Σ_t Σ_p Σ_q va[t,p]·vb[t,q] at (ia[t,p], ib[t,q]): the raw
+  cross-product of two sets of top-k codes (ia [T, k_a], ib [T, k_b]; -1 = padding),
+  k_a·k_b float64 products per token instead of an n_a·n_b GEMM. The accumulator turns it
+  into the batch's centred co-moment (see ``CrossCorrelation.update_sparse``).
+
 ``best_match`` (``supanalysis::best_match``)
   corr_ij = C_ij · inv_std_a_i · inv_std_b_j, clamped to [-1, 1]; a feature with
   inv_std 0 (constant) has correlation 0 with everything and is nobody's match. Returns
@@ -54,6 +60,19 @@ def cross_moments_update_reference(
     return [ma, (ca * ca).sum(0), mb, (cb * cb).sum(0)]
 
 
+def sparse_outer_update_reference(
+    out: torch.Tensor, ia: torch.Tensor, va: torch.Tensor, ib: torch.Tensor, vb: torch.Tensor
+) -> None:
+    """Float64 ground truth: every pair's product, accumulated with index_put_."""
+    T, ka = ia.shape
+    kb = ib.shape[1]
+    rows = ia.long()[:, :, None].expand(T, ka, kb)
+    cols = ib.long()[:, None, :].expand(T, ka, kb)
+    prod = va.double()[:, :, None] * vb.double()[:, None, :]
+    ok = (rows >= 0) & (cols >= 0)
+    out.index_put_((rows[ok], cols[ok]), prod[ok], accumulate=True)
+
+
 def best_match_reference(
     comoment: torch.Tensor, inv_std_a: torch.Tensor, inv_std_b: torch.Tensor
 ) -> list[torch.Tensor]:
@@ -88,6 +107,14 @@ def cross_moments_update_cuda(comoment, n_prev, mean_a_prev, mean_b_prev, xa, xb
     return native().cross_moments_update_cuda(comoment, int(n_prev), mean_a_prev, mean_b_prev, xa, xb)
 
 
+def sparse_outer_update_cpu(out, ia, va, ib, vb):
+    native().sparse_outer_update_cpu(out, ia, va, ib, vb)
+
+
+def sparse_outer_update_cuda(out, ia, va, ib, vb):
+    native().sparse_outer_update_cuda(out, ia, va, ib, vb)
+
+
 def best_match_cpu(comoment, inv_std_a, inv_std_b):
     return native().best_match_cpu(comoment, inv_std_a, inv_std_b)
 
@@ -98,12 +125,19 @@ def best_match_cuda(comoment, inv_std_a, inv_std_b):
 
 cross_moments_update_triton = lazy("supanalysis.kernels.correlation", "cross_moments_update_triton")
 best_match_triton = lazy("supanalysis.kernels.correlation", "best_match_triton")
+sparse_outer_update_triton = lazy("supanalysis.kernels.correlation", "sparse_outer_update_triton")
 
 UPDATE_IMPLS = {
     "reference": cross_moments_update_reference,
     "cpp": cross_moments_update_cpu,
     "triton": cross_moments_update_triton,
     "cuda": cross_moments_update_cuda,
+}
+SPARSE_OUTER_IMPLS = {
+    "reference": sparse_outer_update_reference,
+    "cpp": sparse_outer_update_cpu,
+    "triton": sparse_outer_update_triton,
+    "cuda": sparse_outer_update_cuda,
 }
 BEST_MATCH_IMPLS = {
     "reference": best_match_reference,
@@ -135,6 +169,19 @@ def _(comoment, n_prev, mean_a_prev, mean_b_prev, xa, xb, backend):
     return [xa.new_empty(na, **f64), xa.new_empty(na, **f64), xb.new_empty(nb, **f64), xb.new_empty(nb, **f64)]
 
 
+@torch.library.custom_op("supanalysis::sparse_outer_update", mutates_args=("out",))
+def _sparse_outer_update_op(
+    out: torch.Tensor, ia: torch.Tensor, va: torch.Tensor, ib: torch.Tensor, vb: torch.Tensor, backend: str
+) -> None:
+    name = resolve("sparse_outer_update", out.device, backend or None, IMPLEMENTED, PREFERRED)
+    SPARSE_OUTER_IMPLS[name](out, ia, va, ib, vb)
+
+
+@_sparse_outer_update_op.register_fake
+def _(out, ia, va, ib, vb, backend):
+    return None
+
+
 @torch.library.custom_op("supanalysis::best_match", mutates_args=())
 def _best_match_op(
     comoment: torch.Tensor, inv_std_a: torch.Tensor, inv_std_b: torch.Tensor, backend: str
@@ -161,6 +208,12 @@ def cross_moments_update(comoment, n_prev, mean_a_prev, mean_b_prev, xa, xb, bac
     return torch.ops.supanalysis.cross_moments_update(
         comoment, int(n_prev), mean_a_prev, mean_b_prev, xa, xb, backend or ""
     )
+
+
+def sparse_outer_update(out, ia, va, ib, vb, backend=None):
+    """out += the raw cross-product of two sets of top-k codes, in place (validated inputs:
+    int64 indices in [-1, n), values of one float dtype); see the module docstring."""
+    torch.ops.supanalysis.sparse_outer_update(out, ia, va, ib, vb, backend or "")
 
 
 def best_match(comoment, inv_std_a, inv_std_b, backend=None):
