@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import json
+import math
 import os
+import types
+import typing
 from dataclasses import asdict, dataclass, field, fields
 from typing import Any
 
@@ -24,6 +27,23 @@ class SAETraining:
     tokens: int = 200_000
     batch_size: int = 4096
     lr: float | None = None
+
+    def __post_init__(self) -> None:
+        for name in ("expansion", "k", "tokens", "batch_size"):
+            _positive_int(self, name)
+        if self.lr is not None and not (_is_real(self.lr) and 0 < self.lr < math.inf):
+            raise ValueError(f"lr must be a positive finite number or None, got {self.lr!r}")
+
+
+def _is_real(v: object) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool)
+
+
+def _positive_int(obj: object, name: str) -> None:
+    v = getattr(obj, name)
+    # bool is an int subclass: seq_len = true in a config file must not pass as 1.
+    if not isinstance(v, int) or isinstance(v, bool) or v < 1:
+        raise ValueError(f"{name} must be a positive int, got {v!r}")
 
 
 @dataclass
@@ -70,8 +90,14 @@ class Thresholds:
             raise ValueError(f"phi must be in [0, 1], got {self.phi}")
         if not 0.0 <= self.density_floor < 1.0:
             raise ValueError(f"density_floor must be in [0, 1), got {self.density_floor}")
-        if self.C <= 0:
-            raise ValueError(f"C must be positive, got {self.C}")
+        # NaN compares false with everything: it slipped past `C <= 0`, and the tolerances
+        # had no check at all.
+        if not (self.C > 0 and self.C < math.inf):
+            raise ValueError(f"C must be a positive finite number, got {self.C}")
+        for name in ("params_tolerance", "loss_tolerance"):
+            v = getattr(self, name)
+            if not 0 <= v < math.inf:
+                raise ValueError(f"{name} must be a finite number >= 0, got {v}")
 
 
 @dataclass
@@ -117,11 +143,28 @@ class TestConfig:
 
     def __post_init__(self) -> None:
         for name in ("seq_len", "batch_size", "eval_tokens", "stats_tokens", "bootstrap"):
-            v = getattr(self, name)
-            if not isinstance(v, int) or v < 1:
-                raise ValueError(f"{name} must be a positive int, got {v!r}")
+            _positive_int(self, name)
+        if not isinstance(self.match_tokens, int) or isinstance(self.match_tokens, bool):
+            raise ValueError(f"match_tokens must be an int, got {self.match_tokens!r}")
+        if not _is_real(self.activation_threshold) or math.isnan(self.activation_threshold):
+            raise ValueError(f"activation_threshold must be a number (not NaN), got {self.activation_threshold!r}")
         if not 0 <= self.match_tokens <= self.stats_tokens:
             raise ValueError(f"match_tokens must be in [0, stats_tokens={self.stats_tokens}], got {self.match_tokens}")
+        # Fail at load time, naming the field, rather than deep inside a run.
+        from ._backend import BACKENDS
+        from .data import TOKEN_DTYPES
+
+        if self.backend is not None and self.backend not in ("auto", *BACKENDS):
+            raise ValueError(f"backend must be one of {('auto', *BACKENDS)} or None, got {self.backend!r}")
+        if self.token_dtype is not None and self.token_dtype not in TOKEN_DTYPES:
+            raise ValueError(f"token_dtype must be one of {sorted(TOKEN_DTYPES)} or None, got {self.token_dtype!r}")
+        if self.device is not None:
+            import torch
+
+            try:
+                torch.device(self.device)
+            except (RuntimeError, TypeError) as exc:
+                raise ValueError(f"device={self.device!r} is not a torch device ({exc})") from None
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -137,18 +180,28 @@ class TestConfig:
         path = os.fspath(path)
         if not os.path.isfile(path):
             raise FileNotFoundError(f"config file not found: {path}")
+        # Parse errors name the file (tomllib's and json's own messages do not).
         if path.endswith(".toml"):
             import tomllib
 
             with open(path, "rb") as fh:
-                data = tomllib.load(fh)
+                try:
+                    data = tomllib.load(fh)
+                except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
+                    raise ValueError(f"{path} is not valid TOML: {exc}") from exc
         elif path.endswith(".json"):
-            with open(path) as fh:
-                data = json.load(fh)
+            with open(path, "rb") as fh:
+                try:
+                    data = json.loads(fh.read().decode("utf-8"))
+                except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+                    raise ValueError(f"{path} is not valid JSON: {exc}") from exc
         else:
             raise ValueError(f"config must be a .toml or .json file, got {path}")
         base = os.path.dirname(os.path.abspath(path))
-        cfg = cls.from_dict(data)
+        try:
+            cfg = cls.from_dict(data)
+        except ValueError as exc:
+            raise ValueError(f"{path}: {exc}") from exc
         # Relative paths in a config file are relative to the file, not the working directory.
         for spec in (cfg.model_a, cfg.model_b):
             if spec.path and not os.path.isabs(spec.path):
@@ -169,10 +222,42 @@ def _build(cls, data: dict[str, Any], where: str):
     if unknown:
         raise ValueError(f"{where}: unknown key(s) {unknown}; known: {sorted(known)}")
     kwargs = {}
+    hints = typing.get_type_hints(cls)
     for k, v in data.items():
         sub = _NESTED.get(k) if cls is TestConfig else None
+        if sub is None and not _matches(v, hints[k]):
+            # Without this, tokens = 5 or path = 5 failed later in os.path with a TypeError that
+            # names no field, and any_layer = "no" (truthy) was silently taken as true.
+            raise ValueError(f"{where}.{k} must be {_type_name(hints[k])}, got {v!r}")
         kwargs[k] = _build(sub, v, f"{where}.{k}") if sub is not None else v
     try:
         return cls(**kwargs)
-    except TypeError as exc:
+    except (TypeError, ValueError) as exc:
         raise ValueError(f"{where}: {exc}") from exc
+
+
+def _matches(value: Any, hint: Any) -> bool:
+    """Whether a value read from TOML/JSON fits a field annotation (str, int, float, bool,
+    None, unions, list[...] and dict[..., ...]); ints pass for floats, bools never for numbers."""
+    origin, args = typing.get_origin(hint), typing.get_args(hint)
+    if origin in (typing.Union, types.UnionType):
+        return any(_matches(value, h) for h in args)
+    if hint is type(None):
+        return value is None
+    if hint is bool:
+        return isinstance(value, bool)
+    if hint is int:
+        return isinstance(value, int) and not isinstance(value, bool)
+    if hint is float:
+        return _is_real(value)
+    if origin is list:
+        return isinstance(value, list) and all(_matches(v, args[0]) for v in value)
+    if origin is dict:
+        return isinstance(value, dict) and all(_matches(k, args[0]) and _matches(v, args[1]) for k, v in value.items())
+    return isinstance(value, hint) if isinstance(hint, type) else True
+
+
+def _type_name(hint: Any) -> str:
+    if isinstance(hint, type) and not typing.get_args(hint):
+        return hint.__name__
+    return str(hint).replace("typing.", "")

@@ -9,6 +9,7 @@ drop (BOS, pad, the first position).
 
 from __future__ import annotations
 
+import numbers
 import os
 import sys
 import sysconfig
@@ -36,16 +37,34 @@ def open_tokens(path: str | Path, dtype: str | None = None) -> np.ndarray:
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"token file {path} does not exist")
+    # numpy's errors for a bad file (EOFError for an empty .npy, "mmap length is greater than
+    # file size" for a truncated one, "cannot mmap an empty file") do not name the file.
     if path.suffix == ".npy":
-        arr = np.load(path, mmap_mode="r", allow_pickle=False)
-        if dtype is not None and arr.dtype != np.dtype(TOKEN_DTYPES.get(dtype, dtype)):
+        try:
+            arr = np.load(path, mmap_mode="r", allow_pickle=False)
+        except (ValueError, EOFError, OSError) as exc:
+            raise ValueError(f"{path} is not a readable .npy token file: {exc}") from exc
+        if not isinstance(arr, np.ndarray):
+            raise ValueError(f"{path} is not a .npy array file")
+        try:
+            want = None if dtype is None else np.dtype(TOKEN_DTYPES.get(dtype, dtype))
+        except TypeError as exc:
+            raise ValueError(f"dtype={dtype!r} is not a numpy dtype") from exc
+        if want is not None and arr.dtype != want:
             raise ValueError(f"{path} holds {arr.dtype}, dtype={dtype!r} was requested")
     else:
         if dtype not in TOKEN_DTYPES:
             raise ValueError(f"dtype must be one of {sorted(TOKEN_DTYPES)} for a raw token file, got {dtype!r}")
-        arr = np.memmap(path, dtype=TOKEN_DTYPES[dtype], mode="r")
+        if path.stat().st_size == 0:
+            raise ValueError(f"{path} holds no tokens")  # np.memmap's own error does not name it
+        try:
+            arr = np.memmap(path, dtype=TOKEN_DTYPES[dtype], mode="r")
+        except (ValueError, OSError) as exc:
+            raise ValueError(f"{path} is not a readable {dtype} token file: {exc}") from exc
     if arr.ndim != 1:
         arr = arr.reshape(-1)
+    if arr.size == 0:
+        raise ValueError(f"{path} holds no tokens")
     if arr.dtype.kind not in "ui":
         raise ValueError(f"{path} holds {arr.dtype}; token ids must be integers")
     return arr
@@ -66,6 +85,9 @@ class TokenSequences:
         max_sequences: stop after this many sequences (``None``: the whole array).
         prepend: token id put in front of every sequence (e.g. BOS); it takes one of
             the ``seq_len`` slots, so each sequence reads ``seq_len - 1`` tokens.
+        vocab_size: when given, every batch is checked to hold ids in ``[0, vocab_size)``
+            (negative ids are always refused), so a bad id raises a ValueError naming its
+            position instead of an IndexError deep inside the model's embedding.
     """
 
     tokens: np.ndarray
@@ -76,8 +98,22 @@ class TokenSequences:
     start: int = 0
     max_sequences: int | None = None
     prepend: int | None = None
+    vocab_size: int | None = None
 
     def __post_init__(self) -> None:
+        # Types first: a float or str here used to fail later inside range() or a comparison.
+        for name in ("seq_len", "batch_size", "start", "max_sequences", "prepend", "vocab_size"):
+            v = getattr(self, name)
+            optional = name in ("max_sequences", "prepend", "vocab_size")
+            if optional and v is None:
+                continue
+            if not isinstance(v, numbers.Integral) or isinstance(v, bool) or v < 0:
+                raise ValueError(f"{name} must be a non-negative int{' or None' if optional else ''}, got {v!r}")
+            setattr(self, name, int(v))
+        if self.vocab_size is not None and self.vocab_size < 1:
+            raise ValueError(f"vocab_size must be positive, got {self.vocab_size}")
+        if self.prepend is not None and self.vocab_size is not None and self.prepend >= self.vocab_size:
+            raise ValueError(f"prepend={self.prepend} is not below vocab_size={self.vocab_size}")
         if self.seq_len < 1 + (self.prepend is not None):
             raise ValueError(f"seq_len={self.seq_len} is too short")
         if self.batch_size < 1:
@@ -109,11 +145,27 @@ class TokenSequences:
             count = min(self.batch_size, n - first)
             lo = (self.start + first) * stride
             # Copy only this batch out of the memory map, widened for nn.Embedding.
-            chunk = np.asarray(self.tokens[lo : lo + count * stride], dtype=np.int64)
+            raw = np.asarray(self.tokens[lo : lo + count * stride])
+            self._check_ids(raw, lo)
+            chunk = raw.astype(np.int64)
             ids = torch.from_numpy(chunk.reshape(count, stride))
             if self.prepend is not None:
                 ids = torch.cat([torch.full((count, 1), self.prepend, dtype=torch.int64), ids], 1)
             yield ids
+
+    def _check_ids(self, raw: np.ndarray, offset: int) -> None:
+        """Refuse negative ids (and ids >= vocab_size) before they reach an embedding, which
+        would raise IndexError or, on a GPU, a device-side assert. Checked on the raw dtype,
+        so a uint64 id above 2^63 cannot wrap to a negative int64 unnoticed."""
+        if raw.size == 0:
+            return
+        lo, hi = int(raw.min()), int(raw.max())
+        limit = self.vocab_size if self.vocab_size is not None else np.iinfo(np.int64).max + 1
+        if lo < 0 or hi >= limit:
+            bad = lo if lo < 0 else hi
+            where = offset + int(np.flatnonzero(raw == bad)[0])
+            bound = f"[0, {self.vocab_size})" if self.vocab_size is not None else "[0, 2^63)"
+            raise ValueError(f"token id {bad} at position {where} of the token stream is outside {bound}")
 
     def keep_mask(self, ids: Tensor) -> Tensor:
         """(batch, seq) bool: False where the position is skipped (skip_ids, skip_first)."""

@@ -1147,9 +1147,16 @@ def load_report(folder: str | os.PathLike) -> tuple[dict, dict[str, torch.Tensor
     for p in (jpath, apath):
         if not p.is_file():
             raise FileNotFoundError(f"not a supanalysis report folder: {p} is missing")
-    with open(jpath, encoding="utf-8") as fh:
-        report = json.load(fh)
+    try:
+        with open(jpath, encoding="utf-8") as fh:
+            report = json.load(fh)
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise ValueError(f"{jpath}: not valid UTF-8 JSON ({exc})") from exc
     schema = report.get("schema") if isinstance(report, dict) else None
     if schema != SCHEMA:
         raise ValueError(f"{jpath}: expected schema {SCHEMA!r}, found {schema!r}")
-    return report, load_file(str(apath))
+    try:
+        arrays = load_file(str(apath))
+    except Exception as exc:  # safetensors raises its own SafetensorError for corrupt files
+        raise ValueError(f"{apath}: not a readable safetensors file ({exc})") from exc
+    return report, arrays

@@ -7,7 +7,9 @@ unpickles anything and refuses a file of another kind or shape.
 
 from __future__ import annotations
 
+import hashlib
 import json
+import numbers
 import os
 import tempfile
 from collections.abc import Mapping
@@ -15,6 +17,36 @@ from collections.abc import Mapping
 import torch
 
 FORMAT_VERSION = "1"
+
+
+def is_int(v: object) -> bool:
+    # bool is an int subclass: True must not pass for a feature count read from a file.
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def check_threshold(threshold: object, where: str) -> float:
+    """A real, non-NaN firing threshold (NaN would make every comparison false: nothing fires)."""
+    if isinstance(threshold, bool) or not isinstance(threshold, numbers.Real) or threshold != threshold:
+        raise ValueError(f"{where}: threshold must be a real number (not NaN), got {threshold!r}")
+    return float(threshold)
+
+
+def check_device(device: object, what: str, allow_meta: bool = False) -> torch.device:
+    """A device for accumulator state or input: CUDA only when present, ``meta`` (no data) only
+    for an (empty) state, never for an input.
+
+    Checked before any state moves, so a bad device leaves an accumulator unchanged
+    (a meta input used to be adopted as the state's device before the op failed).
+    """
+    try:
+        dev = torch.device(device)  # type: ignore[arg-type]
+    except (RuntimeError, TypeError) as exc:
+        raise ValueError(f"{what}={device!r} is not a torch device ({exc})") from None
+    if dev.type == "meta" and not allow_meta:
+        raise ValueError(f"{what} is on the meta device (no data); accumulators need real tensors")
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"{what}={device!r} but CUDA is not available")
+    return dev
 
 
 def chan_merge(
@@ -50,7 +82,8 @@ def atomic_save(tensors: Mapping[str, torch.Tensor], meta: Mapping[str, object],
     os.close(fd)
     try:
         cpu = {k: v.detach().to("cpu").contiguous() for k, v in tensors.items()}
-        save_file(cpu, tmp, metadata={"supanalysis": json.dumps(dict(meta))})
+        full = {**dict(meta), "sha256": _digest(cpu, meta)}
+        save_file(cpu, tmp, metadata={"supanalysis": json.dumps(full)})
         with open(tmp, "rb+") as fh:
             os.fsync(fh.fileno())
         os.replace(tmp, path)
@@ -58,6 +91,18 @@ def atomic_save(tensors: Mapping[str, torch.Tensor], meta: Mapping[str, object],
         if os.path.exists(tmp):
             os.remove(tmp)
         raise
+
+
+def _digest(tensors: Mapping[str, torch.Tensor], meta: Mapping[str, object]) -> str:
+    """sha256 over the metadata (sorted JSON) and every tensor's name, dtype, shape and bytes:
+    a flipped bit anywhere, even inside a float that still parses, is caught on load."""
+    h = hashlib.sha256(json.dumps({k: v for k, v in meta.items() if k != "sha256"}, sort_keys=True).encode())
+    for name in sorted(tensors):
+        t = tensors[name].detach().to("cpu").contiguous()
+        h.update(f"|{name}|{t.dtype}|{tuple(t.shape)}|".encode())
+        if t.numel():
+            h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()
 
 
 def load_file_checked(path: str | os.PathLike, kind: str) -> tuple[dict[str, torch.Tensor], dict]:
@@ -79,6 +124,11 @@ def load_file_checked(path: str | os.PathLike, kind: str) -> tuple[dict[str, tor
         meta = json.loads(raw)
     except json.JSONDecodeError as exc:
         raise ValueError(f"{path}: corrupt supanalysis metadata: {exc}") from exc
+    if not isinstance(meta, dict):
+        raise ValueError(f"{path}: corrupt supanalysis metadata: not an object")
+    want = meta.pop("sha256", None)
+    if want is not None and want != _digest(tensors, meta):
+        raise ValueError(f"{path}: checksum mismatch: the file was altered or corrupted after it was written")
     if meta.get("kind") != kind:
         raise ValueError(f"{path} holds a {meta.get('kind')!r}, not a {kind!r}")
     if meta.get("version") != FORMAT_VERSION:

@@ -8,7 +8,16 @@ import torch
 
 from ..ops._common import check_features, check_float, check_index, check_indices_range, check_rank, flatten_tokens
 from ..ops.coactivation import coactivation_update, coactivation_update_sparse
-from ._state import FORMAT_VERSION, atomic_save, check_state, load_file_checked, resolve_device
+from ._state import (
+    FORMAT_VERSION,
+    atomic_save,
+    check_device,
+    check_state,
+    check_threshold,
+    is_int,
+    load_file_checked,
+    resolve_device,
+)
 
 METRICS = ("count", "jaccard", "lift")
 
@@ -31,18 +40,20 @@ class CoActivation:
         backend: str | None = None,
         max_bytes: int = 8 << 30,
     ) -> None:
-        if not isinstance(n, int) or n < 1:
+        if not is_int(n) or n < 1:
             raise ValueError(f"n must be a positive int, got {n!r}")
         if n * n * 8 > max_bytes:
             raise MemoryError(f"CoActivation({n}) needs {n * n * 8 / 2**30:.1f} GiB of int64 counts, over max_bytes")
         self.n = n
-        self.threshold = float(threshold)
+        self.threshold = check_threshold(threshold, "CoActivation")
         self.backend = backend
-        self._device = torch.device(device) if device is not None else None
+        self._device = check_device(device, "device", allow_meta=True) if device is not None else None
         self._counts = torch.zeros(n, n, dtype=torch.int64, device=self._device or "cpu")
         self._n_tokens = 0
 
     def _adopt(self, *tensors: torch.Tensor) -> None:
+        for t in tensors:
+            check_device(t.device, "input")
         dev = resolve_device(self._device, *tensors)
         if self._device is None:
             self._device = dev
@@ -62,6 +73,8 @@ class CoActivation:
         """Add top-k codes: indices (T, k) of the active features, -1 = padding."""
         check_index("indices", indices)
         check_rank("indices", indices, 2, "[tokens, k]")
+        # Before the range check, which reads values (.item() fails on a meta tensor).
+        check_device(indices.device, "indices")
         check_indices_range("indices", indices, self.n)
         self._adopt(indices)
         coactivation_update_sparse(self._counts, indices.contiguous(), backend=self.backend)
@@ -136,6 +149,21 @@ class CoActivation:
             {"n_tokens": ((), torch.int64), "counts": ((self.n, self.n), torch.int64)},
             "CoActivation.load_state_dict",
         )
+        # Refuse counts no update can produce (corrupt or hand-edited files): C is symmetric,
+        # non-negative, C_ij <= C_ii (co-firing needs firing) and C_ii <= n_tokens.
+        C, nt = state["counts"], int(state["n_tokens"])
+        d = C.diagonal()
+        if (
+            nt < 0
+            or bool((C < 0).any())
+            or not torch.equal(C, C.T)
+            or bool((C > d[None, :]).any())
+            or bool((d > nt).any())
+        ):
+            raise ValueError(
+                "CoActivation.load_state_dict: inconsistent counts (need n_tokens >= 0, C symmetric, "
+                "0 <= C_ij <= C_jj <= n_tokens)"
+            )
         self._n_tokens = int(state["n_tokens"])
         self._counts = state["counts"].to(self._device or "cpu").clone().contiguous()
 
@@ -146,11 +174,17 @@ class CoActivation:
     @classmethod
     def load(cls, path: str | os.PathLike, device: torch.device | str | None = None) -> CoActivation:
         tensors, meta = load_file_checked(path, cls.KIND)
+        n = meta.get("n")
+        if not is_int(n) or n < 1:
+            raise ValueError(f"{path}: bad CoActivation metadata: n={n!r} is not a positive int")
+        threshold = check_threshold(meta.get("threshold"), f"{path}: bad CoActivation metadata")
+        # Stored counts must be n x n before allocating them (max_bytes is lifted below).
+        check_state(tensors, {"n_tokens": ((), torch.int64), "counts": ((n, n), torch.int64)}, f"{path}")
+        obj = cls(n, threshold, device=device, max_bytes=1 << 62)
         try:
-            obj = cls(int(meta["n"]), float(meta["threshold"]), device=device, max_bytes=1 << 62)
-        except (KeyError, TypeError, ValueError) as exc:
-            raise ValueError(f"{path}: bad CoActivation metadata: {exc}") from exc
-        obj.load_state_dict(tensors)
+            obj.load_state_dict(tensors)
+        except ValueError as exc:  # name the file, not just the method
+            raise ValueError(f"{path}: {exc}") from exc
         return obj
 
     def __repr__(self) -> str:

@@ -8,13 +8,16 @@ from dataclasses import dataclass
 import torch
 
 from ..ops._common import check_float, check_rank, flatten_tokens
-from ..ops.correlation import best_match, cross_moments_update
+from ..ops.activation_stats import activation_stats_sparse, check_sparse_codes
+from ..ops.correlation import best_match, cross_moments_update, sparse_outer_update
 from ._state import (
     FORMAT_VERSION,
     atomic_save,
     chan_merge,
+    check_device,
     check_state,
     dist_parallel_moments,
+    is_int,
     load_file_checked,
     resolve_device,
 )
@@ -74,7 +77,7 @@ class CrossCorrelation:
         max_bytes: int = 8 << 30,
     ) -> None:
         for name, v in (("n_a", n_a), ("n_b", n_b)):
-            if not isinstance(v, int) or v < 1:
+            if not is_int(v) or v < 1:
                 raise ValueError(f"{name} must be a positive int, got {v!r}")
         need = n_a * n_b * 8
         if need > max_bytes:
@@ -84,7 +87,7 @@ class CrossCorrelation:
             )
         self.n_a, self.n_b = n_a, n_b
         self.backend = backend
-        self._device = torch.device(device) if device is not None else None
+        self._device = check_device(device, "device", allow_meta=True) if device is not None else None
         self._init_state(self._device or torch.device("cpu"))
 
     def _init_state(self, device: torch.device) -> None:
@@ -102,6 +105,12 @@ class CrossCorrelation:
         """Add the same tokens seen by both sides. xa: (..., n_a), xb: (..., n_b)."""
         check_float("xa", xa)
         check_float("xb", xb)
+        # Before flatten_tokens, which indexes shape[-1]: a 0-d input raised IndexError there.
+        for name, x, field, n in (("xa", xa, "n_a", self.n_a), ("xb", xb, "n_b", self.n_b)):
+            if x.dim() == 0:
+                raise ValueError(f"{name} must have {field}={n} features, got shape ()")
+        check_device(xa.device, "xa")
+        check_device(xb.device, "xb")
         xa2, xb2 = flatten_tokens(xa), flatten_tokens(xb)
         check_rank("xa", xa2, 2, "[tokens, n_a]")
         if xa2.shape[1] != self.n_a:
@@ -125,6 +134,65 @@ class CrossCorrelation:
             )
             self._mean_a, self._m2_a = chan_merge(self._n, self._mean_a, self._m2_a, T, ma, m2a)
             self._mean_b, self._m2_b = chan_merge(self._n, self._mean_b, self._m2_b, T, mb, m2b)
+            self._n += T
+        self._skipped += skipped
+        return self
+
+    def update_sparse(
+        self,
+        indices_a: torch.Tensor,
+        values_a: torch.Tensor,
+        indices_b: torch.Tensor,
+        values_b: torch.Tensor,
+    ) -> CrossCorrelation:
+        """Add the same tokens as top-k codes of both sides (unlisted features are 0).
+
+        indices_a, values_a: (T, k_a); indices_b, values_b: (T, k_b); -1 in indices = padding.
+        Costs T·k_a·k_b float64 products plus one pass over the state instead of an n_a·n_b
+        GEMM over dense codes. The batch's centred co-moment is formed in float64 as
+        Σ xa xbᵀ − T μa μbᵀ (exact products; cancellation bounded by one batch's sums) and
+        merged with Chan's formula; per-feature moments are centred (zeros included).
+        Equals :meth:`update` on the densified codes to float64 rounding.
+        """
+        for name, t in (
+            ("indices_a", indices_a),
+            ("values_a", values_a),
+            ("indices_b", indices_b),
+            ("values_b", values_b),
+        ):
+            if isinstance(t, torch.Tensor):
+                check_device(t.device, name)  # before the range check reads a meta tensor
+        check_sparse_codes(indices_a, values_a, self.n_a, "indices_a", "values_a")
+        check_sparse_codes(indices_b, values_b, self.n_b, "indices_b", "values_b")
+        if indices_a.shape[0] != indices_b.shape[0]:
+            raise ValueError(
+                f"indices_a and indices_b must cover the same tokens, got {indices_a.shape[0]} and {indices_b.shape[0]}"
+            )
+        if values_a.dtype != values_b.dtype:
+            raise TypeError(f"values_a and values_b must share a dtype, got {values_a.dtype} and {values_b.dtype}")
+        dev = resolve_device(self._device, indices_a, values_a, indices_b, values_b)
+        if self._device is None:
+            self._device = dev
+            self._init_state(dev)
+        ia, ib = indices_a.long(), indices_b.long()
+        ok = torch.isfinite(values_a).all(1) & torch.isfinite(values_b).all(1)
+        skipped = int((~ok).sum())
+        if skipped:
+            ia, ib, va, vb = ia[ok], ib[ok], values_a[ok], values_b[ok]
+        else:
+            va, vb = values_a, values_b
+        T = ia.shape[0]
+        if T:
+            sa = activation_stats_sparse(ia, va, self.n_a, 0.0, backend=self.backend, validated=True)
+            sb = activation_stats_sparse(ib, vb, self.n_b, 0.0, backend=self.backend, validated=True)
+            sparse_outer_update(self._com, ia, va, ib, vb, backend=self.backend)
+            coef = self._n * T / (self._n + T)
+            # C += raw − T μa μbᵀ + coef δa δbᵀ in one rank-2 update.
+            U = torch.stack([-float(T) * sa.mean, coef * (sa.mean - self._mean_a)], 1)
+            V = torch.stack([sb.mean, sb.mean - self._mean_b], 0)
+            self._com.addmm_(U, V)
+            self._mean_a, self._m2_a = chan_merge(self._n, self._mean_a, self._m2_a, T, sa.mean, sa.m2)
+            self._mean_b, self._m2_b = chan_merge(self._n, self._mean_b, self._m2_b, T, sb.mean, sb.m2)
             self._n += T
         self._skipped += skipped
         return self
@@ -239,6 +307,11 @@ class CrossCorrelation:
             "comoment": ((self.n_a, self.n_b), f),
         }
         check_state(state, expected, "CrossCorrelation.load_state_dict")
+        # Refuse states no update can produce (corrupt or hand-edited files).
+        bad = [k for k in ("n_tokens", "n_skipped") if int(state[k]) < 0]
+        bad += [k for k in ("m2_a", "m2_b") if not bool((state[k] >= 0).all())]
+        if bad:
+            raise ValueError(f"CrossCorrelation.load_state_dict: inconsistent state ({bad} negative or NaN)")
         dev = self._device or torch.device("cpu")
         s = {k: v.to(dev).clone() for k, v in state.items()}
         self._n, self._skipped = int(s["n_tokens"]), int(s["n_skipped"])
@@ -252,11 +325,20 @@ class CrossCorrelation:
     @classmethod
     def load(cls, path: str | os.PathLike, device: torch.device | str | None = None) -> CrossCorrelation:
         tensors, meta = load_file_checked(path, cls.KIND)
+        n_a, n_b = meta.get("n_a"), meta.get("n_b")
+        if not (is_int(n_a) and is_int(n_b) and n_a >= 1 and n_b >= 1):
+            raise ValueError(f"{path}: bad CrossCorrelation metadata: n_a={n_a!r}, n_b={n_b!r} must be positive ints")
+        # The stored co-moment must have the metadata's shape before we allocate n_a x n_b
+        # (max_bytes is lifted below): a corrupt n_a must not allocate terabytes.
+        com = tensors.get("comoment")
+        if com is None or tuple(com.shape) != (n_a, n_b):
+            shape = None if com is None else tuple(com.shape)
+            raise ValueError(f"{path}: comoment has shape {shape}, metadata says ({n_a}, {n_b})")
+        obj = cls(n_a, n_b, device=device, max_bytes=1 << 62)
         try:
-            obj = cls(int(meta["n_a"]), int(meta["n_b"]), device=device, max_bytes=1 << 62)
-        except (KeyError, TypeError, ValueError) as exc:
-            raise ValueError(f"{path}: bad CrossCorrelation metadata: {exc}") from exc
-        obj.load_state_dict(tensors)
+            obj.load_state_dict(tensors)
+        except ValueError as exc:  # name the file, not just the method
+            raise ValueError(f"{path}: {exc}") from exc
         return obj
 
     def __repr__(self) -> str:

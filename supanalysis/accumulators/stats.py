@@ -17,8 +17,11 @@ from ._state import (
     FORMAT_VERSION,
     atomic_save,
     chan_merge,
+    check_device,
     check_state,
+    check_threshold,
     dist_parallel_moments,
+    is_int,
     load_file_checked,
     resolve_device,
 )
@@ -27,6 +30,45 @@ from ._state import (
 #: sits at -10; fixed edges from -10 to 0 in steps of 0.2 (50 bins, last one closed).
 LOG10_EPS = 1e-10
 LOG10_BINS = torch.linspace(-10.0, 0.0, 51, dtype=torch.float64)
+
+
+def _expected_state(n: int) -> dict[str, tuple[tuple[int, ...], torch.dtype]]:
+    f, i = torch.float64, torch.int64
+    return {
+        "n_tokens": ((), i),
+        "finite_count": ((n,), i),
+        "fire_count": ((n,), i),
+        "mean": ((n,), f),
+        "m2": ((n,), f),
+        "max": ((n,), f),
+        "min": ((n,), f),
+        "active_sum": ((n,), f),
+        "l0_hist": ((n + 1,), i),
+    }
+
+
+def _check_invariants(state: dict[str, torch.Tensor], where: str) -> None:
+    """Refuse a state no sequence of updates can produce (a corrupt or hand-edited file), so it
+    never passes for valid statistics."""
+    nt = int(state["n_tokens"])
+    finite, fire = state["finite_count"], state["fire_count"]
+    seen = finite > 0
+    mx, mn = state["max"], state["min"]
+    ext_ok = torch.where(
+        seen, torch.isfinite(mx) & torch.isfinite(mn) & (mx >= mn), (mx == -float("inf")) & (mn == float("inf"))
+    )
+    problems = [
+        (nt < 0, f"n_tokens={nt} is negative"),
+        (bool((fire < 0).any() | (fire > finite).any()), "fire_count must lie in [0, finite_count]"),
+        (bool((finite > nt).any()), "finite_count exceeds n_tokens"),
+        (bool((state["l0_hist"] < 0).any()), "l0_hist has negative counts"),
+        (int(state["l0_hist"].sum()) != nt, f"l0_hist sums to {int(state['l0_hist'].sum())}, not n_tokens={nt}"),
+        (not bool((state["m2"] >= 0).all()), "m2 (centred second moment) is negative or NaN"),
+        (not bool(ext_ok.all()), "max/min are inconsistent with finite_count"),
+    ]
+    bad = [msg for cond, msg in problems if cond]
+    if bad:
+        raise ValueError(f"{where}: inconsistent state ({'; '.join(bad)})")
 
 
 class ActivationStats:
@@ -52,12 +94,12 @@ class ActivationStats:
         device: torch.device | str | None = None,
         backend: str | None = None,
     ) -> None:
-        if not isinstance(n_features, int) or n_features < 1:
+        if not is_int(n_features) or n_features < 1:
             raise ValueError(f"n_features must be a positive int, got {n_features!r}")
         self.n_features = n_features
-        self.threshold = float(threshold)
+        self.threshold = check_threshold(threshold, "ActivationStats")
         self.backend = backend
-        self._device = torch.device(device) if device is not None else None
+        self._device = check_device(device, "device", allow_meta=True) if device is not None else None
         self._init_state(self._device or torch.device("cpu"))
 
     # ------------------------------------------------------------------ state
@@ -76,6 +118,8 @@ class ActivationStats:
         self._l0_hist = torch.zeros(n + 1, **i64)
 
     def _adopt(self, *tensors: torch.Tensor) -> None:
+        for t in tensors:
+            check_device(t.device, "input")
         dev = resolve_device(self._device, *tensors)
         if self._device is None:
             self._device = dev
@@ -106,6 +150,9 @@ class ActivationStats:
 
     def update_sparse(self, indices: torch.Tensor, values: torch.Tensor) -> ActivationStats:
         """Add a batch of top-k codes. indices, values: (T, k); -1 in indices = padding."""
+        for name, t in (("indices", indices), ("values", values)):
+            if isinstance(t, torch.Tensor):  # before the range check reads values (fails on meta)
+                check_device(t.device, name)
         check_sparse_codes(indices, values, self.n_features)
         self._adopt(indices, values)
         b = activation_stats_sparse(
@@ -242,22 +289,11 @@ class ActivationStats:
         }
 
     def _expected(self) -> dict[str, tuple[tuple[int, ...], torch.dtype]]:
-        n = self.n_features
-        f, i = torch.float64, torch.int64
-        return {
-            "n_tokens": ((), i),
-            "finite_count": ((n,), i),
-            "fire_count": ((n,), i),
-            "mean": ((n,), f),
-            "m2": ((n,), f),
-            "max": ((n,), f),
-            "min": ((n,), f),
-            "active_sum": ((n,), f),
-            "l0_hist": ((n + 1,), i),
-        }
+        return _expected_state(self.n_features)
 
     def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
         check_state(state, self._expected(), "ActivationStats.load_state_dict")
+        _check_invariants(state, "ActivationStats.load_state_dict")
         dev = self._device or torch.device("cpu")
         s = {k: v.to(dev).clone() for k, v in state.items()}
         self._n_tokens = int(s["n_tokens"])
@@ -283,11 +319,19 @@ class ActivationStats:
     @classmethod
     def load(cls, path: str | os.PathLike, device: torch.device | str | None = None) -> ActivationStats:
         tensors, meta = load_file_checked(path, cls.KIND)
+        n, threshold = meta.get("n_features"), meta.get("threshold")
+        # Strict types: int(4.7) or int(inf) used to truncate or raise OverflowError.
+        if not is_int(n) or n < 1:
+            raise ValueError(f"{path}: bad ActivationStats metadata: n_features={n!r} is not a positive int")
+        threshold = check_threshold(threshold, f"{path}: bad ActivationStats metadata")
+        # Check the stored tensors against n *before* allocating state of that size: a corrupt
+        # n_features must not make us allocate (or OOM on) a huge state.
+        check_state(tensors, _expected_state(n), f"{path}")
+        obj = cls(n, threshold, device=device)
         try:
-            obj = cls(int(meta["n_features"]), float(meta["threshold"]), device=device)
-        except (KeyError, TypeError, ValueError) as exc:
-            raise ValueError(f"{path}: bad ActivationStats metadata: {exc}") from exc
-        obj.load_state_dict(tensors)
+            obj.load_state_dict(tensors)
+        except ValueError as exc:  # name the file, not just the method
+            raise ValueError(f"{path}: {exc}") from exc
         return obj
 
     def __repr__(self) -> str:

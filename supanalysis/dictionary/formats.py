@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import Tensor
 
@@ -43,25 +44,55 @@ def _read_json(folder: Path) -> dict[str, Any]:
     path = folder / CFG
     if not path.is_file():
         raise FileNotFoundError(f"dictionary folder {folder} has no {CFG}")
-    return json.loads(path.read_text())
+    # Name the file in the error (json's own message does not), and refuse a non-object.
+    try:
+        cfg = json.loads(path.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise ValueError(f"{path} is not valid JSON: {exc}") from exc
+    if not isinstance(cfg, dict):
+        raise ValueError(f"{path} must hold a JSON object, got {type(cfg).__name__}")
+    return cfg
 
 
-def _read_tensors(path: Path, expected: dict[str, tuple[int, ...]]) -> dict[str, Tensor]:
+def _read_tensors(path: Path, expected: dict[str, tuple[int, ...]], *, finite: bool = True) -> dict[str, Tensor]:
     if not path.is_file():
         raise FileNotFoundError(f"dictionary folder {path.parent} has no {path.name}")
-    tensors = load_file(str(path))
+    try:
+        tensors = load_file(str(path))
+    except SafetensorError as exc:  # truncated/corrupt file: name it, as a ValueError
+        raise ValueError(f"{path} is not a readable safetensors file: {exc}") from exc
     for name, shape in expected.items():
         if name not in tensors:
             raise ValueError(f"{path.name} is missing tensor {name!r} (expected shape {shape})")
-        if tuple(tensors[name].shape) != shape:
-            raise ValueError(f"{path.name}: tensor {name!r} has shape {tuple(tensors[name].shape)}, expected {shape}")
+        t = tensors[name]
+        if tuple(t.shape) != shape:
+            raise ValueError(f"{path.name}: tensor {name!r} has shape {tuple(t.shape)}, expected {shape}")
+        # Integer weights failed deep inside nn.Parameter; NaN/Inf weights loaded silently and
+        # turned every code non-finite.
+        if not t.is_floating_point():
+            raise ValueError(f"{path.name}: tensor {name!r} must be floating point, got {t.dtype}")
+        if finite and not bool(torch.isfinite(t).all()):
+            raise ValueError(f"{path.name}: tensor {name!r} holds NaN or infinite values")
     return tensors
 
 
 def _int_field(cfg: dict[str, Any], name: str, folder: Path) -> int:
     value = cfg.get(name)
-    if not isinstance(value, int) or value < 1:
+    # bool is an int subclass: d_in=true must not pass as 1.
+    if not isinstance(value, int) or isinstance(value, bool) or value < 1:
         raise ValueError(f"{folder / CFG}: field {name!r} must be a positive int, got {value!r}")
+    return value
+
+
+def _typed_field(cfg: dict[str, Any], name: str, types: type | tuple[type, ...], default: Any, folder: Path) -> Any:
+    """cfg[name] (or ``default`` when absent/null) checked against ``types``: a wrong type in
+    cfg.json used to surface as AttributeError, or (``bool("false")``) load silently wrong."""
+    value = cfg.get(name)
+    if value is None:
+        return default
+    if not isinstance(value, types):
+        names = types.__name__ if isinstance(types, type) else " or ".join(t.__name__ for t in types)
+        raise ValueError(f"{folder / CFG}: field {name!r} must be {names}, got {value!r}")
     return value
 
 
@@ -110,13 +141,13 @@ def load_saelens(folder: str | Path) -> Dictionary:
     folder = Path(folder)
     cfg = _read_json(folder)
     d_in, d_sae = _int_field(cfg, "d_in", folder), _int_field(cfg, "d_sae", folder)
-    arch = cfg.get("architecture", "standard")
-    fn = cfg.get("activation_fn_str", "relu")
+    arch = _typed_field(cfg, "architecture", str, "standard", folder)
+    fn = _typed_field(cfg, "activation_fn_str", str, "relu", folder)
     if arch == "topk" or fn == "topk":
-        kwargs = cfg.get("activation_fn_kwargs") or {}
+        kwargs = _typed_field(cfg, "activation_fn_kwargs", dict, {}, folder)
         k = cfg.get("k", kwargs.get("k"))
-        if not isinstance(k, int):
-            raise ValueError(f"{folder / CFG}: a topk SAE needs an int 'k', got {k!r}")
+        if not isinstance(k, int) or isinstance(k, bool) or not 1 <= k <= d_sae:
+            raise ValueError(f"{folder / CFG}: a topk SAE needs an int 'k' in [1, d_sae={d_sae}], got {k!r}")
         activation: Any = TopK(k)
     elif arch in ("standard", "jumprelu"):
         activation = "relu"
@@ -125,6 +156,8 @@ def load_saelens(folder: str | Path) -> Dictionary:
     expected = {"W_enc": (d_in, d_sae), "b_enc": (d_sae,), "W_dec": (d_sae, d_in), "b_dec": (d_in,)}
     if arch == "jumprelu":
         expected["threshold"] = (d_sae,)
+    apply_b_dec = _typed_field(cfg, "apply_b_dec_to_input", bool, True, folder)
+    metadata = dict(_typed_field(cfg, "metadata", dict, {}, folder))
     t = _read_tensors(folder / SAELENS_WEIGHTS, expected)
     norm = cfg.get("normalize_activations", "none")
     if norm not in (None, "none"):
@@ -132,19 +165,19 @@ def load_saelens(folder: str | Path) -> Dictionary:
             f"{folder}: normalize_activations={norm!r} is recorded in metadata but not applied",
             stacklevel=2,
         )
-    metadata = dict(cfg.get("metadata") or {})
     for key in ("hook_name", "model_name"):
         if key in cfg and key not in metadata:
             metadata[key] = cfg[key]
     d = Dictionary.from_tensors(
         t["W_enc"], t["b_enc"], t["W_dec"], t["b_dec"], activation,
         threshold=t.get("threshold"),
-        apply_b_dec_to_input=bool(cfg.get("apply_b_dec_to_input", True)),
+        apply_b_dec_to_input=apply_b_dec,
         metadata=metadata,
     )  # fmt: skip
     sparsity = folder / SAELENS_SPARSITY
     if sparsity.is_file():
-        d.log10_density = _read_tensors(sparsity, {"sparsity": (d_sae,)})["sparsity"]
+        # log10 density may be -inf for a latent that never fired: only the dtype is checked.
+        d.log10_density = _read_tensors(sparsity, {"sparsity": (d_sae,)}, finite=False)["sparsity"]
     return d
 
 
@@ -179,8 +212,13 @@ def load_sparsify(folder: str | Path) -> Dictionary:
     folder = Path(folder)
     cfg = _read_json(folder)
     d_in, k = _int_field(cfg, "d_in", folder), _int_field(cfg, "k", folder)
-    n = cfg.get("num_latents") or d_in * _int_field(cfg, "expansion_factor", folder)
-    if cfg.get("skip_connection"):
+    # num_latents 0/null means "use expansion_factor" (sparsify's convention); anything else
+    # must be a positive int (a string or 8.0 used to reach the shape check, or pass it).
+    n = _int_field(cfg, "num_latents", folder) if cfg.get("num_latents") else None
+    n = n or d_in * _int_field(cfg, "expansion_factor", folder)
+    if k > n:
+        raise ValueError(f"{folder / CFG}: k={k} exceeds the number of latents {n}")
+    if _typed_field(cfg, "skip_connection", bool, False, folder):
         raise ValueError(f"{folder / CFG}: skip_connection=True (W_skip) is not supported")
     expected = {"encoder.weight": (n, d_in), "encoder.bias": (n,), "W_dec": (n, d_in), "b_dec": (d_in,)}
     t = _read_tensors(folder / SPARSIFY_WEIGHTS, expected)

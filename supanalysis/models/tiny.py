@@ -9,11 +9,13 @@ from __future__ import annotations
 
 import json
 import math
+import numbers
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_model, save_model
 from torch import Tensor, nn
 
@@ -50,8 +52,14 @@ class TinyConfig:
     def __post_init__(self) -> None:
         for name in ("n_layers", "d_model", "n_heads", "d_ff", "vocab_size", "n_ctx"):
             value = getattr(self, name)
-            if not isinstance(value, int) or value < 1:
+            # bool is an int subclass: n_layers=true in a config.json must not pass as 1.
+            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
                 raise ValueError(f"TinyConfig.{name} must be a positive int, got {value!r}")
+        if not isinstance(self.tie_embeddings, bool):
+            raise ValueError(f"TinyConfig.tie_embeddings must be a bool, got {self.tie_embeddings!r}")
+        std = self.init_std
+        if isinstance(std, bool) or not isinstance(std, numbers.Real) or not 0 <= std < math.inf:
+            raise ValueError(f"TinyConfig.init_std must be a finite number >= 0, got {std!r}")
         if self.d_model % self.n_heads:
             raise ValueError(f"TinyConfig.n_heads={self.n_heads} must divide d_model={self.d_model}")
 
@@ -178,9 +186,74 @@ class TinyTransformer(nn.Module):
         for path in (cfg_path, weights):
             if not path.is_file():
                 raise FileNotFoundError(f"not a TinyTransformer folder: {path} is missing")
-        data = json.loads(cfg_path.read_text())
+        data = read_config(cfg_path)
         if data.get("model_type") != TINY_MODEL_TYPE:
             raise ValueError(f"{cfg_path} has model_type={data.get('model_type')!r}, expected {TINY_MODEL_TYPE!r}")
-        model = cls(TinyConfig.from_dict(data))
-        load_model(model, str(weights), strict=True, device=str(map_location))
+        try:
+            cfg = TinyConfig.from_dict(data)
+        except ValueError as exc:
+            raise ValueError(f"{cfg_path}: {exc}") from exc
+        _check_weights_match(cfg, weights)
+        model = cls(cfg)
+        try:
+            load_model(model, str(weights), strict=True, device=str(map_location))
+        except (RuntimeError, SafetensorError) as exc:  # e.g. a tied alias stored twice
+            raise ValueError(f"{weights} does not match {cfg_path}: {exc}") from exc
+        for name, t in model.state_dict().items():
+            if t.is_floating_point() and not bool(torch.isfinite(t).all()):
+                raise ValueError(f"{weights}: tensor {name!r} holds NaN or infinite values")
         return model.eval()
+
+
+def read_config(path: Path) -> dict:
+    """A config.json as a dict; the error names the file (json's own message does not)."""
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise ValueError(f"{path} is not valid JSON: {exc}") from exc
+    if not isinstance(data, dict):
+        raise ValueError(f"{path} must hold a JSON object, got {type(data).__name__}")
+    return data
+
+
+def expected_shapes(cfg: TinyConfig) -> dict[str, tuple[int, ...]]:
+    """Every state_dict name of a :class:`TinyTransformer` with ``cfg`` and its shape, computed
+    without building anything (plain ints, so a corrupt config cannot allocate or overflow)."""
+    d, f, V = cfg.d_model, cfg.d_ff, cfg.vocab_size
+    out: dict[str, tuple[int, ...]] = {"embed.weight": (V, d), "pos_embed.weight": (cfg.n_ctx, d)}
+    per_block = {
+        "ln1.weight": (d,), "ln1.bias": (d,), "attn.qkv.weight": (3 * d, d), "attn.qkv.bias": (3 * d,),
+        "attn.out.weight": (d, d), "attn.out.bias": (d,), "ln2.weight": (d,), "ln2.bias": (d,),
+        "mlp.fc_in.weight": (f, d), "mlp.fc_in.bias": (f,), "mlp.fc_out.weight": (d, f), "mlp.fc_out.bias": (d,),
+    }  # fmt: skip
+    for i in range(cfg.n_layers):
+        out.update({f"blocks.{i}.{k}": v for k, v in per_block.items()})
+    out.update({"ln_f.weight": (d,), "ln_f.bias": (d,), "unembed.weight": (V, d)})
+    return out
+
+
+def _check_weights_match(cfg: TinyConfig, weights: Path) -> None:
+    """Compare the tensor names and shapes in ``weights``' header with those ``cfg`` implies,
+    before allocating the model: a corrupt config (n_layers=10**6, d_model=2**40) must fail
+    cleanly, not allocate (or OOM on) a model the file cannot fill."""
+    try:
+        with safe_open(str(weights), framework="pt") as fh:
+            stored = {k: tuple(fh.get_slice(k).get_shape()) for k in fh.keys()}
+    except SafetensorError as exc:
+        raise ValueError(f"{weights} is not a readable safetensors file: {exc}") from exc
+    n_blocks = len({k.split(".")[1] for k in stored if k.startswith("blocks.")})
+    if cfg.n_layers != n_blocks:  # checked first, so the listing below stays as small as the file
+        raise ValueError(f"{weights} holds {n_blocks} blocks, config.json says n_layers={cfg.n_layers}")
+    expected = expected_shapes(cfg)
+    tied = {"embed.weight", "unembed.weight"}
+    missing = set(expected) - set(stored)
+    if cfg.tie_embeddings and tied & set(stored):
+        missing -= tied  # save_model stores one name of the tied pair
+    wrong = [f"{k}: {stored[k]} in the file, {expected[k]} from config.json" for k in stored
+             if k in expected and stored[k] != expected[k]]  # fmt: skip
+    unexpected = set(stored) - set(expected)
+    if missing or wrong or unexpected:
+        raise ValueError(
+            f"{weights} does not match its config.json: missing {sorted(missing)[:5]}, "
+            f"unexpected {sorted(unexpected)[:5]}, shape mismatches {wrong[:5]}"
+        )

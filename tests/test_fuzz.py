@@ -1,0 +1,1084 @@
+"""Hostile inputs (issue 9, part 4): every public entry point and file loader, fed wrong
+arguments or malformed files, raises a clear error (ValueError, TypeError or
+FileNotFoundError, naming the file or field), leaves state untouched, and never crashes,
+allocates without bound or runs code from a file.
+
+Property tests use hypothesis with a fixed, database-less, derandomized profile, so CI
+sees the same examples every run and the whole file stays well under a minute.
+"""
+
+from __future__ import annotations
+
+import ast
+import contextlib
+import json
+import pickle
+import struct
+import warnings
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from conftest import FAST_BACKEND_DEVICES
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+from safetensors.torch import save_file
+
+import supanalysis as sa
+from supanalysis.accumulators._state import FORMAT_VERSION
+from supanalysis.config import TestConfig
+from supanalysis.data import TokenSequences, open_tokens
+from supanalysis.dictionary import Dictionary, load_dictionary, load_saelens, load_sparsify, save_dictionary
+from supanalysis.models import TinyConfig, TinyTransformer, describe, load
+
+ROOT = Path(__file__).resolve().parent.parent
+#: What a rejected input may raise. JSON/TOML/Unicode decode errors are ValueError subclasses
+#: but their messages never name the file, so they count as unclear (see expect_clear).
+CLEAR = (ValueError, TypeError, FileNotFoundError)
+UNCLEAR_SUBCLASSES = (json.JSONDecodeError, UnicodeDecodeError)
+CPU_BACKENDS = [b for b, d in FAST_BACKEND_DEVICES if d == "cpu"]
+
+
+def fuzz(n: int):
+    """Bounded, deterministic hypothesis settings (no example database, no deadline)."""
+    return settings(
+        max_examples=n,
+        deadline=None,
+        derandomize=True,
+        database=None,
+        suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture],
+    )
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    # Tiny tensors: extra OpenMP threads only contend with each other on a shared machine.
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def base(tmp_path_factory) -> Path:
+    return tmp_path_factory.mktemp("fuzz")
+
+
+def expect_clear(fn, *names: object) -> BaseException:
+    """Call fn; it must raise one of CLEAR (not a bare decode error) whose message names each of names."""
+    try:
+        fn()
+    except CLEAR as exc:
+        assert not isinstance(exc, UNCLEAR_SUBCLASSES), f"bare {type(exc).__name__}: {exc}"
+        for name in names:
+            assert str(name) in str(exc), f"{type(exc).__name__} message does not name {name}: {exc}"
+        return exc
+    raise AssertionError(f"{fn} accepted a hostile input")
+
+
+def call_ok_or_clear(fn, *names: object):
+    """fn() either succeeds (returning its value) or fails clearly; returns (ok, value_or_exc)."""
+    try:
+        return True, fn()
+    except CLEAR as exc:
+        assert not isinstance(exc, UNCLEAR_SUBCLASSES), f"bare {type(exc).__name__}: {exc}"
+        for name in names:
+            assert str(name) in str(exc), f"{type(exc).__name__} message does not name {name}: {exc}"
+        return False, exc
+
+
+@contextlib.contextmanager
+def bounded_memory(extra: int = 2 << 30):
+    """Cap this process's address space at its current size + ``extra`` (Linux), so a loader
+    that regresses into allocating what a corrupt file claims fails with an allocation error
+    instead of drawing the OOM killer onto a shared CI machine."""
+    try:
+        import resource
+
+        vm = next(int(line.split()[1]) * 1024 for line in open("/proc/self/status") if line.startswith("VmSize:"))
+        old = resource.getrlimit(resource.RLIMIT_AS)
+    except (ImportError, OSError, StopIteration):
+        yield
+        return
+    limit = vm + extra if old[1] == resource.RLIM_INFINITY else min(vm + extra, old[1])
+    resource.setrlimit(resource.RLIMIT_AS, (limit, old[1]))
+    try:
+        yield
+    finally:
+        resource.setrlimit(resource.RLIMIT_AS, old)
+
+
+def snapshot(acc) -> dict[str, torch.Tensor]:
+    return {k: v.clone() for k, v in acc.state_dict().items()}
+
+
+def assert_same_state(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> None:
+    assert a.keys() == b.keys()
+    for k in a:
+        assert a[k].device == b[k].device and a[k].dtype == b[k].dtype, k
+        assert torch.equal(a[k], b[k]) or (a[k].isnan() == b[k].isnan()).all(), k
+
+
+# JSON values of every kind, including the ones that have bitten loaders: bools (an int
+# subclass), huge ints, NaN/Inf, strings of digits, nested containers.
+JSON_VALUES = st.recursive(
+    st.none()
+    | st.booleans()
+    | st.integers(-(2**70), 2**70)
+    | st.sampled_from([0, -1, 1, 2, 3, 4, 8, 16, 2**31, 2**63, 10**30])
+    | st.floats(allow_nan=True, allow_infinity=True)
+    | st.text(max_size=6)
+    | st.sampled_from(["4", "8", "true", "none", "topk", "relu", "jumprelu", "standard"]),
+    lambda inner: st.lists(inner, max_size=3) | st.dictionaries(st.text(max_size=4), inner, max_size=3),
+    max_leaves=6,
+)
+
+
+# ------------------------------------------------------------------ accumulator updates
+
+N = 6
+GOOD_X = torch.randn(9, N, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+GOOD_IDX = torch.tensor([[0, 3, -1], [5, 1, 2], [-1, -1, 4]])
+GOOD_VAL = torch.rand(3, 3, generator=torch.Generator().manual_seed(1))
+
+BAD_DTYPES = [torch.int32, torch.int64, torch.bool, torch.complex64, torch.uint8]
+
+
+@st.composite
+def bad_dense(draw, n: int):
+    """A value ActivationStats(n).update / CoActivation(n).update must refuse."""
+    kind = draw(st.sampled_from(["width", "dtype", "type", "meta", "scalar"]))
+    lead = draw(st.lists(st.integers(0, 3), max_size=2))
+    if kind == "width":
+        m = draw(st.integers(0, 9).filter(lambda m: m != n))
+        return torch.randn(*lead, m)
+    if kind == "dtype":
+        return torch.zeros(*lead, n, dtype=draw(st.sampled_from(BAD_DTYPES)))
+    if kind == "type":
+        return draw(st.sampled_from([None, 1.5, [[0.0] * n], np.zeros((2, n)), "x"]))
+    if kind == "meta":
+        return torch.zeros(*lead, n, device="meta")
+    return torch.tensor(1.0)
+
+
+@st.composite
+def bad_sparse(draw, n: int):
+    """(indices, values) that update_sparse must refuse."""
+    T, k = draw(st.integers(1, 4)), draw(st.integers(1, 3))
+    idx = torch.full((T, k), -1, dtype=torch.int64)
+    val = torch.ones(T, k)
+    kind = draw(st.sampled_from(["high", "low", "dup", "idx_dtype", "val_dtype", "rank", "shape", "meta", "type"]))
+    r, c = draw(st.integers(0, T - 1)), draw(st.integers(0, k - 1))
+    if kind == "high":
+        idx[r, c] = draw(st.integers(n, 2**62))
+    elif kind == "low":
+        idx[r, c] = draw(st.integers(-(2**62), -2))
+    elif kind == "dup":
+        idx = torch.zeros(T, max(k, 2), dtype=torch.int64)
+        val = torch.ones(T, max(k, 2))
+    elif kind == "idx_dtype":
+        idx = idx.to(draw(st.sampled_from([torch.float32, torch.bool, torch.uint8, torch.int16])))
+    elif kind == "val_dtype":
+        val = val.to(draw(st.sampled_from(BAD_DTYPES)))
+    elif kind == "rank":
+        idx, val = idx.reshape(-1), val.reshape(-1)
+    elif kind == "shape":
+        val = torch.ones(T, k + 1)
+    elif kind == "meta":
+        idx, val = idx.to("meta"), val.to("meta")
+    else:
+        idx = idx.tolist()
+    return idx, val
+
+
+def _stats(backend):
+    return sa.ActivationStats(N, threshold=0.1, backend=backend).update(GOOD_X).update_sparse(GOOD_IDX, GOOD_VAL)
+
+
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+@fuzz(80)
+@given(x=bad_dense(N), sparse=bad_sparse(N))
+def test_activation_stats_refuses_bad_updates_and_keeps_state(backend, x, sparse):
+    s = _stats(backend)
+    before = snapshot(s)
+    expect_clear(lambda: s.update(x))
+    assert_same_state(before, snapshot(s))
+    expect_clear(lambda: s.update_sparse(*sparse))
+    assert_same_state(before, snapshot(s))
+    # Still usable, and equal to an accumulator that never saw the bad inputs.
+    s.update(GOOD_X)
+    assert_same_state(snapshot(_stats(backend).update(GOOD_X)), snapshot(s))
+
+
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+@fuzz(80)
+@given(x=bad_dense(N), sparse=bad_sparse(N))
+def test_coactivation_refuses_bad_updates_and_keeps_state(backend, x, sparse):
+    co = sa.CoActivation(N, threshold=0.1, backend=backend).update(GOOD_X).update_sparse(GOOD_IDX)
+    before = snapshot(co)
+    expect_clear(lambda: co.update(x))
+    assert_same_state(before, snapshot(co))
+    idx, _ = sparse
+    # update_sparse takes indices only: some bad (indices, values) pairs have valid indices.
+    if not (isinstance(idx, torch.Tensor) and idx.dim() == 2 and idx.dtype == torch.int64 and not idx.is_meta):
+        expect_clear(lambda: co.update_sparse(idx))
+    elif bool(((idx >= N) | (idx < -1)).any()):
+        expect_clear(lambda: co.update_sparse(idx), "indices")
+    assert_same_state(before, snapshot(co))
+    co.update(GOOD_X)
+    ref = sa.CoActivation(N, threshold=0.1, backend=backend).update(GOOD_X).update_sparse(GOOD_IDX).update(GOOD_X)
+    assert_same_state(snapshot(ref), snapshot(co))
+
+
+@st.composite
+def bad_pair(draw, n_a: int, n_b: int):
+    """(xa, xb) that CrossCorrelation(n_a, n_b).update must refuse."""
+    T = draw(st.integers(0, 4))
+    xa, xb = torch.randn(T, n_a), torch.randn(T, n_b)
+    kind = draw(st.sampled_from(["width_a", "width_b", "tokens", "dtype", "scalar", "meta", "type"]))
+    if kind == "width_a":
+        xa = torch.randn(T, draw(st.integers(0, 6).filter(lambda m: m != n_a)))
+    elif kind == "width_b":
+        xb = torch.randn(T, draw(st.integers(0, 6).filter(lambda m: m != n_b)))
+    elif kind == "tokens":
+        xb = torch.randn(T + draw(st.integers(1, 3)), n_b)
+    elif kind == "dtype":
+        xa = xa.to(draw(st.sampled_from(BAD_DTYPES)))
+    elif kind == "scalar":
+        xa, xb = draw(st.sampled_from([(torch.tensor(1.0), xb), (xa, torch.tensor(1.0))]))
+    elif kind == "meta":
+        xa, xb = draw(st.sampled_from([(xa.to("meta"), xb), (xa, xb.to("meta")), (xa.to("meta"), xb.to("meta"))]))
+    else:
+        xa = xa.numpy()
+    return xa, xb
+
+
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+@fuzz(80)
+@given(pair=bad_pair(4, 3))
+def test_cross_correlation_refuses_bad_updates_and_keeps_state(backend, pair):
+    g = torch.Generator().manual_seed(2)
+    xa, xb = torch.randn(7, 4, generator=g, dtype=torch.float64), torch.randn(7, 3, generator=g, dtype=torch.float64)
+    cc = sa.CrossCorrelation(4, 3, backend=backend).update(xa, xb)
+    before = snapshot(cc)
+    expect_clear(lambda: cc.update(*pair))
+    assert_same_state(before, snapshot(cc))
+    cc.update(xa, xb)
+    ref = sa.CrossCorrelation(4, 3, backend=backend).update(xa, xb).update(xa, xb)
+    assert_same_state(snapshot(ref), snapshot(cc))
+
+
+@fuzz(30)
+@given(n=JSON_VALUES, threshold=JSON_VALUES, device=st.sampled_from([None, "cpu", "bogus", "cuda:99", 3, "meta"]))
+def test_accumulator_constructors_validate_arguments(n, threshold, device):
+    for ctor in (
+        lambda: sa.ActivationStats(n, threshold, device=device),
+        lambda: sa.CoActivation(n, threshold, device=device, max_bytes=1 << 20),
+        lambda: sa.CrossCorrelation(n, 3, device=device, max_bytes=1 << 20),
+    ):
+        try:
+            ctor()
+        except CLEAR:
+            pass
+        except MemoryError:
+            pass  # the documented guard against n x n state over max_bytes
+    ok_n = isinstance(n, int) and not isinstance(n, bool) and 1 <= n <= 64
+    ok_thr = isinstance(threshold, (int, float)) and not isinstance(threshold, bool) and threshold == threshold
+    ok_dev = device in (None, "cpu", "meta") or (device == "cuda:99" and torch.cuda.is_available())
+    if not (ok_n and ok_thr and ok_dev):
+        with pytest.raises(CLEAR):
+            sa.ActivationStats(n, threshold, device=device)
+
+
+# ------------------------------------------------------------------ accumulator files
+
+
+def _accumulators():
+    g = torch.Generator().manual_seed(3)
+    x = torch.randn(40, 5, generator=g, dtype=torch.float64)
+    x[3, 2] = float("nan")
+    stats = sa.ActivationStats(5, threshold=0.2).update(x)
+    cc = sa.CrossCorrelation(5, 3).update(x, torch.randn(40, 3, generator=g))
+    co = sa.CoActivation(5, threshold=0.2).update(x)
+    return {"ActivationStats": stats, "CrossCorrelation": cc, "CoActivation": co}
+
+
+ACCS = _accumulators()
+KINDS = sorted(ACCS)
+CLASSES = {"ActivationStats": sa.ActivationStats, "CrossCorrelation": sa.CrossCorrelation,
+           "CoActivation": sa.CoActivation}  # fmt: skip
+META = {
+    "ActivationStats": {"n_features": 5, "threshold": 0.2},
+    "CrossCorrelation": {"n_a": 5, "n_b": 3},
+    "CoActivation": {"n": 5, "threshold": 0.2},
+}
+
+
+def _saved(base: Path, kind: str) -> bytes:
+    path = base / f"good-{kind}.safetensors"
+    if not path.exists():
+        ACCS[kind].save(path)
+    return path.read_bytes()
+
+
+def _write(base: Path, name: str, data: bytes) -> Path:
+    path = base / name
+    path.write_bytes(data)
+    return path
+
+
+def _write_state(base: Path, kind: str, tensors, meta) -> Path:
+    path = base / f"state-{kind}.safetensors"
+    md = None if meta is None else {"supanalysis": meta if isinstance(meta, str) else json.dumps(meta)}
+    save_file({k: v.contiguous() for k, v in tensors.items()}, str(path), metadata=md)
+    return path
+
+
+def _use(acc) -> None:
+    """Touch every result of a loaded accumulator: a state that loads must be usable."""
+    if isinstance(acc, sa.ActivationStats):
+        acc.density, acc.var, acc.mean_active, acc.log10_density_hist(), acc.mean_l0
+    elif isinstance(acc, sa.CrossCorrelation):
+        acc.best_match(), acc.correlation()
+    else:
+        acc.top_partners(2, "jaccard"), acc.scores("lift")
+
+
+@fuzz(40)
+@given(kind=st.sampled_from(KINDS), cut=st.floats(0, 1, exclude_max=True))
+def test_truncated_accumulator_file_is_refused(base, kind, cut):
+    raw = _saved(base, kind)
+    path = _write(base, "truncated.safetensors", raw[: int(cut * len(raw))])
+    expect_clear(lambda: CLASSES[kind].load(path), path)
+
+
+@fuzz(150)
+@given(kind=st.sampled_from(KINDS), where=st.floats(0, 1, exclude_max=True), bit=st.integers(0, 7))
+def test_bit_flipped_accumulator_file_is_refused_or_loads_a_usable_state(base, kind, where, bit):
+    raw = bytearray(_saved(base, kind))
+    raw[int(where * len(raw))] ^= 1 << bit
+    path = _write(base, "flipped.safetensors", bytes(raw))
+    ok, got = call_ok_or_clear(lambda: CLASSES[kind].load(path), path)
+    if ok:  # a flip in a float payload cannot be told from data without a checksum
+        _use(got)
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_bit_flip_in_float_payload_is_detected(base, kind):
+    raw = bytearray(_saved(base, kind))
+    # The last byte of the file is the top byte of a float64/int64 state value.
+    raw[-1] ^= 0x10
+    path = _write(base, "payload-flip.safetensors", bytes(raw))
+    with pytest.raises(ValueError):
+        CLASSES[kind].load(path)
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_wrong_kind_and_version_are_refused(base, kind):
+    _saved(base, kind)
+    for other in KINDS:
+        if other != kind:
+            expect_clear(lambda o=other: CLASSES[o].load(base / f"good-{kind}.safetensors"), "holds a")
+    state = ACCS[kind].state_dict()
+    for version in ("0", "2", 1, None, FORMAT_VERSION + "x"):
+        path = _write_state(base, kind, state, {"kind": kind, "version": version, **META[kind]})
+        expect_clear(lambda p=path: CLASSES[kind].load(p), "version")
+    expect_clear(lambda: CLASSES[kind].load(_write_state(base, kind, state, None)), "metadata")
+    expect_clear(lambda: CLASSES[kind].load(_write_state(base, kind, state, "{not json")), "metadata")
+    expect_clear(lambda: CLASSES[kind].load(base / "no-such-file"), "no-such-file")
+    expect_clear(lambda: CLASSES[kind].load(base), base)
+
+
+@pytest.mark.parametrize("meta", ["[1, 2]", '"ActivationStats"', "3", "null"])
+def test_metadata_that_is_not_an_object_is_refused(base, meta):
+    path = _write_state(base, "ActivationStats", ACCS["ActivationStats"].state_dict(), meta)
+    expect_clear(lambda: sa.ActivationStats.load(path), path)
+
+
+@fuzz(100)
+@given(kind=st.sampled_from(KINDS), data=st.data())
+def test_fuzzed_metadata_fields_are_refused_without_allocating(base, kind, data):
+    meta = {"kind": kind, "version": FORMAT_VERSION, **META[kind]}
+    field = data.draw(st.sampled_from(sorted(META[kind])))
+    if data.draw(st.booleans()):
+        del meta[field]
+    else:
+        meta[field] = data.draw(JSON_VALUES)
+    path = _write_state(base, kind, ACCS[kind].state_dict(), meta)
+    with bounded_memory():
+        ok, got = call_ok_or_clear(lambda: CLASSES[kind].load(path), path)
+    if ok:  # only a value equal to the truth (or a threshold, which the state cannot check) loads
+        if field == "threshold":
+            assert got.threshold == float(meta[field])
+        else:
+            assert meta[field] == META[kind][field] and type(meta[field]) is int
+
+
+@fuzz(100)
+@given(kind=st.sampled_from(KINDS), data=st.data())
+def test_fuzzed_state_tensors_are_refused(base, kind, data):
+    state = dict(ACCS[kind].state_dict())
+    key = data.draw(st.sampled_from(sorted(state)))
+    how = data.draw(st.sampled_from(["drop", "extra", "dtype", "shape", "negative", "nan"]))
+    t = state[key]
+    if how == "drop":
+        del state[key]
+    elif how == "extra":
+        state["extra"] = torch.zeros(2)
+    elif how == "dtype":
+        state[key] = t.to(data.draw(st.sampled_from([torch.float32, torch.int32, torch.float64, torch.int64])))
+        if state[key].dtype == t.dtype:
+            state[key] = t.to(torch.float16)
+    elif how == "shape":
+        state[key] = torch.zeros(*[s + 1 for s in t.shape], 1, dtype=t.dtype)
+    elif how == "negative":
+        if t.is_floating_point() and key not in ("m2", "m2_a", "m2_b"):
+            return  # means and sums may legitimately be negative
+        state[key] = t - t.abs().max() - 1
+    else:
+        if not t.is_floating_point() or key not in ("m2", "m2_a", "m2_b", "max", "min"):
+            return
+        state[key] = torch.full_like(t, float("nan"))
+    path = _write_state(base, kind, state, {"kind": kind, "version": FORMAT_VERSION, **META[kind]})
+    expect_clear(lambda: CLASSES[kind].load(path), path)
+    expect_clear(lambda: CLASSES[kind](*[v for v in META[kind].values()]).load_state_dict(state))
+
+
+def test_inconsistent_states_are_refused():
+    s = ACCS["ActivationStats"].state_dict()
+    for key, bad in [
+        ("fire_count", s["finite_count"] + 1),
+        ("finite_count", s["finite_count"] + int(s["n_tokens"])),
+        ("l0_hist", s["l0_hist"] * 2),
+        ("max", s["min"] - 1),
+        ("n_tokens", torch.tensor(-1)),
+    ]:
+        with pytest.raises(ValueError, match="inconsistent"):
+            sa.ActivationStats(5, 0.2).load_state_dict({**s, key: bad})
+    c = ACCS["CoActivation"].state_dict()
+    asym = c["counts"].clone()
+    asym[0, 1] += 1
+    for bad in (asym, -c["counts"], c["counts"] + 1000):
+        with pytest.raises(ValueError, match="inconsistent"):
+            sa.CoActivation(5, 0.2).load_state_dict({**c, "counts": bad})
+
+
+# ------------------------------------------------------------------ malformed safetensors
+
+
+def _header_file(header: object, data: bytes = b"\0" * 8, length: int | None = None) -> bytes:
+    h = header if isinstance(header, bytes) else json.dumps(header).encode()
+    return struct.pack("<Q", len(h) if length is None else length) + h + data
+
+
+MALFORMED = {
+    "empty": b"",
+    "short": b"\x01\x02\x03",
+    "length-beyond-file": _header_file({}, length=1 << 20),
+    "length-2^64-1": _header_file({}, length=2**64 - 1),
+    "length-zero": _header_file(b"", length=0),
+    "header-not-json": _header_file(b"{this is not json"),
+    "header-not-utf8": _header_file(b"\xff\xfe\xfd"),
+    "header-a-list": _header_file([1, 2, 3]),
+    "dtype-unknown": _header_file({"a": {"dtype": "Q7", "shape": [1], "data_offsets": [0, 8]}}),
+    "shape-vs-data": _header_file({"a": {"dtype": "F64", "shape": [1000], "data_offsets": [0, 8]}}),
+    "dtype-vs-data": _header_file({"a": {"dtype": "F32", "shape": [1], "data_offsets": [0, 8]}}),
+    "offsets-beyond-file": _header_file({"a": {"dtype": "F64", "shape": [1], "data_offsets": [8, 16]}}),
+    "offsets-reversed": _header_file({"a": {"dtype": "F64", "shape": [1], "data_offsets": [8, 0]}}),
+    "shape-negative": _header_file({"a": {"dtype": "F64", "shape": [-1], "data_offsets": [0, 8]}}),
+    "shape-overflow": _header_file({"a": {"dtype": "F64", "shape": [2**40, 2**40], "data_offsets": [0, 8]}}),
+    "metadata-not-str": _header_file({"__metadata__": {"supanalysis": 3}, "a": {"dtype": "F64", "shape": [1],
+                                                                                 "data_offsets": [0, 8]}}),
+}  # fmt: skip
+
+
+def _malformed_bytes():
+    return st.one_of(
+        st.sampled_from(sorted(MALFORMED)).map(MALFORMED.get),
+        st.binary(max_size=64),
+        # A plausible length prefix in front of random bytes.
+        st.tuples(st.integers(0, 80), st.binary(max_size=80)).map(lambda t: struct.pack("<Q", t[0]) + t[1]),
+    )
+
+
+@fuzz(100)
+@given(data=_malformed_bytes(), kind=st.sampled_from(KINDS))
+def test_malformed_safetensors_accumulators(base, data, kind):
+    path = _write(base, "malformed.safetensors", data)
+    expect_clear(lambda: CLASSES[kind].load(path), path)
+
+
+@pytest.fixture(scope="module")
+def dict_folders(base):
+    torch.manual_seed(0)
+    d = Dictionary(4, 8, "topk", k=2)
+    with torch.no_grad():
+        for p in d.parameters():
+            p.normal_()
+    d.log10_density = torch.full((8,), -2.0)
+    return {"saelens": save_dictionary(d, base / "sae-saelens", "saelens"),
+            "sparsify": save_dictionary(d, base / "sae-sparsify", "sparsify")}  # fmt: skip
+
+
+def _copy_folder(src: Path, dst: Path) -> Path:
+    dst.mkdir(parents=True, exist_ok=True)
+    for f in dst.iterdir():
+        f.unlink()
+    for f in src.iterdir():
+        (dst / f.name).write_bytes(f.read_bytes())
+    return dst
+
+
+@pytest.fixture(scope="module")
+def tiny_folder(base):
+    torch.manual_seed(0)
+    return TinyTransformer(n_layers=1, d_model=8, n_heads=2, d_ff=16, vocab_size=11, n_ctx=8).save(base / "tiny")
+
+
+@fuzz(80)
+@given(data=_malformed_bytes(), which=st.sampled_from(["saelens", "sparsity", "sparsify", "tiny"]))
+def test_malformed_safetensors_dictionaries_and_models(base, dict_folders, tiny_folder, data, which):
+    if which == "tiny":
+        folder, name, loader = tiny_folder, "model.safetensors", load
+    else:
+        fmt = "sparsify" if which == "sparsify" else "saelens"
+        folder, loader = dict_folders[fmt], load_dictionary
+        name = {"saelens": "sae_weights.safetensors", "sparsity": "sparsity.safetensors",
+                "sparsify": "sae.safetensors"}[which]  # fmt: skip
+    work = _copy_folder(folder, base / "malformed-folder")
+    (work / name).write_bytes(data)
+    expect_clear(lambda: loader(work), name)
+
+
+# ------------------------------------------------------------------ dictionary folders
+
+SAELENS_FIELDS = ["d_in", "d_sae", "k", "architecture", "activation_fn_str", "activation_fn_kwargs",
+                  "apply_b_dec_to_input", "metadata", "normalize_activations", "hook_name"]  # fmt: skip
+SPARSIFY_FIELDS = ["d_in", "k", "num_latents", "expansion_factor", "skip_connection", "multi_topk"]
+
+
+def _check_loaded_dictionary(d) -> None:
+    assert (d.d_in, d.n_features) == (4, 8)
+    x = torch.randn(5, 4, dtype=d.W_enc.dtype)
+    idx, val = d.encode(x, sparse=True)
+    assert idx.shape[0] == 5 and bool(torch.isfinite(val).all())
+    assert bool(torch.isfinite(d.decode(d.encode(x))).all())
+
+
+@fuzz(150)
+@given(fmt=st.sampled_from(["saelens", "sparsify"]), data=st.data())
+def test_fuzzed_dictionary_cfg(base, dict_folders, fmt, data):
+    src = dict_folders[fmt]
+    cfg = json.loads((src / "cfg.json").read_text())
+    field = data.draw(st.sampled_from(SAELENS_FIELDS if fmt == "saelens" else SPARSIFY_FIELDS))
+    if data.draw(st.booleans()) and field in cfg:
+        del cfg[field]
+    else:
+        cfg[field] = data.draw(JSON_VALUES)
+    work = _copy_folder(src, base / f"cfg-{fmt}")
+    (work / "cfg.json").write_text(json.dumps(cfg))
+    loader = load_saelens if fmt == "saelens" else load_sparsify
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # normalize_activations values warn, by design
+        ok, got = call_ok_or_clear(lambda: loader(work))
+    if ok:
+        _check_loaded_dictionary(got)
+    else:
+        msg = str(got)
+        assert "cfg.json" in msg or ".safetensors" in msg, msg
+
+
+@fuzz(30)
+@given(raw=st.one_of(st.binary(max_size=40), st.sampled_from([b"", b"[]", b"null", b"3", b'"cfg"', b"{", b"\xff"])))
+def test_unparseable_dictionary_cfg(base, dict_folders, raw):
+    work = _copy_folder(dict_folders["saelens"], base / "cfg-raw")
+    (work / "cfg.json").write_bytes(raw)
+    expect_clear(lambda: load_dictionary(work), "cfg.json")
+
+
+@pytest.mark.parametrize("fmt", ["saelens", "sparsify"])
+@pytest.mark.parametrize("how", ["int", "nan", "inf", "bool", "transposed", "missing", "half"])
+def test_dictionary_weights_with_bad_values(base, dict_folders, fmt, how):
+    from safetensors.torch import load_file
+
+    src = dict_folders[fmt]
+    name = "sae_weights.safetensors" if fmt == "saelens" else "sae.safetensors"
+    key = "W_enc" if fmt == "saelens" else "encoder.weight"
+    tensors = load_file(str(src / name))
+    t = tensors[key]
+    tensors[key] = {
+        "int": t.to(torch.int32),
+        "bool": t > 0,
+        "nan": t.clone().fill_(float("nan")),
+        "inf": torch.where(t > 0, float("inf"), t),
+        "transposed": t.T.contiguous(),
+        "half": t.half(),
+        "missing": None,
+    }[how]
+    if tensors[key] is None:
+        del tensors[key]
+    work = _copy_folder(src, base / f"weights-{fmt}")
+    save_file(tensors, str(work / name))
+    if how == "half":  # a lower-precision checkpoint is valid
+        _check_loaded_dictionary(load_dictionary(work))
+    else:
+        expect_clear(lambda: load_dictionary(work), name, key)
+
+
+def _pickle_bomb(marker: Path) -> bytes:
+    """A pickle that creates ``marker`` when (and only when) it is unpickled."""
+
+    class Bomb:
+        def __reduce__(self):
+            return (open, (str(marker), "w"))
+
+    return pickle.dumps(Bomb())
+
+
+def test_dictionary_folder_extra_files_are_never_executed(base, dict_folders):
+    marker = base / "dict-pwned"
+    work = _copy_folder(dict_folders["saelens"], base / "extra-files")
+    for name in ("sae_weights.pt", "pytorch_model.bin", "cfg.pkl", "sparsity.npy", "sae_weights.ckpt"):
+        (work / name).write_bytes(_pickle_bomb(marker))
+    (work / "notes.txt").write_text("hello")
+    _check_loaded_dictionary(load_dictionary(work))
+    assert not marker.exists()
+    # Only pickled weights: refused, never unpickled.
+    (work / "sae_weights.safetensors").unlink()
+    expect_clear(lambda: load_dictionary(work), "cannot tell the format")
+    expect_clear(lambda: load_saelens(work), "sae_weights.safetensors")
+    assert not marker.exists()
+    # Both formats' weights at once is ambiguous.
+    both = _copy_folder(dict_folders["saelens"], base / "both-formats")
+    (both / "sae.safetensors").write_bytes((dict_folders["sparsify"] / "sae.safetensors").read_bytes())
+    expect_clear(lambda: load_dictionary(both), "cannot tell the format")
+    expect_clear(lambda: load_dictionary(base / "no-such-folder"))
+    expect_clear(lambda: load_dictionary(dict_folders["saelens"], format="pickle"), "pickle")
+
+
+# ------------------------------------------------------------------ models
+
+TINY_FIELDS = ["n_layers", "d_model", "n_heads", "d_ff", "vocab_size", "n_ctx", "tie_embeddings", "init_std",
+               "model_type"]  # fmt: skip
+
+
+@fuzz(120)
+@given(data=st.data())
+def test_fuzzed_tiny_config(base, tiny_folder, data):
+    cfg = json.loads((tiny_folder / "config.json").read_text())
+    field = data.draw(st.sampled_from(TINY_FIELDS))
+    value = data.draw(JSON_VALUES)
+    if field == "model_type" and isinstance(value, str):
+        # Never a real Hugging Face type: transformers would build its full-size default model.
+        value = "bogus-" + value
+    cfg[field] = value
+    work = _copy_folder(tiny_folder, base / "tiny-cfg")
+    (work / "config.json").write_text(json.dumps(cfg))
+    with bounded_memory():
+        ok, got = call_ok_or_clear(lambda: load(work))
+    if ok:
+        assert isinstance(got, TinyTransformer)
+        assert got(torch.zeros(1, 3, dtype=torch.long)).shape == (1, 3, 11)
+    else:
+        msg = str(got)
+        assert "config.json" in msg or "model.safetensors" in msg or str(work) in msg, msg
+
+
+@fuzz(20)
+@given(raw=st.one_of(st.binary(max_size=40), st.sampled_from([b"", b"[]", b"{", b"\xff", b'{"model_type": 3}'])))
+def test_unparseable_model_config(base, tiny_folder, raw):
+    work = _copy_folder(tiny_folder, base / "tiny-raw")
+    (work / "config.json").write_bytes(raw)
+    expect_clear(lambda: load(work), "config.json")
+
+
+def test_tiny_weights_not_matching_config(base, tiny_folder):
+    from safetensors.torch import load_file
+
+    good = load_file(str(tiny_folder / "model.safetensors"))
+    cases = {
+        "missing": {k: v for k, v in good.items() if k != "ln_f.bias"},
+        "extra": {**good, "evil": torch.zeros(1)},
+        "shape": {**good, "ln_f.bias": torch.zeros(3)},
+        "nan": {**good, "ln_f.bias": torch.full((8,), float("nan"))},
+    }
+    work = _copy_folder(tiny_folder, base / "tiny-weights")
+    for tensors in cases.values():
+        save_file(tensors, str(work / "model.safetensors"))
+        expect_clear(lambda: load(work), "model.safetensors")
+    # A config that would need terabytes is refused from the file header, before allocating.
+    cfg = json.loads((tiny_folder / "config.json").read_text())
+    _copy_folder(tiny_folder, work)
+    for big in ({"n_layers": 10**7}, {"d_model": 2**40, "n_heads": 1}, {"vocab_size": 10**12}):
+        (work / "config.json").write_text(json.dumps({**cfg, **big}))
+        with bounded_memory():
+            expect_clear(lambda: load(work), "model.safetensors")
+    (work / "model.safetensors").unlink()
+    expect_clear(lambda: load(work), "model.safetensors")
+    expect_clear(lambda: load(base / "no-such-model"), "no-such-model")
+
+
+@pytest.fixture(scope="module")
+def hf_folder(base):
+    pytest.importorskip("transformers")
+    from supanalysis.models.testing import TinyHFShape, save_tiny_hf
+
+    shape = TinyHFShape(n_layers=1, d_model=8, n_heads=2, d_ff=16, vocab_size=11, n_ctx=8)
+    return save_tiny_hf("gpt2", base / "hf-gpt2", shape)
+
+
+def test_hf_folder_hostile_variants(base, hf_folder):
+    marker = base / "hf-pwned"
+    cfg = json.loads((hf_folder / "config.json").read_text())
+    work = _copy_folder(hf_folder, base / "hf-work")
+    # More layers in config.json than in the weights: transformers would fill them randomly.
+    (work / "config.json").write_text(json.dumps({**cfg, "n_layer": 2}))
+    expect_clear(lambda: load(work), "missing")
+    # Wrong types and wrong widths.
+    for bad in ({"n_embd": "8"}, {"n_embd": 16}, {"model_type": "bogus-arch"}, {"model_type": ["gpt2"]}):
+        (work / "config.json").write_text(json.dumps({**cfg, **bad}))
+        expect_clear(lambda: load(work), work)
+    # Remote code named by auto_map is never imported.
+    (work / "evil.py").write_text(f"open({str(marker)!r}, 'w').close()\n")
+    (work / "config.json").write_text(json.dumps({**cfg, "auto_map": {"AutoModelForCausalLM": "evil.Model"}}))
+    call_ok_or_clear(lambda: load(work))
+    assert not marker.exists()
+    # Only a pickled checkpoint: refused without unpickling it.
+    (work / "config.json").write_text(json.dumps(cfg))
+    (work / "model.safetensors").unlink()
+    (work / "pytorch_model.bin").write_bytes(_pickle_bomb(marker))
+    expect_clear(lambda: load(work), "safetensors")
+    assert not marker.exists()
+    # Truncated weights.
+    _copy_folder(hf_folder, work)
+    raw = (hf_folder / "model.safetensors").read_bytes()
+    (work / "model.safetensors").write_bytes(raw[: len(raw) // 2])
+    expect_clear(lambda: load(work), work)
+
+
+def test_describe_refuses_unknown_architectures():
+    net = torch.nn.Sequential(torch.nn.Linear(3, 3))
+    expect_clear(lambda: describe(net), "Sequential")
+    expect_clear(lambda: describe(net, arch="bogus"), "bogus")
+    with pytest.raises(ValueError, match="TinyConfig"):
+        TinyConfig(n_layers=True)
+    with pytest.raises(ValueError, match="init_std"):
+        TinyConfig(init_std=float("nan"))
+
+
+# ------------------------------------------------------------------ token sources
+
+
+@fuzz(100)
+@given(
+    dtype=st.sampled_from(["int8", "int16", "int32", "int64", "uint8", "uint16", "uint32", "uint64"]),
+    data=st.data(),
+)
+def test_token_ids_out_of_vocab_or_negative(base, dtype, data):
+    info = np.iinfo(dtype)
+    vocab = 50
+    ids = data.draw(
+        st.lists(
+            st.one_of(st.integers(0, vocab - 1), st.integers(max(info.min, -(2**63)), min(info.max, 2**64 - 1))),
+            min_size=1,
+            max_size=40,
+        )
+    )
+    arr = np.asarray(ids, dtype=dtype)
+    path = base / "ids.npy"
+    np.save(path, arr)
+    tokens = open_tokens(path)
+    seqs = TokenSequences(tokens, seq_len=4, batch_size=3, vocab_size=vocab)
+    used = arr[: len(seqs) * 4]
+    bad = [int(v) for v in used if not 0 <= int(v) < vocab]
+    if bad:
+        expect_clear(lambda: list(seqs), "token id")
+    else:
+        for batch in seqs:
+            assert batch.dtype == torch.int64 and int(batch.min()) >= 0 and int(batch.max()) < vocab
+    # Without a vocabulary, negative (or wrapped uint64) ids are still refused.
+    if any(int(v) < 0 or int(v) >= 2**63 for v in used):
+        expect_clear(lambda: list(TokenSequences(tokens, seq_len=4)), "token id")
+
+
+@fuzz(40)
+@given(cut=st.floats(0, 1, exclude_max=True), suffix=st.sampled_from([".npy", ".bin"]))
+def test_truncated_or_empty_token_files(base, cut, suffix):
+    arr = np.arange(37, dtype=np.uint16)
+    if suffix == ".npy":
+        np.save(base / "full.npy", arr)
+        raw = (base / "full.npy").read_bytes()
+    else:
+        raw = arr.tobytes()
+    path = _write(base, "cut" + suffix, raw[: int(cut * len(raw))])
+    ok, _ = call_ok_or_clear(lambda: open_tokens(path, "uint16"), path)
+    # A raw file cut at an even length is a valid shorter file; anything else is refused.
+    assert ok == (suffix == ".bin" and len(path.read_bytes()) % 2 == 0 and len(path.read_bytes()) > 0)
+
+
+def test_token_files_with_bad_dtypes(base):
+    cases = {
+        "float.npy": np.ones(5),
+        "bool.npy": np.ones(5, dtype=bool),
+        "complex.npy": np.ones(5, dtype=complex),
+        "empty.npy": np.zeros(0, dtype=np.int32),
+        "str.npy": np.array(["a", "b"]),
+    }
+    for name, arr in cases.items():
+        np.save(base / name, arr)
+        expect_clear(lambda n=name: open_tokens(base / n), name)
+    marker = base / "npy-pwned"
+    (base / "object.npy").write_bytes(b"")
+    np.save(base / "object.npy", np.array([_PickleMarker(marker)], dtype=object), allow_pickle=True)
+    expect_clear(lambda: open_tokens(base / "object.npy"), "object.npy")
+    assert not marker.exists()
+    expect_clear(lambda: open_tokens(base / "float.npy", "uint16"), "float.npy")
+    expect_clear(lambda: open_tokens(_write(base, "odd.bin", b"abc"), "uint16"), "odd.bin")
+    expect_clear(lambda: open_tokens(base / "odd.bin"), "dtype")
+    expect_clear(lambda: open_tokens(base / "odd.bin", "float32"), "dtype")
+    expect_clear(lambda: open_tokens(base / "missing.npy"), "missing.npy")
+    for kw in ({"seq_len": 2.5}, {"seq_len": "4"}, {"batch_size": 0}, {"start": -1}, {"max_sequences": -1},
+               {"prepend": -1}, {"vocab_size": 0}, {"seq_len": True}):  # fmt: skip
+        expect_clear(lambda kw=kw: TokenSequences(np.arange(8), **{"seq_len": 4, **kw}), next(iter(kw)))
+
+
+class _PickleMarker:
+    def __init__(self, marker: Path):
+        self.marker = marker
+
+    def __reduce__(self):
+        return (open, (str(self.marker), "w"))
+
+
+def test_pipeline_refuses_negative_token_ids(base):
+    from supanalysis.config import ModelSpec
+    from supanalysis.pipeline import measure
+
+    torch.manual_seed(0)
+    models = [TinyTransformer(n_layers=1, d_model=8, n_heads=2, d_ff=16, vocab_size=11, n_ctx=8) for _ in range(2)]
+    ids = np.arange(400, dtype=np.int32) % 11
+    ids[5] = -3
+    np.save(base / "neg.npy", ids)
+    cfg = TestConfig(
+        model_a=ModelSpec(name="A"),
+        model_b=ModelSpec(name="B"),
+        tokens=str(base / "neg.npy"),
+        seq_len=8,
+        batch_size=4,
+        eval_tokens=64,
+        stats_tokens=64,
+        match_tokens=64,
+        bootstrap=10,
+    )
+    expect_clear(lambda: measure(cfg, *models, progress=False), "token id")
+
+
+# ------------------------------------------------------------------ config files
+
+CONFIG_FIELDS = {
+    "": ["tokens", "token_dtype", "seq_len", "batch_size", "eval_tokens", "stats_tokens", "match_tokens",
+         "any_layer", "activation_threshold", "bootstrap", "seed", "device", "backend", "unknown_key"],
+    "model_a": ["path", "name", "sites", "dictionary", "unknown_key"],
+    "sae": ["expansion", "k", "tokens", "batch_size", "lr", "unknown_key"],
+    "thresholds": ["tau", "phi", "density_floor", "params_tolerance", "loss_tolerance", "C", "unknown_key"],
+}  # fmt: skip
+
+GOOD_CONFIG = {
+    "tokens": "tokens.npy", "seq_len": 16, "stats_tokens": 1000, "match_tokens": 500,
+    "model_a": {"path": "A", "dictionary": "neuron"}, "model_b": {"path": "B"},
+    "sae": {"k": 4}, "thresholds": {"tau": 0.5},
+}  # fmt: skip
+
+
+def is_int(v):
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def _is_num(v):
+    return isinstance(v, (int, float)) and not isinstance(v, bool)
+
+
+#: An independent statement of what each field accepts, to judge whatever loaded.
+ACCEPTS = {
+    "tokens": lambda v: isinstance(v, str),
+    "sae.tokens": lambda v: is_int(v) and v >= 1,
+    "token_dtype": lambda v: v is None or v in ("uint8", "uint16", "uint32", "int32"),
+    "seq_len": lambda v: is_int(v) and v >= 1,
+    "batch_size": lambda v: is_int(v) and v >= 1,
+    "eval_tokens": lambda v: is_int(v) and v >= 1,
+    "stats_tokens": lambda v: is_int(v) and v >= 500,
+    "match_tokens": lambda v: is_int(v) and 0 <= v <= 1000,
+    "any_layer": lambda v: isinstance(v, bool),
+    "activation_threshold": lambda v: _is_num(v) and v == v,
+    "bootstrap": lambda v: is_int(v) and v >= 1,
+    "seed": is_int,
+    "device": lambda v: v is None or isinstance(v, str),
+    "backend": lambda v: v is None or v in ("auto", "reference", "cpp", "triton", "cuda"),
+    "path": lambda v: isinstance(v, str),
+    "name": lambda v: isinstance(v, str),
+    "sites": lambda v: v is None or (isinstance(v, list) and all(isinstance(s, str) for s in v)),
+    "dictionary": lambda v: (
+        isinstance(v, str)
+        or (isinstance(v, dict) and all(isinstance(k, str) and isinstance(x, str) for k, x in v.items()))
+    ),
+    "expansion": lambda v: is_int(v) and v >= 1,
+    "k": lambda v: is_int(v) and v >= 1,
+    "lr": lambda v: v is None or (_is_num(v) and 0 < v < float("inf")),
+    "tau": lambda v: _is_num(v) and -1 <= v <= 1,
+    "phi": lambda v: _is_num(v) and 0 <= v <= 1,
+    "density_floor": lambda v: _is_num(v) and 0 <= v < 1,
+    "params_tolerance": lambda v: _is_num(v) and 0 <= v < float("inf"),
+    "loss_tolerance": lambda v: _is_num(v) and 0 <= v < float("inf"),
+    "C": lambda v: _is_num(v) and 0 < v < float("inf"),
+    "unknown_key": lambda v: False,
+}
+
+
+@fuzz(200)
+@given(data=st.data())
+def test_fuzzed_config_fields(base, data):
+    section = data.draw(st.sampled_from(sorted(CONFIG_FIELDS)))
+    field = data.draw(st.sampled_from(CONFIG_FIELDS[section]))
+    value = data.draw(st.one_of(JSON_VALUES, st.sampled_from(["cpu", "auto", "uint16", "x.npy", ["resid_post.0"]])))
+    cfg = json.loads(json.dumps(GOOD_CONFIG))
+    (cfg[section] if section else cfg)[field] = value
+    path = base / "fuzz.json"
+    path.write_text(json.dumps(cfg))
+    if field == "device" and isinstance(value, str):
+        try:
+            torch.device(value)
+        except RuntimeError:
+            ok, got = call_ok_or_clear(lambda: TestConfig.load(path))
+            assert not ok
+            return
+    ok, got = call_ok_or_clear(lambda: TestConfig.load(path), path)
+    accepts = ACCEPTS.get(f"{section}.{field}", ACCEPTS[field])
+    assert ok == accepts(value), f"{section}.{field}={value!r}: {'loaded' if ok else got}"
+    if not ok:
+        assert field in str(got), str(got)
+
+
+@fuzz(30)
+@given(raw=st.binary(max_size=60), suffix=st.sampled_from([".toml", ".json"]))
+def test_unparseable_config_files(base, raw, suffix):
+    path = _write(base, "raw" + suffix, raw)
+    ok, _ = call_ok_or_clear(lambda: TestConfig.load(path), path)
+    assert not ok or raw.strip() in (b"", b"{}") or suffix == ".toml"
+
+
+def test_config_files_by_hand(base):
+    def toml(text):
+        return _write(base, "hand.toml", text.encode())
+
+    expect_clear(lambda: TestConfig.load(toml("tokens = ")), "hand.toml")
+    expect_clear(lambda: TestConfig.load(toml("seq_len = true")), "seq_len")
+    expect_clear(lambda: TestConfig.load(toml('any_layer = "no"')), "any_layer")
+    expect_clear(lambda: TestConfig.load(toml("[thresholds]\nC = nan")), "C")
+    expect_clear(lambda: TestConfig.load(toml("[thresholds]\nloss_tolerance = -0.1")), "loss_tolerance")
+    expect_clear(lambda: TestConfig.load(toml("[model_a]\npath = 5")), "model_a.path")
+    expect_clear(lambda: TestConfig.load(toml("[model_a]\ncolour = 'red'")), "colour")
+    expect_clear(lambda: TestConfig.load(toml("model_a = 'x'")), "model_a")
+    expect_clear(lambda: TestConfig.load(_write(base, "c.yaml", b"a: 1")), "toml")
+    expect_clear(lambda: TestConfig.load(base / "none.toml"), "none.toml")
+    ok = TestConfig.load(toml('tokens = "t.npy"\nseq_len = 16\n[model_a]\npath = "A"\n[thresholds]\ntau = 1\n'))
+    assert ok.seq_len == 16 and ok.model_a.path == str(base / "A") and ok.tokens == str(base / "t.npy")
+
+
+def test_report_loader_refuses_corrupt_json(base):
+    from supanalysis.report import load_report
+
+    folder = base / "report"
+    folder.mkdir(exist_ok=True)
+    (folder / "arrays.safetensors").write_bytes(b"")
+    for raw in (b"[1]", b'{"schema": "other"}'):
+        (folder / "report.json").write_bytes(raw)
+        expect_clear(lambda: load_report(folder), "report.json")
+    expect_clear(lambda: load_report(base / "no-report"), "report.json")
+
+
+@pytest.mark.parametrize("which", ["json", "arrays"])
+def test_report_loader_names_corrupt_files(base, which):
+    from supanalysis.report import SCHEMA, load_report
+
+    folder = base / f"report-{which}"
+    folder.mkdir(exist_ok=True)
+    save_file({"x": torch.zeros(2)}, str(folder / "arrays.safetensors"))
+    (folder / "report.json").write_text(json.dumps({"schema": SCHEMA}))
+    if which == "json":
+        (folder / "report.json").write_bytes(b"{not json")
+    else:
+        (folder / "arrays.safetensors").write_bytes(b"\x00" * 3)
+    expect_clear(lambda: load_report(folder), "report.json" if which == "json" else "arrays.safetensors")
+
+
+# ------------------------------------------------------------------ no code from files
+
+FORBIDDEN_CALLS = {
+    ("pickle", "load"), ("pickle", "loads"), ("pickle", "Unpickler"), ("cPickle", "load"), ("cPickle", "loads"),
+    ("dill", "load"), ("dill", "loads"), ("cloudpickle", "load"), ("cloudpickle", "loads"),
+    ("joblib", "load"), ("marshal", "load"), ("marshal", "loads"), ("shelve", "open"), ("jsonpickle", "decode"),
+}  # fmt: skip
+
+
+def unsafe_calls(source: str, filename: str = "<src>") -> list[str]:
+    """Calls in ``source`` that can run code from data: unpickling, eval/exec, torch.load without
+    weights_only=True, np.load(allow_pickle=True), yaml.load without a safe loader,
+    trust_remote_code=True."""
+    found = []
+    for node in ast.walk(ast.parse(source, filename)):
+        if not isinstance(node, ast.Call):
+            continue
+        f = node.func
+        name = f.id if isinstance(f, ast.Name) else f.attr if isinstance(f, ast.Attribute) else ""
+        owner = f.value.id if isinstance(f, ast.Attribute) and isinstance(f.value, ast.Name) else ""
+        kw = {k.arg: k.value for k in node.keywords}
+        where = f"{filename}:{node.lineno}"
+
+        def true(key, kw=kw):
+            v = kw.get(key)
+            return isinstance(v, ast.Constant) and v.value is True
+
+        if isinstance(f, ast.Name) and name in ("eval", "exec"):
+            found.append(f"{where}: {name}()")
+        if (owner, name) in FORBIDDEN_CALLS:
+            found.append(f"{where}: {owner}.{name}()")
+        if owner == "torch" and name == "load" and not true("weights_only"):
+            found.append(f"{where}: torch.load without weights_only=True")
+        if (
+            name == "load"
+            and owner in ("np", "numpy")
+            and "allow_pickle" in kw
+            and not (isinstance(kw["allow_pickle"], ast.Constant) and kw["allow_pickle"].value is False)
+        ):
+            found.append(f"{where}: np.load with allow_pickle not False")
+        if owner == "yaml" and name in ("load", "load_all", "unsafe_load", "full_load"):
+            loader = kw.get("Loader")
+            if name != "load" or not (isinstance(loader, ast.Attribute) and "Safe" in loader.attr):
+                found.append(f"{where}: yaml.{name} without SafeLoader")
+        if true("trust_remote_code"):
+            found.append(f"{where}: trust_remote_code=True")
+    return found
+
+
+def test_unsafe_call_detector_catches_each_pattern():
+    bad = [
+        "pickle.load(f)", "pickle.loads(b)", "eval(text)", "exec(code)", "torch.load(p)",
+        "torch.load(p, weights_only=False)", "np.load(p, allow_pickle=True)", "yaml.load(s)",
+        "AutoModel.from_pretrained(p, trust_remote_code=True)", "marshal.loads(b)", "dill.load(f)",
+    ]  # fmt: skip
+    for src in bad:
+        assert unsafe_calls(src), src
+    good = ["torch.load(p, weights_only=True)", "np.load(p, mmap_mode='r')", "np.load(p, allow_pickle=False)",
+            "model.eval()", "yaml.safe_load(s)", "json.load(f)"]  # fmt: skip
+    for src in good:
+        assert not unsafe_calls(src), src
+
+
+def test_no_code_execution_from_files_in_the_package():
+    files = [p for d in ("supanalysis", "bench", "kernels") for p in sorted((ROOT / d).rglob("*.py"))]
+    assert len(files) > 10
+    found = []
+    for path in files:
+        found += unsafe_calls(path.read_text(encoding="utf-8"), str(path.relative_to(ROOT)))
+    assert not found, "code could run from data files:\n" + "\n".join(found)
