@@ -13,6 +13,7 @@ import torch  # noqa: F401  (loads libtorch before the extension)
 from . import data, dictionary, models, sites
 from ._backend import BACKENDS, BackendStatus, BackendUnavailable, backend_status
 from .accumulators import ActivationStats, BestMatch, CoActivation, CrossCorrelation
+from .accumulators.tiled import TiledBestMatch, best_match_tiled
 from .capture import ActivationSource, capture
 from .config import ModelSpec, TestConfig, Thresholds
 from .data import TokenSequences
@@ -47,6 +48,7 @@ __all__ = [
     "TestConfig",
     "TestReport",
     "Thresholds",
+    "TiledBestMatch",
     "TinyConfig",
     "TinyTransformer",
     "TokenSequences",
@@ -55,6 +57,7 @@ __all__ = [
     "activation_stats_sparse",
     "analyse",
     "backends",
+    "best_match_tiled",
     "capture",
     "data",
     "describe",

@@ -240,10 +240,35 @@ def _train_dictionary(
     return d, f"TopK SAE trained here (n={d.n_features}, k={cfg.sae.k}, {int(tokens)} tokens)"
 
 
-def _encode_dense(d: FeatureBasis, x: torch.Tensor) -> torch.Tensor:
+Codes = torch.Tensor | tuple[torch.Tensor, torch.Tensor]  # dense [T, n] or top-k (indices, values)
+
+
+def _encode(d: FeatureBasis, x: torch.Tensor) -> Codes:
+    """A TopK dictionary's codes stay sparse (k per token, never n); others are dense."""
     if isinstance(d, NeuronBasis):
         return x.float()
+    if isinstance(d, Dictionary) and isinstance(d.activation, TopK):
+        return d.encode(x.float(), sparse=True)
     return d.encode(x.float())
+
+
+def _rows(codes: Codes, sel) -> Codes:
+    return codes[sel] if isinstance(codes, torch.Tensor) else (codes[0][sel], codes[1][sel])
+
+
+def _dense(codes: Codes, n: int) -> torch.Tensor:
+    if isinstance(codes, torch.Tensor):
+        return codes
+    idx, val = codes
+    out = val.new_zeros(idx.shape[0], n)
+    return out.scatter_(1, idx.clamp_min(0), torch.where(idx >= 0, val, 0))
+
+
+def _cross_update(cc: CrossCorrelation, ca: Codes, cb: Codes) -> None:
+    if isinstance(ca, tuple) and isinstance(cb, tuple):
+        cc.update_sparse(ca[0], ca[1], cb[0], cb[1])
+    else:  # a neuron basis on one side: that side is dense anyway
+        cc.update(_dense(ca, cc.n_a), _dense(cb, cc.n_b))
 
 
 def _batch_seed(seed: int, batch: int) -> int:
@@ -387,7 +412,8 @@ def measure(
             f"the token file holds {total} sequences of {L} tokens; this config needs {n_eval + n_train + n_stats} "
             f"(eval {n_eval}, SAE training {n_train}, statistics {n_stats}): lower the token counts or add data"
         )
-    seqs = lambda start, count: TokenSequences(tokens, L, bs, start=start, max_sequences=count)  # noqa: E731
+    # vocab_size: every batch is checked, not only the head of the file scanned above.
+    seqs = lambda start, count: TokenSequences(tokens, L, bs, start=start, max_sequences=count, vocab_size=vocab)  # noqa: E731
     train_seqs = seqs(n_eval, n_train)
 
     ck, saved = (None, None)
@@ -503,9 +529,9 @@ def measure(
                     gen = torch.Generator().manual_seed(_batch_seed(cfg.seed, k))
                     perm = torch.randperm(take, generator=gen).to(dev)
                     for (i, j), cc in cross.items():
-                        cc.update(codes_a[i][:take], codes_b[j][:take])
+                        _cross_update(cc, _rows(codes_a[i], slice(0, take)), _rows(codes_b[j], slice(0, take)))
                     for (i, j), bl in baselines.items():
-                        bl.update(codes_a[i][:take], codes_b[j][:take][perm])
+                        _cross_update(bl, _rows(codes_a[i], slice(0, take)), _rows(codes_b[j], perm))
                 k += 1
                 last_tokens += T
                 bar.update(T)
@@ -536,18 +562,21 @@ def _dictionary_choices(specs: list[ModelSpec]) -> set[str]:
     return out
 
 
-def _site_updates(
-    mm: ModelMeasurement, dicts: list[FeatureBasis], batch: dict[str, torch.Tensor]
-) -> list[torch.Tensor]:
-    """Update every site's statistics with one batch; return the dense codes per site."""
+def _site_updates(mm: ModelMeasurement, dicts: list[FeatureBasis], batch: dict[str, torch.Tensor]) -> list[Codes]:
+    """Update every site's statistics with one batch; return the codes per site."""
     out = []
     for s, d in zip(mm.sites, dicts):
         x = batch[s.site].float()
-        codes = _encode_dense(d, x)
-        s.stats.update(codes)
+        codes = _encode(d, x)
+        if isinstance(codes, tuple):
+            s.stats.update_sparse(*codes)
+            recon = d.decode_sparse(*codes)
+        else:
+            s.stats.update(codes)
+            recon = None if isinstance(d, NeuronBasis) else d.decode(codes)
         s.x_stats.update(x)
-        if not isinstance(d, NeuronBasis):
-            s.sse += float((x - d.decode(codes)).double().pow(2).sum())
+        if recon is not None:
+            s.sse += float((x - recon).double().pow(2).sum())
         out.append(codes)
     return out
 

@@ -151,3 +151,67 @@ def test_bad_input_leaves_state_unchanged():
         sa.CrossCorrelation(100_000, 100_000)
     for k, v in cc.state_dict().items():
         assert torch.equal(v, before[k]), k
+
+
+# ----------------------------------------------------------------------------- sparse codes
+def _topk_codes(T, n, k, seed, offset=0.0):
+    g = torch.Generator().manual_seed(seed)
+    # Feature 0 fires on every token; the others are drawn without repeats.
+    rows = [torch.cat([torch.zeros(1).long(), 1 + torch.randperm(n - 1, generator=g)[: k - 1]]) for _ in range(T)]
+    idx = torch.stack(rows) if T else torch.zeros(0, k).long()
+    val = torch.rand(T, k, generator=g) * 3 + offset
+    if T > 3:
+        idx[::3, -1] = -1  # padding
+    return idx, val
+
+
+def _densify(idx, val, n):
+    x = torch.zeros(idx.shape[0], n, dtype=torch.float64)
+    rows = torch.arange(idx.shape[0])[:, None].expand_as(idx)
+    m = idx >= 0
+    x[rows[m], idx[m]] = val[m].double()
+    return x
+
+
+@pytest.mark.parametrize("T,na,nb,ka,kb", [(1, 3, 2, 2, 1), (0, 5, 4, 2, 2), (257, 97, 33, 7, 4)])
+def test_update_sparse_equals_dense_update(backend_device, T, na, nb, ka, kb):
+    backend, device = backend_device
+    ia, va = _topk_codes(T, na, ka, seed=T + 1, offset=20.0)
+    ib, vb = _topk_codes(T, nb, kb, seed=T + 2)
+    sparse = sa.CrossCorrelation(na, nb, backend=backend)
+    dense = sa.CrossCorrelation(na, nb, backend="reference")
+    for s in (slice(0, T // 3), slice(T // 3, T)):  # streaming, uneven splits
+        sparse.update_sparse(ia[s].to(device), va[s].to(device), ib[s].to(device), vb[s].to(device))
+        dense.update(_densify(ia[s], va[s], na), _densify(ib[s], vb[s], nb))
+    got, want = sparse.state_dict(), dense.state_dict()
+    assert int(got["n_tokens"]) == int(want["n_tokens"]) == T
+    # Triton's per-feature moments accumulate in float32 inside the kernel.
+    tol = 1e-4 if backend == "triton" else 1e-9
+    for key in ("mean_a", "m2_a", "mean_b", "m2_b", "comoment"):
+        assert torch.allclose(got[key].cpu(), want[key], rtol=tol, atol=tol), key
+    if T > 1:
+        np.testing.assert_allclose(sparse.correlation().cpu().numpy(), dense.correlation().numpy(), atol=1e-6)
+
+
+def test_update_sparse_drops_nonfinite_tokens_and_rejects_bad_input():
+    ia, va = _topk_codes(20, 9, 3, seed=0)
+    ib, vb = _topk_codes(20, 6, 2, seed=1)
+    va[4, 1] = float("nan")
+    cc = sa.CrossCorrelation(9, 6).update_sparse(ia, va, ib, vb)
+    assert cc.n_tokens == 19 and cc.n_skipped == 1
+    before = cc.state_dict()
+    bad = [
+        ((ia[:5], va[:5], ib, vb), ValueError, "same tokens"),
+        ((ia + 20, va, ib, vb), ValueError, "indices_a must be in"),
+        ((ia, va, ib, vb.double()), TypeError, "share a dtype"),
+        ((ia.float(), va, ib, vb), TypeError, "indices_a must be int"),
+        ((ia, va[:, :2], ib, vb), ValueError, "values_a must have the shape"),
+    ]
+    dup = ib.clone()
+    dup[0, 1] = dup[0, 0]
+    bad.append(((ia, va, dup, vb), ValueError, "twice"))
+    for args, exc, msg in bad:
+        with pytest.raises(exc, match=msg):
+            cc.update_sparse(*args)
+    after = cc.state_dict()
+    assert all(torch.equal(before[k], after[k]) for k in before)

@@ -120,7 +120,7 @@ def test_sharded_interference_equals_one_device(tmp_path):
     ref = sa.interference(W, topk=3, backend="reference")
     for f in _FIELDS:
         a, b = split[f], getattr(ref, f)
-        assert (torch.equal(a, b) if b.dtype == torch.int64 else torch.allclose(a, b, rtol=1e-12, atol=1e-12)), f
+        assert torch.equal(a, b) if b.dtype == torch.int64 else torch.allclose(a, b, rtol=1e-12, atol=1e-12), f
 
 
 # ----------------------------------------------------------------------------- the whole test, sharded

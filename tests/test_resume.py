@@ -126,7 +126,7 @@ def test_corrupted_checkpoint_is_refused(workspace, tmp_path, damage):
         state.write_bytes(bytes(data))
     else:
         (ck / "fingerprint.json").write_text("{not json")
-    with pytest.raises(CheckpointMismatch, match="corrupt|unreadable|another run"):
+    with pytest.raises(CheckpointMismatch, match=r"corrupt|unreadable|another run"):
         measure(config(workspace), progress=False, checkpoint_dir=ck, resume=True)
     # The CLI reports it in one line and writes no report.
     out = tmp_path / "out"
