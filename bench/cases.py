@@ -9,6 +9,9 @@ Mutating ops (cross, coact, coact_sparse) accumulate into the same state on ever
 their cost does not depend on the state's values, so no reset is needed or timed.
 Work units: "B" (bytes the op must read and write at least), "FLOP" (useful FLOPs,
 2·m·n·k per product), "incr" (pair increments, T·k·k for top-k coactivation).
+A baseline that is linear in the token count and too large to run whole is a
+:class:`Chunked` call: one chunk of the tokens is timed and the time multiplied by the
+number of chunks (what a user would run, chunk after chunk); its row says so.
 """
 
 from __future__ import annotations
@@ -42,6 +45,17 @@ class Op:
     dtype: torch.dtype | None = None  # fixed dtype (ignores --dtype), else None
 
 
+@dataclass(frozen=True)
+class Chunked:
+    """One chunk of a token-linear baseline; the full call costs ``chunks`` times as much."""
+
+    call: Callable[[], object]
+    chunks: int
+
+    def __call__(self) -> object:
+        return self.call()
+
+
 def label(dims: Dims) -> str:
     return " ".join(f"{k}={v:,}" for k, v in dims.items())
 
@@ -72,8 +86,20 @@ def build_stats_sparse(d: Dims, dtype, device) -> Calls:
     idx = topk_indices(T, k, n, device)
     val = (torch.rand(T, k, device=device) + 0.1).to(dtype)
     calls: Calls = {b: partial(f, idx, val, n, 0.0) for b, f in AS.SPARSE_IMPLS.items()}
-    calls["user"] = lambda: stats_user(x=torch.zeros(T, n, dtype=dtype, device=device).scatter_(1, idx, val))
+    # Densify-then-update, the way a user with a dense kernel would: chunks of ~256 MiB
+    # of dense codes, each through the fused dense update (auto backend).
+    rows = _chunk_rows(T, n * torch.empty(0, dtype=dtype).element_size())
+
+    def densify_then_update():
+        x = torch.zeros(rows, n, dtype=dtype, device=device).scatter_(1, idx[:rows], val[:rows])
+        return AS.activation_stats(x, 0.0)
+
+    calls["user"] = Chunked(densify_then_update, -(-T // rows))
     return calls
+
+
+def _chunk_rows(T: int, row_bytes: int, chunk_bytes: int = 256 << 20) -> int:
+    return max(1, min(T, chunk_bytes // max(1, row_bytes)))
 
 
 # ----------------------------------------------------------------------------- interference
@@ -86,7 +112,12 @@ def interference_user(W: torch.Tensor) -> tuple:
 
 def build_interference(d: Dims, dtype, device) -> Calls:
     W = torch.randn(d["n"], d["m"], device=device).to(dtype)
-    calls: Calls = {b: partial(f, W, None, 0, 0) for b, f in IF.IMPLS.items()}
+    k = d.get("k", 0)
+    calls: Calls = {b: partial(f, W, None, k, 0) for b, f in IF.IMPLS.items()}
+    if k:  # the cost of top-k: the same op without it is the bare row
+        best = "cuda" if device.type == "cuda" else "cpp"
+        calls[f"bare k=0 ({best})"] = partial(IF.IMPLS[best], W, None, 0, 0)
+        return calls
     calls["user"] = partial(interference_user, W)
     calls["bare W@W.T"] = lambda: W @ W.T
     return calls
@@ -147,11 +178,15 @@ def build_coact_sparse(d: Dims, dtype, device) -> Calls:
     counts = torch.zeros(n, n, dtype=torch.int64, device=device)
     calls: Calls = {b: partial(f, counts, idx) for b, f in CO.SPARSE_IMPLS.items()}
 
-    def user():  # densify, then the dense user baseline
-        B = torch.zeros(T, n, device=device).scatter_(1, idx, 1.0)
+    # Densify, then the dense binarised B.T @ B, chunk by chunk of tokens (linear in T).
+    rows = _chunk_rows(T, 4 * n)
+    chunk = idx[:rows]
+
+    def dense_binarised():
+        B = torch.zeros(rows, n, device=device).scatter_(1, chunk, 1.0)
         counts.add_((B.T @ B).long())
 
-    calls["user"] = user
+    calls["bare B.T@B"] = Chunked(dense_binarised, -(-T // rows))
     return calls
 
 
@@ -178,10 +213,7 @@ OPS: dict[str, Op] = {
             AS.IMPLEMENTED,
             "B",
             work=lambda d, e: d["T"] * d["k"] * (F64 + e) + d["T"] * F64 + 7 * d["n"] * F64,
-            mem=lambda d, e: {
-                "reference": 56 * d["T"] * d["n"],
-                "user": (e + 6) * d["T"] * d["n"],
-            },
+            mem=lambda d, e: {"reference": 56 * d["T"] * d["n"], "user": 2 * (256 << 20)},
             build=build_stats_sparse,
             scale=("T", 1),
             shapes={
@@ -206,6 +238,20 @@ OPS: dict[str, Op] = {
                 "cpu": {"n": 16384, "m": 512},
                 "cuda": {"n": 65536, "m": 4096},
                 "quick": {"n": 512, "m": 64},
+            },
+        ),
+        Op(
+            "interference_topk",
+            IF.IMPLEMENTED,
+            "FLOP",
+            work=lambda d, e: 2 * d["n"] ** 2 * d["m"],
+            mem=lambda d, e: {"reference": 3 * F64 * d["n"] * d["m"] + 6 * F64 * 1024 * d["n"]},
+            build=build_interference,
+            scale=("n", 2),
+            shapes={
+                "cpu": {"n": 16384, "m": 512, "k": 32},
+                "cuda": {"n": 65536, "m": 4096, "k": 32},
+                "quick": {"n": 512, "m": 64, "k": 8},
             },
         ),
         Op(
@@ -268,7 +314,7 @@ OPS: dict[str, Op] = {
             work=lambda d, e: d["T"] * d["k"] ** 2,
             mem=lambda d, e: {
                 "reference": F64 * d["T"] * d["n"] + 3 * F64 * d["n"] ** 2,
-                "user": 4 * d["T"] * d["n"] + 2 * F64 * d["n"] ** 2,
+                "bare B.T@B": (256 << 20) + 3 * F64 * d["n"] ** 2,
             },
             build=build_coact_sparse,
             scale=("T", 1),
