@@ -116,11 +116,26 @@ void col_epilogue(const acc_t* G, int64_t R, int64_t C, int64_t r0, int64_t c0,
   });
 }
 
-// Row norms in float64 and the unit rows in the compute dtype (zero rows stay zero).
+// Row norms in float64 and the unit rows in the compute dtype (zero rows stay zero), one
+// row at a time: no float64 copy of X, so the only O(n·m) extra memory is the unit rows.
+template <typename acc_t>
 std::pair<at::Tensor, at::Tensor> normalise(const at::Tensor& X) {
-  at::Tensor nrm = X.to(at::kDouble).pow(2).sum(1).sqrt();
-  at::Tensor inv = at::where(nrm > 0, nrm.reciprocal(), at::zeros_like(nrm));
-  at::Tensor unit = (X.to(at::kDouble) * inv.unsqueeze(1)).to(X.scalar_type()).contiguous();
+  const int64_t n = X.size(0), m = X.size(1);
+  at::Tensor nrm = at::empty({n}, X.options().dtype(at::kDouble));
+  at::Tensor unit = at::empty({n, m}, X.options());
+  const acc_t* x = X.data_ptr<acc_t>();
+  acc_t* u = unit.data_ptr<acc_t>();
+  double* r = nrm.data_ptr<double>();
+  at::parallel_for(0, n, 256, [&](int64_t b, int64_t e) {
+    for (int64_t i = b; i < e; ++i) {
+      const acc_t* xi = x + i * m;
+      double ss = 0.0;
+      for (int64_t j = 0; j < m; ++j) ss += static_cast<double>(xi[j]) * static_cast<double>(xi[j]);
+      r[i] = std::sqrt(ss);
+      const double inv = r[i] > 0 ? 1.0 / r[i] : 0.0;
+      for (int64_t j = 0; j < m; ++j) u[i * m + j] = static_cast<acc_t>(static_cast<double>(xi[j]) * inv);
+    }
+  });
   return {nrm, unit};
 }
 
@@ -128,12 +143,12 @@ template <typename acc_t>
 std::vector<at::Tensor> run(const at::Tensor& W, const std::optional<at::Tensor>& V, int64_t topk,
                             int64_t block) {
   const int64_t n = W.size(0);
-  auto [w_norm, Wn] = normalise(W);
+  auto [w_norm, Wn] = normalise<acc_t>(W);
   at::Tensor w_nsq = w_norm.pow(2).contiguous();
   at::Tensor Vn, v_nsq;
   int64_t nv = n;
   if (V) {
-    auto [v_norm, vunit] = normalise(*V);
+    auto [v_norm, vunit] = normalise<acc_t>(*V);
     Vn = vunit;
     v_nsq = v_norm.pow(2).contiguous();
     nv = V->size(0);

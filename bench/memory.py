@@ -1,0 +1,70 @@
+"""``python -m bench.memory``: peak extra memory of the tiled ops against the n×n they avoid.
+
+For each op the inputs are built first; then the peak is reset and one call runs. On the
+CPU the peak is the process's high-water resident set (VmHWM, reset through
+/proc/self/clear_refs), so it counts every allocation, ATen's and the kernels' own; on a
+GPU it is ``torch.cuda.max_memory_allocated``. "extra" = peak − resident before the call.
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+
+from supanalysis.ops import interference as IF
+
+
+def _status_kib(field: str) -> int:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith(field + ":"):
+            return int(line.split()[1])
+    raise RuntimeError(f"{field} not in /proc/self/status")
+
+
+def peak_extra_bytes(fn: Callable[[], object], device: torch.device) -> int:
+    """Peak memory above the current level while ``fn`` runs once."""
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+        torch.cuda.reset_peak_memory_stats(device)
+        before = torch.cuda.memory_allocated(device)
+        out = fn()
+        torch.cuda.synchronize(device)
+        del out
+        return torch.cuda.max_memory_allocated(device) - before
+    Path("/proc/self/clear_refs").write_text("5")  # reset VmHWM to the current RSS
+    before = _status_kib("VmRSS")
+    out = fn()
+    peak = _status_kib("VmHWM")
+    del out
+    return (peak - before) * 1024
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m bench.memory", description=__doc__)
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--n", type=int, default=16384)
+    p.add_argument("--m", type=int, default=512)
+    p.add_argument("--topk", type=int, default=0)
+    p.add_argument("--backend", default=None, help="default: cpp on cpu, cuda on a GPU")
+    args = p.parse_args(argv)
+    dev = torch.device(args.device)
+    backend = args.backend or ("cuda" if dev.type == "cuda" else "cpp")
+    W = torch.randn(args.n, args.m, device=dev)
+    IF.IMPLS[backend](W[:64], None, args.topk, 0)  # warm-up: one-time allocations, thread pools
+    nn_bytes = args.n * args.n * W.element_size()
+    extra = peak_extra_bytes(lambda: IF.IMPLS[backend](W, None, args.topk, 0), dev)
+    print(
+        f"interference {backend} n={args.n:,} m={args.m} topk={args.topk} float32 on {dev}: "
+        f"peak extra {extra / 2**20:.1f} MiB = {100 * extra / nn_bytes:.2f}% of the n×n matrix "
+        f"({nn_bytes / 2**20:.0f} MiB)"
+    )
+    return 0
+
+
+if __name__ == "__main__":  # pragma: no cover
+    raise SystemExit(main())
