@@ -12,6 +12,14 @@
 #include <optional>
 #include <vector>
 
+// Hot CPU loops are compiled twice, for AVX2 and for the baseline x86-64 ISA, and the
+// dynamic loader picks per CPU (GCC function multiversioning); elsewhere, one build.
+#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
+#define SUPANALYSIS_TARGET_CLONES __attribute__((target_clones("avx2", "default")))
+#else
+#define SUPANALYSIS_TARGET_CLONES
+#endif
+
 namespace supanalysis {
 
 // The float32 threshold t' with (v > t') == (double(v) > t) for every float32 v: the
