@@ -50,10 +50,12 @@ def build_parser() -> argparse.ArgumentParser:
     info.set_defaults(func=_cmd_info)
     _add_test_parser(sub)
     from .demo import add_demo_parser
+    from .planted import add_planted_parser
     from .toy_tour import add_toy_parser
 
     add_demo_parser(sub)
     add_toy_parser(sub)
+    add_planted_parser(sub)
     return p
 
 
