@@ -75,9 +75,8 @@ so = glob.glob("supanalysis/_C*.so")[0]
 spec = importlib.util.spec_from_file_location("supanalysis._C", so)
 mod = importlib.util.module_from_spec(spec)
 spec.loader.exec_module(mod)
-want = ["activation_stats_cuda", "activation_stats_sparse_cuda", "interference_cuda",
-        "cross_moments_update_cuda", "best_match_cuda", "coactivation_update_cuda",
-        "coactivation_update_sparse_cuda"]
+# Every op has a CPU and a CUDA launcher: each *_cpu must have its *_cuda twin.
+want = sorted(n[: -len("_cpu")] + "_cuda" for n in dir(mod) if n.endswith("_cpu"))
 missing = [w for w in want if not hasattr(mod, w)]
 if not getattr(mod, "with_cuda", False):
     print("with_cuda is not True in the built extension", file=sys.stderr)
