@@ -178,8 +178,9 @@ def build_coact_sparse(d: Dims, dtype, device) -> Calls:
     counts = torch.zeros(n, n, dtype=torch.int64, device=device)
     calls: Calls = {b: partial(f, counts, idx) for b, f in CO.SPARSE_IMPLS.items()}
 
-    # Densify, then the dense binarised B.T @ B, chunk by chunk of tokens (linear in T).
-    rows = _chunk_rows(T, 4 * n)
+    # Densify, then the dense binarised B.T @ B, chunk by chunk of tokens (linear in T);
+    # 64 MiB chunks keep one chunk's GEMM within the time budget on a small CPU.
+    rows = _chunk_rows(T, 4 * n, 64 << 20)
     chunk = idx[:rows]
 
     def dense_binarised():

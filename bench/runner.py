@@ -154,7 +154,7 @@ def estimate_seconds(op: cases.Op, dims: cases.Dims, dtype, cfg: Config, names: 
             t = once(calls[name], cfg.device)
             if t < 0.1:  # cheap: time it again, warm
                 t = once(calls[name], cfg.device)
-            est[name] = t * factor * _chunks(calls[name])
+            est[name] = t * factor * _chunks(calls[name])  # the whole call, every chunk
             if est[name] <= cfg.budget_s or est[name] * frac * 8 > cfg.budget_s / 4:
                 pending.remove(name)
         del calls
@@ -190,6 +190,7 @@ def plan(op: cases.Op, dims: cases.Dims, dtype, cfg: Config, args, calls: dict):
         est = {}
         print(f"  ({op.name}: baseline time estimate failed: {str(exc)[:80]})")
     for n, s in est.items():
+        s /= _chunks(calls[n])  # a chunked baseline is timed one chunk at a time
         if s > cfg.budget_s:
             names.remove(n)
             skipped[n] = f"skipped: est. {s:.3g} s/call > budget {cfg.budget_s:g} s"
