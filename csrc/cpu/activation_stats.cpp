@@ -180,13 +180,13 @@ static inline __attribute__((always_inline)) void tile_body(const T* __restrict_
   }
 }
 
-__attribute__((target_clones("avx2", "default"))) void tile_f32(const float* x, int64_t rows, int64_t stride,
+SUPANALYSIS_TARGET_CLONES void tile_f32(const float* x, int64_t rows, int64_t stride,
                                                                  int64_t w, float thr, TileAcc<float>* acc,
                                                                  int32_t* l0) {
   tile_body<float>(x, rows, stride, w, thr, acc, l0);
 }
 
-__attribute__((target_clones("avx2", "default"))) void tile_f64(const double* x, int64_t rows, int64_t stride,
+SUPANALYSIS_TARGET_CLONES void tile_f64(const double* x, int64_t rows, int64_t stride,
                                                                  int64_t w, double thr, TileAcc<double>* acc,
                                                                  int32_t* l0) {
   tile_body<double>(x, rows, stride, w, thr, acc, l0);
