@@ -15,7 +15,6 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import tempfile
 from collections.abc import Iterable, Mapping
 from pathlib import Path
 
@@ -23,7 +22,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from .accumulators._state import atomic_save, load_file_checked
+from .accumulators._state import atomic_save, atomic_write, load_file_checked
 from .config import TestConfig
 
 KIND = "supanalysis.MeasureCheckpoint"
@@ -170,17 +169,7 @@ class MeasureCheckpoint:
 
 
 def _atomic_write_text(path: Path, text: str) -> None:
-    fd, tmp = tempfile.mkstemp(prefix=".tmp-", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w") as fh:
-            fh.write(text)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
+    atomic_write(path, lambda tmp: Path(tmp).write_text(text))
 
 
 def prefixed(prefix: str, state: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:

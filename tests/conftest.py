@@ -1,4 +1,4 @@
-"""Shared test fixtures: which (backend, device) pairs can run here, and the tolerance rule."""
+"""Shared test fixtures: which (backend, device) pairs can run here, the tolerance rule, one thread."""
 
 from __future__ import annotations
 
@@ -58,3 +58,13 @@ def pytest_report_header(config):
     lines = [str(s) for s in _STATUS.values()]
     lines.append(f"TRITON_INTERPRET={os.environ.get('TRITON_INTERPRET', '0')}")
     return lines
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """torch on one thread for the test: tiny forwards and batched toy matmuls are dominated
+    by threading overhead, and the CI machine has two cores shared with everything else."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)

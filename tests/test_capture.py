@@ -20,13 +20,7 @@ from supanalysis.sites import resolve_site, valid_site_names
 SHAPE = TinyHFShape()
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    # Tiny tensors: extra OpenMP threads only contend with each other on a shared machine.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # see conftest.py
 
 
 def _tiny(n_layers=3, d_model=16, d_ff=40, n_ctx=16) -> TinyTransformer:

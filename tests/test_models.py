@@ -13,13 +13,7 @@ from supanalysis.models.testing import HF_FAMILIES, TinyHFShape, save_tiny_hf
 SHAPE = TinyHFShape()
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    # Tiny tensors: extra OpenMP threads only contend with each other on a shared machine.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # see conftest.py
 
 
 def _tiny(**kw) -> TinyTransformer:

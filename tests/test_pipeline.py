@@ -15,14 +15,7 @@ from supanalysis.config import ModelSpec, TestConfig, Thresholds
 from supanalysis.models import TinyConfig, TinyTransformer
 from supanalysis.pipeline import analyse, measure, pair_by_depth, run_test
 
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    # Tiny forwards are dominated by threading overhead on a shared 2-core machine.
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")  # see conftest.py
 
 
 def tiny(L, d, seed):

@@ -6,18 +6,11 @@ import json
 
 import numpy as np
 import pytest
-import torch
 
 from supanalysis.planted import DENSITY_TARGET, REPRESENTED_CORR, run_planted
 from supanalysis.planted_data import NO_FEATURE, PlantedSpec, generate, indicators
 
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")  # see conftest.py
 
 
 def test_generator_plants_the_densities():

@@ -21,13 +21,7 @@ from supanalysis.config import ModelSpec, TestConfig
 from supanalysis.models import TinyConfig, TinyTransformer
 from supanalysis.pipeline import analyse, measure
 
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")  # see conftest.py
 
 
 @pytest.fixture(scope="module")

@@ -17,14 +17,7 @@ from supanalysis.dictionary import (
 )
 from supanalysis.models import TinyConfig, TinyTransformer
 
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    # Small matrices: extra OpenMP threads only contend with each other on a shared machine.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # see conftest.py
 
 
 def _synthetic(n_batches=12, t=512, m=16, n=64, seed=0) -> list[torch.Tensor]:

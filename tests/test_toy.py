@@ -12,14 +12,7 @@ from supanalysis.ops.interference import interference
 from supanalysis.toy import ToyConfig, adjacent_angles, forward, sample_features, train_toy_models
 from supanalysis.toy_tour import QUICK, check_linear, check_pentagon, check_sticky, run_toy_tour
 
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    # The toy models are tiny batched matmuls: threads only add overhead on a shared machine.
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")  # see conftest.py
 
 
 def test_pentagon():

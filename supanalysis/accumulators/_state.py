@@ -12,7 +12,7 @@ import json
 import numbers
 import os
 import tempfile
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 
 import torch
 
@@ -71,19 +71,18 @@ def chan_merge(
     return mean, m2
 
 
-def atomic_save(tensors: Mapping[str, torch.Tensor], meta: Mapping[str, object], path: str | os.PathLike) -> None:
-    """Write safetensors to a temp file in the same folder, fsync, then rename over ``path``."""
-    from safetensors.torch import save_file
+def atomic_write(path: str | os.PathLike, write: Callable[[str], None], suffix: str = "") -> None:
+    """``write(tmp)`` a temp file in ``path``'s folder, fsync it, then rename it over ``path``.
 
+    A crash at any instant leaves either the old file or the new one, never a torn one.
+    """
     path = os.fspath(path)
     folder = os.path.dirname(os.path.abspath(path))
     os.makedirs(folder, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=".safetensors", dir=folder)
+    fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=suffix, dir=folder)
     os.close(fd)
     try:
-        cpu = {k: v.detach().to("cpu").contiguous() for k, v in tensors.items()}
-        full = {**dict(meta), "sha256": _digest(cpu, meta)}
-        save_file(cpu, tmp, metadata={"supanalysis": json.dumps(full)})
+        write(tmp)
         with open(tmp, "rb+") as fh:
             os.fsync(fh.fileno())
         os.replace(tmp, path)
@@ -91,6 +90,15 @@ def atomic_save(tensors: Mapping[str, torch.Tensor], meta: Mapping[str, object],
         if os.path.exists(tmp):
             os.remove(tmp)
         raise
+
+
+def atomic_save(tensors: Mapping[str, torch.Tensor], meta: Mapping[str, object], path: str | os.PathLike) -> None:
+    """Write safetensors (with a sha256 of everything in the metadata) atomically to ``path``."""
+    from safetensors.torch import save_file
+
+    cpu = {k: v.detach().to("cpu").contiguous() for k, v in tensors.items()}
+    full = {**dict(meta), "sha256": _digest(cpu, meta)}
+    atomic_write(path, lambda tmp: save_file(cpu, tmp, metadata={"supanalysis": json.dumps(full)}), ".safetensors")
 
 
 def _digest(tensors: Mapping[str, torch.Tensor], meta: Mapping[str, object]) -> str:
