@@ -112,6 +112,10 @@ class TestConfig:
     stats_tokens: tokens for densities and statistics; the next slice after SAE training.
     match_tokens: of those, tokens also used for the cross-model correlations.
     any_layer: also match every site of A against every site of B.
+    match_max_bytes: memory for the cross-model co-moments (8·n_a·n_b bytes per site pair,
+        the baselines included). When all of them fit, one streaming pass holds them all
+        ("dense"); beyond it the match tokens' codes are kept and each pair's best match is
+        computed in row blocks of this size, one pass over the kept codes per block ("tiled").
     activation_threshold: a latent fires when its code is above this.
     sae: settings for dictionaries that are trained.
     thresholds: analysis thresholds (see :class:`Thresholds`).
@@ -133,6 +137,7 @@ class TestConfig:
     stats_tokens: int = 100_000
     match_tokens: int = 50_000
     any_layer: bool = True
+    match_max_bytes: int = 8 << 30
     activation_threshold: float = 0.0
     sae: SAETraining = field(default_factory=SAETraining)
     thresholds: Thresholds = field(default_factory=Thresholds)
@@ -142,7 +147,7 @@ class TestConfig:
     backend: str | None = None
 
     def __post_init__(self) -> None:
-        for name in ("seq_len", "batch_size", "eval_tokens", "stats_tokens", "bootstrap"):
+        for name in ("seq_len", "batch_size", "eval_tokens", "stats_tokens", "bootstrap", "match_max_bytes"):
             _positive_int(self, name)
         if not isinstance(self.match_tokens, int) or isinstance(self.match_tokens, bool):
             raise ValueError(f"match_tokens must be an int, got {self.match_tokens!r}")

@@ -27,6 +27,7 @@ from tqdm.auto import tqdm
 
 from . import science as S
 from .accumulators import ActivationStats, CrossCorrelation
+from .accumulators.tiled import TiledBestMatch, best_match_tiled
 from .capture import ActivationSource
 from .checkpoint import CheckpointMismatch, MeasureCheckpoint, module_hash, prefixed, run_fingerprint, unprefixed
 from .config import ModelSpec, TestConfig, Thresholds
@@ -135,8 +136,8 @@ class PairMeasurement:
 
     i: int
     j: int
-    corr: CrossCorrelation
-    baseline: CrossCorrelation | None
+    corr: CrossCorrelation | TiledBestMatch  # TiledBestMatch: the "tiled" mode (see measure)
+    baseline: CrossCorrelation | TiledBestMatch | None
 
 
 @dataclass
@@ -156,7 +157,7 @@ class Measurements:
     a: ModelMeasurement
     b: ModelMeasurement
     pairs: list[PairMeasurement]
-    cross: dict[tuple[int, int], CrossCorrelation]  # all site pairs (any-layer matching)
+    cross: dict[tuple[int, int], CrossCorrelation | TiledBestMatch]  # all site pairs (any-layer matching)
     device: str
     backend: str | None
 
@@ -469,8 +470,22 @@ def measure(
             a.sites[i].stats.n_features, b.sites[j].stats.n_features, device=dev, backend=cfg.backend
         )
 
-    cross = {(i, j): corr(i, j) for (i, j) in all_pairs}
-    baselines = {p: corr(*p) for p in depth_pairs}
+    # Dense mode holds every co-moment; beyond match_max_bytes the match tokens' codes are
+    # kept instead and each pair is matched in row blocks afterwards (tiled mode).
+    need = sum(8 * a.sites[i].stats.n_features * b.sites[j].stats.n_features for i, j in [*all_pairs, *depth_pairs])
+    tiled = need > cfg.match_max_bytes and cfg.match_tokens > 0
+    if tiled and (ck is not None or world > 1):
+        raise ValueError(
+            f"the co-moments of every site pair need {need / 2**30:.1f} GiB, over match_max_bytes="
+            f"{cfg.match_max_bytes / 2**30:.1f} GiB, and the tiled mode that fits them does not yet support "
+            "checkpoints or several ranks: raise match_max_bytes, set any_layer=false, or run in one process "
+            "without --checkpoint-dir"
+        )
+    cross = {} if tiled else {(i, j): corr(i, j) for (i, j) in all_pairs}
+    baselines = {} if tiled else {p: corr(*p) for p in depth_pairs}
+    kept_a: dict[int, list[Codes]] = {i: [] for i in range(len(a.sites))} if tiled else {}
+    kept_b: dict[int, list[Codes]] = {j: [] for j in range(len(b.sites))} if tiled else {}
+    kept_perm: list[torch.Tensor] = []
 
     # The statistics pass: global batches [0, n_batches), this rank's block [k_lo, k_hi).
     dict_hashes = {
@@ -528,6 +543,10 @@ def measure(
                 if take:
                     gen = torch.Generator().manual_seed(_batch_seed(cfg.seed, k))
                     perm = torch.randperm(take, generator=gen).to(dev)
+                    if tiled:
+                        _keep(kept_a, codes_a, take)
+                        _keep(kept_b, codes_b, take)
+                        kept_perm.append(perm)
                     for (i, j), cc in cross.items():
                         _cross_update(cc, _rows(codes_a[i], slice(0, take)), _rows(codes_b[j], slice(0, take)))
                     for (i, j), bl in baselines.items():
@@ -551,8 +570,53 @@ def measure(
             s.sse = all_reduce_sum(s.sse, dev)
         for acc in list(cross.values()) + list(baselines.values()):
             acc.all_reduce()
+    if tiled:
+        cross, baselines = _match_tiled(cfg, a, b, all_pairs, depth_pairs, kept_a, kept_b, kept_perm, progress)
     pairs = [PairMeasurement(i, j, cross[(i, j)], baselines[(i, j)]) for (i, j) in depth_pairs]
     return Measurements(cfg, a, b, pairs, cross, str(dev), cfg.backend)
+
+
+def _keep(kept: dict[int, list[Codes]], codes: list[Codes], take: int) -> None:
+    """Keep the first ``take`` tokens' codes of every site (for the tiled matching)."""
+    for i, c in enumerate(codes):
+        kept[i].append(_rows(c, slice(0, take)))
+
+
+def _match_tiled(
+    cfg: TestConfig,
+    a: ModelMeasurement,
+    b: ModelMeasurement,
+    all_pairs: list[tuple[int, int]],
+    depth_pairs: list[tuple[int, int]],
+    kept_a: dict[int, list[Codes]],
+    kept_b: dict[int, list[Codes]],
+    perms: list[torch.Tensor],
+    progress: bool,
+) -> tuple[dict, dict]:
+    """Each pair's best match (and its shuffled baseline) in row blocks over the kept codes."""
+
+    def stream(i: int, j: int, shuffled: bool):
+        na, nb = a.sites[i].stats.n_features, b.sites[j].stats.n_features
+
+        def batches():
+            for ca, cb, perm in zip(kept_a[i], kept_b[j], perms):
+                cb = _rows(cb, perm) if shuffled else cb
+                if isinstance(ca, tuple) and isinstance(cb, tuple):
+                    yield (ca[0], ca[1], cb[0], cb[1])
+                else:
+                    yield (_dense(ca, na), _dense(cb, nb))
+
+        return batches
+
+    def match(i: int, j: int, shuffled: bool) -> TiledBestMatch:
+        na, nb = a.sites[i].stats.n_features, b.sites[j].stats.n_features
+        return best_match_tiled(
+            stream(i, j, shuffled), na, nb, max_bytes=cfg.match_max_bytes, backend=cfg.backend, progress=progress
+        )
+
+    cross = {(i, j): match(i, j, False) for (i, j) in all_pairs}
+    baselines = {(i, j): match(i, j, True) for (i, j) in depth_pairs}
+    return cross, baselines
 
 
 def _dictionary_choices(specs: list[ModelSpec]) -> set[str]:
@@ -721,6 +785,7 @@ def analyse(meas: Measurements, thresholds: Thresholds | None = None) -> tuple[d
                 "depth_a": ra["depth"],
                 "depth_b": rb["depth"],
                 "tokens": p.corr.n_tokens,
+                "match_mode": p.corr.mode if isinstance(p.corr, TiledBestMatch) else "dense",
                 "mean_max_corr_a": mean_on(bm.max_corr_a, alive_a),
                 "mean_max_corr_b": mean_on(bm.max_corr_b, alive_b),
                 "baseline_mean_max_corr_a": mean_on(blm.max_corr_a, alive_a) if blm else None,

@@ -872,7 +872,7 @@ def test_pipeline_refuses_negative_token_ids(base):
 
 CONFIG_FIELDS = {
     "": ["tokens", "token_dtype", "seq_len", "batch_size", "eval_tokens", "stats_tokens", "match_tokens",
-         "any_layer", "activation_threshold", "bootstrap", "seed", "device", "backend", "unknown_key"],
+         "match_max_bytes", "any_layer", "activation_threshold", "bootstrap", "seed", "device", "backend", "unknown_key"],
     "model_a": ["path", "name", "sites", "dictionary", "unknown_key"],
     "sae": ["expansion", "k", "tokens", "batch_size", "lr", "unknown_key"],
     "thresholds": ["tau", "phi", "density_floor", "params_tolerance", "loss_tolerance", "C", "unknown_key"],
@@ -903,6 +903,7 @@ ACCEPTS = {
     "eval_tokens": lambda v: is_int(v) and v >= 1,
     "stats_tokens": lambda v: is_int(v) and v >= 500,
     "match_tokens": lambda v: is_int(v) and 0 <= v <= 1000,
+    "match_max_bytes": lambda v: is_int(v) and v >= 1,
     "any_layer": lambda v: isinstance(v, bool),
     "activation_threshold": lambda v: _is_num(v) and v == v,
     "bootstrap": lambda v: is_int(v) and v >= 1,

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import json
+from dataclasses import replace
 
 import numpy as np
 import pytest
@@ -11,7 +12,7 @@ import torch
 
 from supanalysis import science as S
 from supanalysis.cli import main
-from supanalysis.config import ModelSpec, TestConfig, Thresholds
+from supanalysis.config import ModelSpec, SAETraining, TestConfig, Thresholds
 from supanalysis.models import TinyConfig, TinyTransformer
 from supanalysis.pipeline import analyse, measure, pair_by_depth, run_test
 
@@ -184,3 +185,29 @@ def test_token_shuffled_copy_matches_at_baseline(workspace):
     assert identical["pairs"][0]["matched_fraction_a"] == 1.0
     assert pair["matched_fraction_a"] <= pair["baseline_fraction_a"] + 0.15
     assert abs(pair["mean_max_corr_a"] - pair["baseline_mean_max_corr_a"]) < 0.15
+
+
+def test_tiled_matching_beyond_the_memory_budget_equals_dense(workspace, tmp_path):
+    # A trained TopK SAE on A (sparse codes) against B's neurons (dense), any-layer matching.
+    cfg = config(
+        workspace,
+        model_a=ModelSpec(path=str(workspace / "A"), name="A", dictionary="train"),
+        sae=SAETraining(expansion=2, k=4, tokens=2048, batch_size=256),
+    )
+    dense, _ = analyse(measure(cfg, progress=False))
+    # The biggest pair is 32 x 8 co-moment entries: a 100-byte budget forces row blocks of 1.
+    small = replace(cfg, match_max_bytes=100)
+    meas = measure(small, progress=False)
+    tiled, _ = analyse(meas)
+    assert all(p["match_mode"] == "dense" for p in dense["pairs"])
+    assert all(p["match_mode"] == "tiled" for p in tiled["pairs"])
+    assert all(pm.corr.passes > 1 for pm in meas.pairs)
+    for d, t in zip(dense["pairs"], tiled["pairs"]):
+        assert d["tokens"] == t["tokens"]
+        for key in ("mean_max_corr_a", "mean_max_corr_b", "baseline_mean_max_corr_a", "baseline_mean_max_corr_b"):
+            assert t[key] == pytest.approx(d[key], abs=1e-5), key
+        for key in ("matched_fraction_a", "matched_fraction_b", "baseline_fraction_a", "baseline_fraction_b"):
+            assert t[key] == pytest.approx(d[key], abs=0.05), key
+    assert [r["best_site_b"] for r in tiled["any_layer"]] == [r["best_site_b"] for r in dense["any_layer"]]
+    with pytest.raises(ValueError, match="tiled mode"):
+        measure(small, progress=False, checkpoint_dir=tmp_path / "ck")

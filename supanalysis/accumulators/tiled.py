@@ -34,6 +34,10 @@ class TiledBestMatch:
     passes: int
     n_tokens: int
 
+    def best_match(self) -> BestMatch:
+        """The result (so a tiled pair reads like a :class:`CrossCorrelation` in the analysis)."""
+        return self.best
+
 
 def _block_of(batch: Batch, r0: int, r1: int) -> Batch:
     if len(batch) == 2:
