@@ -872,7 +872,8 @@ def test_pipeline_refuses_negative_token_ids(base):
 
 CONFIG_FIELDS = {
     "": ["tokens", "token_dtype", "seq_len", "batch_size", "eval_tokens", "stats_tokens", "match_tokens",
-         "match_max_bytes", "any_layer", "activation_threshold", "bootstrap", "seed", "device", "backend", "unknown_key"],
+         "match_max_bytes", "any_layer", "activation_threshold", "bootstrap", "seed", "device", "backend",
+         "unknown_key"],
     "model_a": ["path", "name", "sites", "dictionary", "unknown_key"],
     "sae": ["expansion", "k", "tokens", "batch_size", "lr", "unknown_key"],
     "thresholds": ["tau", "phi", "density_floor", "params_tolerance", "loss_tolerance", "C", "unknown_key"],
