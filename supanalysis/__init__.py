@@ -12,7 +12,7 @@ import torch  # noqa: F401  (loads libtorch before the extension)
 
 from . import data, dictionary, models, sites
 from ._backend import BACKENDS, BackendStatus, BackendUnavailable, backend_status
-from .accumulators import ActivationStats, BestMatch, CoActivation, CrossCorrelation
+from .accumulators import ActivationStats, BestMatch, CoActivation, CrossCorrelation, SparseCoActivation
 from .accumulators.tiled import TiledBestMatch, best_match_tiled
 from .capture import ActivationSource, capture
 from .config import ModelSpec, TestConfig, Thresholds
@@ -45,6 +45,7 @@ __all__ = [
     "ModelShape",
     "ModelSpec",
     "NeuronBasis",
+    "SparseCoActivation",
     "TestConfig",
     "TestReport",
     "Thresholds",

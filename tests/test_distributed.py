@@ -11,6 +11,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 import supanalysis as sa
+from supanalysis.accumulators.sparse_coactivation import SparseCoActivation
 
 
 def _free_port() -> int:
@@ -27,6 +28,12 @@ def _data():
     return x, y
 
 
+def _topk(x: torch.Tensor) -> torch.Tensor:
+    """Top-3 features per token as codes (NaN sorts first: dropped to padding)."""
+    idx = torch.nan_to_num(x, nan=-1e9).topk(3, dim=1).indices
+    return torch.where(torch.isfinite(x).all(1, keepdim=True), idx, torch.full_like(idx, -1))
+
+
 def _worker(rank: int, world: int, port: int, out: str) -> None:
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     dist.init_process_group("gloo", rank=rank, world_size=world)
@@ -37,9 +44,17 @@ def _worker(rank: int, world: int, port: int, out: str) -> None:
         ok = torch.isfinite(xs).all(1)
         c = sa.CrossCorrelation(9, 4).update(xs, ys).all_reduce()
         k = sa.CoActivation(9, threshold=50.0).update(xs).all_reduce()
+        sp = SparseCoActivation(9).update_sparse(_topk(xs)).all_reduce()
         if rank == 0:
             torch.save(
-                {"stats": s.state_dict(), "corr": c.state_dict(), "coact": k.state_dict(), "ok": int(ok.sum())}, out
+                {
+                    "stats": s.state_dict(),
+                    "corr": c.state_dict(),
+                    "coact": k.state_dict(),
+                    "sparse": sp.state_dict(),
+                    "ok": int(ok.sum()),
+                },
+                out,
             )
     finally:
         dist.destroy_process_group()
@@ -61,6 +76,8 @@ def test_two_rank_all_reduce_equals_single_process(tmp_path):
         assert torch.allclose(got["corr"][key], c[key], rtol=1e-10, atol=1e-8), key
     k = sa.CoActivation(9, threshold=50.0).update(x).state_dict()
     assert torch.equal(got["coact"]["counts"], k["counts"])
+    sp = SparseCoActivation(9).update_sparse(_topk(x)).state_dict()
+    assert all(torch.equal(got["sparse"][key], sp[key]) for key in sp)
 
 
 # ----------------------------------------------------------------------------- sharded interference

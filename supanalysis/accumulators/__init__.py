@@ -2,6 +2,7 @@
 
 from .coactivation import CoActivation
 from .correlation import BestMatch, CrossCorrelation
+from .sparse_coactivation import SparseCoActivation
 from .stats import ActivationStats
 
-__all__ = ["ActivationStats", "BestMatch", "CoActivation", "CrossCorrelation"]
+__all__ = ["ActivationStats", "BestMatch", "CoActivation", "CrossCorrelation", "SparseCoActivation"]
