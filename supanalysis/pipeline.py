@@ -265,6 +265,47 @@ def _dense(codes: Codes, n: int) -> torch.Tensor:
     return out.scatter_(1, idx.clamp_min(0), torch.where(idx >= 0, val, 0))
 
 
+@dataclass
+class _Kept:
+    """The match tokens' codes per site and the baseline's permutations, kept for the tiled
+    matching (empty in the dense mode); checkpointed with the accumulators."""
+
+    a: dict[int, list[Codes]]
+    b: dict[int, list[Codes]]
+    perms: list[torch.Tensor]
+
+    def keep(self, codes_a: list[Codes], codes_b: list[Codes], take: int, perm: torch.Tensor) -> None:
+        for kept, codes in ((self.a, codes_a), (self.b, codes_b)):
+            for i, c in enumerate(codes):
+                kept[i].append(_rows(c, slice(0, take)))
+        self.perms.append(perm)
+
+    def tensors(self) -> dict[str, torch.Tensor]:
+        out: dict[str, torch.Tensor] = {}
+        for side, kept in (("a", self.a), ("b", self.b)):
+            for i, batches in kept.items():
+                for n, c in enumerate(batches):
+                    if isinstance(c, tuple):
+                        out[f"kept.{side}{i}.{n}.idx"], out[f"kept.{side}{i}.{n}.val"] = c
+                    else:
+                        out[f"kept.{side}{i}.{n}.dense"] = c
+        out.update({f"kept.perm.{n}": p for n, p in enumerate(self.perms)})
+        return out
+
+    def restore(self, t: dict[str, torch.Tensor], device: torch.device) -> None:
+        n_batches = sum(1 for key in t if key.startswith("kept.perm."))
+        self.perms = [t[f"kept.perm.{n}"].to(device) for n in range(n_batches)]
+        for side, kept in (("a", self.a), ("b", self.b)):
+            for i in kept:
+                kept[i] = []
+                for n in range(n_batches):
+                    key = f"kept.{side}{i}.{n}"
+                    if key + ".dense" in t:
+                        kept[i].append(t[key + ".dense"].to(device))
+                    else:
+                        kept[i].append((t[key + ".idx"].to(device), t[key + ".val"].to(device)))
+
+
 def _cross_update(cc: CrossCorrelation, ca: Codes, cb: Codes) -> None:
     if isinstance(ca, tuple) and isinstance(cb, tuple):
         cc.update_sparse(ca[0], ca[1], cb[0], cb[1])
@@ -311,9 +352,10 @@ def _state_tensors(
     b: ModelMeasurement,
     cross: dict[tuple[int, int], CrossCorrelation],
     baselines: dict[tuple[int, int], CrossCorrelation],
+    kept: _Kept,
 ) -> dict[str, torch.Tensor]:
     """Every accumulator of this rank, flattened for a checkpoint (see _restore_state)."""
-    out: dict[str, torch.Tensor] = {"losses.a": a.losses, "losses.b": b.losses}
+    out: dict[str, torch.Tensor] = {"losses.a": a.losses, "losses.b": b.losses, **kept.tensors()}
     for label, mm in (("a", a), ("b", b)):
         for i, s in enumerate(mm.sites):
             out.update(prefixed(f"{label}{i}.stats", s.stats.state_dict()))
@@ -332,7 +374,10 @@ def _restore_state(
     b: ModelMeasurement,
     cross: dict[tuple[int, int], CrossCorrelation],
     baselines: dict[tuple[int, int], CrossCorrelation],
+    kept: _Kept,
+    device: torch.device,
 ) -> None:
+    kept.restore(t, device)
     for label, mm in (("a", a), ("b", b)):
         for i, s in enumerate(mm.sites):
             s.stats.load_state_dict(unprefixed(f"{label}{i}.stats", t))
@@ -474,18 +519,11 @@ def measure(
     # kept instead and each pair is matched in row blocks afterwards (tiled mode).
     need = sum(8 * a.sites[i].stats.n_features * b.sites[j].stats.n_features for i, j in [*all_pairs, *depth_pairs])
     tiled = need > cfg.match_max_bytes and cfg.match_tokens > 0
-    if tiled and (ck is not None or world > 1):
-        raise ValueError(
-            f"the co-moments of every site pair need {need / 2**30:.1f} GiB, over match_max_bytes="
-            f"{cfg.match_max_bytes / 2**30:.1f} GiB, and the tiled mode that fits them does not yet support "
-            "checkpoints or several ranks: raise match_max_bytes, set any_layer=false, or run in one process "
-            "without --checkpoint-dir"
-        )
     cross = {} if tiled else {(i, j): corr(i, j) for (i, j) in all_pairs}
     baselines = {} if tiled else {p: corr(*p) for p in depth_pairs}
-    kept_a: dict[int, list[Codes]] = {i: [] for i in range(len(a.sites))} if tiled else {}
-    kept_b: dict[int, list[Codes]] = {j: [] for j in range(len(b.sites))} if tiled else {}
-    kept_perm: list[torch.Tensor] = []
+    kept = _Kept(
+        {i: [] for i in range(len(a.sites))} if tiled else {}, {j: [] for j in range(len(b.sites))} if tiled else {}, []
+    )
 
     # The statistics pass: global batches [0, n_batches), this rank's block [k_lo, k_hi).
     dict_hashes = {
@@ -502,13 +540,13 @@ def measure(
                 f"checkpoint {ck.state_path} was measured with other dictionaries than the ones "
                 "resolved now (a dictionary file changed?); refusing to mix it in"
             )
-        _restore_state(state, a, b, cross, baselines)
+        _restore_state(state, a, b, cross, baselines, kept, dev)
         k = int(meta["next_batch"])
 
     def save(next_batch: int) -> None:
         if ck is not None:
             ck.save_state(
-                _state_tensors(a, b, cross, baselines), {"next_batch": next_batch, "dictionaries": dict_hashes}
+                _state_tensors(a, b, cross, baselines, kept), {"next_batch": next_batch, "dictionaries": dict_hashes}
             )
 
     if saved is None:
@@ -544,9 +582,7 @@ def measure(
                     gen = torch.Generator().manual_seed(_batch_seed(cfg.seed, k))
                     perm = torch.randperm(take, generator=gen).to(dev)
                     if tiled:
-                        _keep(kept_a, codes_a, take)
-                        _keep(kept_b, codes_b, take)
-                        kept_perm.append(perm)
+                        kept.keep(codes_a, codes_b, take, perm)
                     for (i, j), cc in cross.items():
                         _cross_update(cc, _rows(codes_a[i], slice(0, take)), _rows(codes_b[j], slice(0, take)))
                     for (i, j), bl in baselines.items():
@@ -571,15 +607,9 @@ def measure(
         for acc in list(cross.values()) + list(baselines.values()):
             acc.all_reduce()
     if tiled:
-        cross, baselines = _match_tiled(cfg, a, b, all_pairs, depth_pairs, kept_a, kept_b, kept_perm, progress)
+        cross, baselines = _match_tiled(cfg, a, b, all_pairs, depth_pairs, kept, progress and rank == 0, world > 1)
     pairs = [PairMeasurement(i, j, cross[(i, j)], baselines[(i, j)]) for (i, j) in depth_pairs]
     return Measurements(cfg, a, b, pairs, cross, str(dev), cfg.backend)
-
-
-def _keep(kept: dict[int, list[Codes]], codes: list[Codes], take: int) -> None:
-    """Keep the first ``take`` tokens' codes of every site (for the tiled matching)."""
-    for i, c in enumerate(codes):
-        kept[i].append(_rows(c, slice(0, take)))
 
 
 def _match_tiled(
@@ -588,18 +618,18 @@ def _match_tiled(
     b: ModelMeasurement,
     all_pairs: list[tuple[int, int]],
     depth_pairs: list[tuple[int, int]],
-    kept_a: dict[int, list[Codes]],
-    kept_b: dict[int, list[Codes]],
-    perms: list[torch.Tensor],
+    kept: _Kept,
     progress: bool,
+    distributed: bool,
 ) -> tuple[dict, dict]:
-    """Each pair's best match (and its shuffled baseline) in row blocks over the kept codes."""
+    """Each pair's best match (and its shuffled baseline) in row blocks over the kept codes
+    (every rank's own, each block all-reduced when distributed)."""
 
     def stream(i: int, j: int, shuffled: bool):
         na, nb = a.sites[i].stats.n_features, b.sites[j].stats.n_features
 
         def batches():
-            for ca, cb, perm in zip(kept_a[i], kept_b[j], perms):
+            for ca, cb, perm in zip(kept.a[i], kept.b[j], kept.perms):
                 cb = _rows(cb, perm) if shuffled else cb
                 if isinstance(ca, tuple) and isinstance(cb, tuple):
                     yield (ca[0], ca[1], cb[0], cb[1])
@@ -611,7 +641,14 @@ def _match_tiled(
     def match(i: int, j: int, shuffled: bool) -> TiledBestMatch:
         na, nb = a.sites[i].stats.n_features, b.sites[j].stats.n_features
         return best_match_tiled(
-            stream(i, j, shuffled), na, nb, max_bytes=cfg.match_max_bytes, backend=cfg.backend, progress=progress
+            stream(i, j, shuffled),
+            na,
+            nb,
+            max_bytes=cfg.match_max_bytes,
+            backend=cfg.backend,
+            progress=progress,
+            device=_device(cfg),
+            distributed=distributed,
         )
 
     cross = {(i, j): match(i, j, False) for (i, j) in all_pairs}

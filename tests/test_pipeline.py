@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 import torch
 
+from supanalysis import pipeline
 from supanalysis import science as S
 from supanalysis.cli import main
 from supanalysis.config import ModelSpec, SAETraining, TestConfig, Thresholds
@@ -209,5 +210,21 @@ def test_tiled_matching_beyond_the_memory_budget_equals_dense(workspace, tmp_pat
         for key in ("matched_fraction_a", "matched_fraction_b", "baseline_fraction_a", "baseline_fraction_b"):
             assert t[key] == pytest.approx(d[key], abs=0.05), key
     assert [r["best_site_b"] for r in tiled["any_layer"]] == [r["best_site_b"] for r in dense["any_layer"]]
-    with pytest.raises(ValueError, match="tiled mode"):
-        measure(small, progress=False, checkpoint_dir=tmp_path / "ck")
+    # Interrupted mid-pass and resumed, the kept codes come back from the checkpoint.
+    real, calls = pipeline._site_updates, [0]
+
+    def failing(*args):
+        calls[0] += 1
+        if calls[0] == 9:
+            raise KeyboardInterrupt
+        return real(*args)
+
+    ck = tmp_path / "ck"
+    pipeline._site_updates = failing
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            measure(small, progress=False, checkpoint_dir=ck, checkpoint_every_tokens=256)
+    finally:
+        pipeline._site_updates = real
+    resumed, _ = analyse(measure(small, progress=False, checkpoint_dir=ck, resume=True))
+    assert resumed["pairs"] == tiled["pairs"] and resumed["any_layer"] == tiled["any_layer"]

@@ -58,6 +58,8 @@ def best_match_tiled(
     backend: str | None = None,
     device: torch.device | str | None = None,
     progress: bool = True,
+    distributed: bool = False,
+    group=None,
 ) -> TiledBestMatch:
     """Best match of A's features against B's over the tokens ``stream()`` yields.
 
@@ -65,6 +67,9 @@ def best_match_tiled(
         either dense ``(xa [T, n_a], xb [T, n_b])`` or top-k codes
         ``(indices_a, values_a, indices_b, values_b)`` (as :meth:`CrossCorrelation.update_sparse`).
     max_bytes: budget for the co-moment block; the whole co-moment when it fits ("dense").
+    distributed: every rank of ``group`` streams its own tokens; each block is all-reduced
+        (exactly) before its best match, so every rank returns the result over all tokens.
+        A collective: every rank must call it with the same n_a, n_b and max_bytes.
     """
     for name, v in (("n_a", n_a), ("n_b", n_b), ("max_bytes", max_bytes)):
         if not isinstance(v, int) or v < 1:
@@ -91,6 +96,8 @@ def best_match_tiled(
                 cc.update(*part)
             else:
                 cc.update_sparse(*part)
+        if distributed:
+            cc.all_reduce(group)
         if n_tokens >= 0 and cc.n_tokens != n_tokens:
             raise ValueError(
                 f"stream() yielded {cc.n_tokens} tokens on pass {r0 // block + 1} but {n_tokens} before; "
