@@ -79,7 +79,7 @@ static inline __attribute__((always_inline)) void tile_body(const T* __restrict_
   const int64_t nfull = w / L;        // whole vectors
   const int64_t nv = (w + L - 1) / L;  // vectors including a partial tail
   const V zero = V{} * T(0), one = zero + T(1);
-  const V big = zero + std::numeric_limits<T>::max(), inf = zero + std::numeric_limits<T>::infinity();
+  const V inf = zero + std::numeric_limits<T>::infinity();
   const V th = zero + thr;
   for (int64_t k = 0; k < nv; ++k) {
     acc->cnt[k] = zero, acc->sum[k] = zero, acc->fire[k] = zero, acc->act[k] = zero, acc->m2[k] = zero;
@@ -89,14 +89,16 @@ static inline __attribute__((always_inline)) void tile_body(const T* __restrict_
   // time so each accumulator vector is loaded and stored once per four rows: with one row
   // at a time the loop is bound by accumulator stores, not by reading x.
   auto step = [&](const V v, V& c, V& s, V& hi, V& lo, V& fi, V& a, V& fired) __attribute__((always_inline)) {
-    const V av = v < zero ? -v : v;
-    const auto fin = av <= big;  // false for NaN and +-Inf
+    // v - v is 0 exactly for finite v and NaN for NaN and +-Inf: two ops, no abs.
+    const auto fin = (v - v) == zero;
     const auto fire = fin & (v > th);
     const V ff = fire ? one : zero;
+    const V vf = fin ? v : zero;
     c += fin ? one : zero;
-    s += fin ? v : zero;
-    hi = (fin & (v > hi)) ? v : hi;
-    lo = (fin & (v < lo)) ? v : lo;
+    s += vf;
+    // Extrema of the finite values: a non-finite lane offers -inf / +inf, which never wins.
+    hi = hi > (fin ? v : -inf) ? hi : (fin ? v : -inf);
+    lo = lo < (fin ? v : inf) ? lo : (fin ? v : inf);
     fi += ff;
     a += fire ? v : zero;
     fired += ff;
@@ -157,8 +159,7 @@ static inline __attribute__((always_inline)) void tile_body(const T* __restrict_
   V mean[TileAcc<T>::NV];
   for (int64_t k = 0; k < nv; ++k) mean[k] = acc->cnt[k] > zero ? acc->sum[k] / (acc->cnt[k] > zero ? acc->cnt[k] : one) : zero;
   auto centred = [&](const V v, const V m) __attribute__((always_inline)) {
-    const V av = v < zero ? -v : v;
-    const V d = av <= big ? v - m : zero;
+    const V d = (v - v) == zero ? v - m : zero;  // finite lanes only (see pass 1)
     return d * d;
   };
   for (int64_t r2 = 0; r2 < rows; r2 += 4) {
