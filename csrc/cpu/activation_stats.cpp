@@ -7,6 +7,9 @@
 // is merged into the thread's float64 state with Chan's formula, and the threads' states
 // are merged in thread order at the end. Accumulating a sub-tile in float32 and merging in
 // float64 keeps the inner loop vectorisable without the cancellation of raw sums.
+// Pass 1 first runs a lean step that assumes every value is finite (no masks, plain
+// max/min); the tile's own sums verify the assumption, and a tile holding a NaN or an
+// infinity is redone with the checked step, so the result is the same either way.
 #include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
 #include <c10/util/BFloat16.h>
@@ -125,35 +128,67 @@ static inline __attribute__((always_inline)) void tile_body(const T* __restrict_
     for (int q = 0; q < L; ++q) t += v[q];
     return t;
   };
-  int64_t r = 0;
-  for (; r + 4 <= rows; r += 4) {
-    const T* r0 = x + r * stride;
-    const T* r1 = r0 + stride;
-    const T* r2 = r1 + stride;
-    const T* r3 = r2 + stride;
-    V f0 = zero, f1 = zero, f2 = zero, f3 = zero;
-    for (int64_t k = 0; k < nfull; ++k) {
-      V c = acc->cnt[k], s = acc->sum[k], hi = acc->mx[k], lo = acc->mn[k], fi = acc->fire[k], a = acc->act[k];
-      step(load(r0 + k * L), c, s, hi, lo, fi, a, f0);
-      step(load(r1 + k * L), c, s, hi, lo, fi, a, f1);
-      step(load(r2 + k * L), c, s, hi, lo, fi, a, f2);
-      step(load(r3 + k * L), c, s, hi, lo, fi, a, f3);
-      acc->cnt[k] = c, acc->sum[k] = s, acc->mx[k] = hi, acc->mn[k] = lo, acc->fire[k] = fi, acc->act[k] = a;
+  auto pass1 = [&](auto&& st, int32_t* __restrict__ l0o) __attribute__((always_inline)) {
+    int64_t r = 0;
+    for (; r + 4 <= rows; r += 4) {
+      const T* r0 = x + r * stride;
+      const T* r1 = r0 + stride;
+      const T* r2 = r1 + stride;
+      const T* r3 = r2 + stride;
+      V f0 = zero, f1 = zero, f2 = zero, f3 = zero;
+      for (int64_t k = 0; k < nfull; ++k) {
+        V c = acc->cnt[k], s = acc->sum[k], hi = acc->mx[k], lo = acc->mn[k], fi = acc->fire[k], a = acc->act[k];
+        st(load(r0 + k * L), c, s, hi, lo, fi, a, f0);
+        st(load(r1 + k * L), c, s, hi, lo, fi, a, f1);
+        st(load(r2 + k * L), c, s, hi, lo, fi, a, f2);
+        st(load(r3 + k * L), c, s, hi, lo, fi, a, f3);
+        acc->cnt[k] = c, acc->sum[k] = s, acc->mx[k] = hi, acc->mn[k] = lo, acc->fire[k] = fi, acc->act[k] = a;
+      }
+      l0o[r] += static_cast<int32_t>(hsum(f0) + tail(r0));
+      l0o[r + 1] += static_cast<int32_t>(hsum(f1) + tail(r1));
+      l0o[r + 2] += static_cast<int32_t>(hsum(f2) + tail(r2));
+      l0o[r + 3] += static_cast<int32_t>(hsum(f3) + tail(r3));
     }
-    l0[r] += static_cast<int32_t>(hsum(f0) + tail(r0));
-    l0[r + 1] += static_cast<int32_t>(hsum(f1) + tail(r1));
-    l0[r + 2] += static_cast<int32_t>(hsum(f2) + tail(r2));
-    l0[r + 3] += static_cast<int32_t>(hsum(f3) + tail(r3));
+    for (; r < rows; ++r) {
+      const T* row = x + r * stride;
+      V fired = zero;
+      for (int64_t k = 0; k < nfull; ++k) {
+        V c = acc->cnt[k], s = acc->sum[k], hi = acc->mx[k], lo = acc->mn[k], fi = acc->fire[k], a = acc->act[k];
+        st(load(row + k * L), c, s, hi, lo, fi, a, fired);
+        acc->cnt[k] = c, acc->sum[k] = s, acc->mx[k] = hi, acc->mn[k] = lo, acc->fire[k] = fi, acc->act[k] = a;
+      }
+      l0o[r] += static_cast<int32_t>(hsum(fired) + tail(row));
+    }
+  };
+  // Fast pass 1 assumes every value is finite (the common case): no finiteness masks, and
+  // the extrema are plain max/min. The tile's sums then prove it: a NaN or an infinity
+  // anywhere makes its lane's sum non-finite, and the tile is redone with the checked step.
+  auto fast = [&](const V v, V&, V& s, V& hi, V& lo, V& fi, V& a, V& fired) __attribute__((always_inline)) {
+    const auto fire = v > th;
+    const V ff = fire ? one : zero;
+    s += v;
+    hi = hi > v ? hi : v;
+    lo = lo < v ? lo : v;
+    fi += ff;
+    a += fire ? v : zero;
+    fired += ff;
+  };
+  int32_t l0_fast[kTile] = {};
+  pass1(fast, l0_fast);
+  bool finite = true;
+  for (int64_t k = 0; k < nfull; ++k) {
+    const auto ok = (acc->sum[k] - acc->sum[k]) == zero;
+    for (int q = 0; q < L; ++q) finite &= ok[q] != 0;
   }
-  for (; r < rows; ++r) {
-    const T* row = x + r * stride;
-    V fired = zero;
-    for (int64_t k = 0; k < nfull; ++k) {
-      V c = acc->cnt[k], s = acc->sum[k], hi = acc->mx[k], lo = acc->mn[k], fi = acc->fire[k], a = acc->act[k];
-      step(load(row + k * L), c, s, hi, lo, fi, a, fired);
-      acc->cnt[k] = c, acc->sum[k] = s, acc->mx[k] = hi, acc->mn[k] = lo, acc->fire[k] = fi, acc->act[k] = a;
+  if (finite) {
+    for (int64_t k = 0; k < nfull; ++k) acc->cnt[k] = zero + static_cast<T>(rows);
+    for (int64_t r = 0; r < rows; ++r) l0[r] += l0_fast[r];
+  } else {
+    for (int64_t k = 0; k < nv; ++k) {
+      acc->cnt[k] = zero, acc->sum[k] = zero, acc->fire[k] = zero, acc->act[k] = zero, acc->m2[k] = zero;
+      acc->mx[k] = -inf, acc->mn[k] = inf;
     }
-    l0[r] += static_cast<int32_t>(hsum(fired) + tail(row));
+    pass1(step, l0);
   }
   // Pass 2 (from cache): M2 about the tile's own mean.
   V mean[TileAcc<T>::NV];
