@@ -7,7 +7,7 @@ import math
 import numpy as np
 import pytest
 import torch
-from conftest import assert_tolerance_rule, interpreting
+from conftest import FAST_BACKEND_DEVICES, assert_tolerance_rule, ids, interpreting
 
 import supanalysis as sa
 from supanalysis.ops.activation_stats import activation_stats_reference, densify_codes
@@ -122,6 +122,25 @@ def test_dtypes(backend_device, dtype):
     for name, scale in (("mean", 1.0), ("m2", 257.0), ("active_sum", 257.0)):
         i = FIELDS.index(name)
         assert_tolerance_rule(getattr(got, name), ref[i], same[name], atol=rel * scale, what=f"{dtype} {name}")
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("backend_device", FAST_BACKEND_DEVICES, ids=ids(FAST_BACKEND_DEVICES))
+def test_every_16_bit_value_widens_exactly(backend_device, dtype):
+    """All 65,536 bit patterns, one per feature, in 5 equal rows (the 4-row and 1-row paths)."""
+    backend, device = backend_device
+    bits = torch.arange(-(2**15), 2**15, dtype=torch.int32).to(torch.int16)
+    values = bits.view(dtype)
+    x = values.expand(5, -1).contiguous().to(device)
+    got = sa.activation_stats(x, 0.0, backend=backend)
+    v = values.double()
+    finite = torch.isfinite(v)
+    assert torch.equal(got.finite_count.cpu(), torch.where(finite, 5, 0))
+    assert torch.equal(got.max.cpu()[finite], v[finite])
+    assert torch.equal(got.min.cpu()[finite], v[finite])
+    assert torch.equal(got.fire_count.cpu(), torch.where(finite & (v > 0), 5, 0))
+    small = finite & (v.abs() < 1e30)  # 5 v stays finite in float32
+    assert torch.equal(got.mean.cpu()[small], v[small])
 
 
 def test_leading_dims_and_strided_rows(backend_device):

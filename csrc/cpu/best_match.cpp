@@ -26,6 +26,7 @@ namespace {
 constexpr double kNone = -std::numeric_limits<double>::infinity();
 // Columns per block: 4 arrays x 512 x 8 B = 16 KiB of column state, plus the row buffer.
 constexpr int64_t kColBlock = 512;
+constexpr int64_t kAhead = 2;  // rows of prefetch distance
 
 // One row: r_j = clamp(c_j * si * pb_j) + bmask_j; column maxima (strict >, so an
 // earlier row keeps a tie) and the row maximum. Built for AVX2 and for the baseline ISA;
@@ -101,6 +102,12 @@ std::vector<at::Tensor> best_match_cpu(const at::Tensor& comoment, const at::Ten
     for (int64_t j0 = 0; j0 < nb; j0 += kColBlock) {
       const int64_t w = std::min(kColBlock, nb - j0);
       for (int64_t i = r_begin; i < r_end; ++i) {
+        // Each row segment is its own page (the rows are n_b * 8 bytes apart), where the
+        // hardware's stream prefetcher stops: fetch the segment kAhead rows down now.
+        if (i + kAhead < r_end) {
+          const double* ahead = c + (i + kAhead) * nb + j0;
+          for (int64_t j = 0; j < w; j += 8) __builtin_prefetch(ahead + j);
+        }
         const double si = pa[i];
         if (si == 0.0) continue;
         const double best = row_pass(c + i * nb + j0, si, pb + j0, bmask + j0, w, i, r, cm + j0, ca + j0);
