@@ -114,6 +114,8 @@ def build_interference(d: Dims, dtype, device) -> Calls:
     W = torch.randn(d["n"], d["m"], device=device).to(dtype)
     k = d.get("k", 0)
     calls: Calls = {b: partial(f, W, None, k, 0) for b, f in IF.IMPLS.items()}
+    if device.type == "cuda" and dtype == torch.float32:  # the opt-in TF32 dot (+ exact rescoring)
+        calls["triton tf32"] = partial(IF.IMPLS["triton"], W, None, k, 0, "tf32")
     if k:  # the cost of top-k: the same op without it is the bare row
         best = "cuda" if device.type == "cuda" else "cpp"
         calls[f"bare k=0 ({best})"] = partial(IF.IMPLS[best], W, None, 0, 0)

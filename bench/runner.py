@@ -172,6 +172,8 @@ def plan(op: cases.Op, dims: cases.Dims, dtype, cfg: Config, args, calls: dict):
     if dev.type == "cpu" and "triton" in names:
         names.remove("triton")
         skipped["triton"] = "not timed on CPU (Triton runs there only under the interpreter)"
+    # Variants of a timed backend ("triton tf32"): timed when their backend is.
+    names += [n for n in calls if not is_baseline(n) and " " in n and n.split()[0] in names]
     if args.explicit_backends:
         for b in args.backends:
             if b not in names and b not in skipped:

@@ -12,10 +12,19 @@ O(n * (m + topk)).
 Precision: the dot multiplies the input rows themselves (scaled by an exact power of two
 against overflow), and 1/|W_i| * 1/|W_j| is applied in the epilogue, so a cosine carries
 only accumulation rounding. float32 uses the full-precision dot
-(``input_precision="ieee"``: TF32 would cost 13 bits of every cosine); float16/bfloat16
-use the tensor-core dot with float32 accumulation; float64 is multiplied in float64.
-Per-tile sums are float32 (float64 for float64 inputs), added into float64 row
-accumulators.
+(``input_precision="ieee"``: TF32 would cost 13 bits of every cosine) unless the caller
+opts in with ``precision="tf32"``; float16/bfloat16 use the tensor-core dot with float32
+accumulation (their products are exact in float32, so nothing is lost but accumulation
+rounding); float64 is multiplied in float64. Per-tile sums are float32 (float64 for
+float64 inputs), added into float64 row accumulators.
+
+TF32 (float32 inputs, opt-in): a cosine then carries up to about 2^-10 + m 2^-24 of error,
+enough to swap near-duplicate partners. So the kernel keeps ``_TF32_SPARE`` more
+candidates than asked, and :func:`rescore_partners` recomputes their cosines exactly in
+float64 and re-ranks them; a row whose candidate list might have missed a partner (its
+k-th exact |cos| is within the error bound of the weakest candidate's TF32 score) is
+recomputed exactly against every column. max_abs_cos, argmax and the top-k are therefore
+exact; the sums (sq_interference, sq_cos, dims) keep TF32's ~1e-3 relative error.
 """
 
 from __future__ import annotations
@@ -52,6 +61,7 @@ def _interference_kernel(
     stride_bn,
     stride_bm,
     SELF: tl.constexpr,  # columns are W itself: exclude j == i
+    DOT_PRECISION: tl.constexpr,  # "ieee", or "tf32" for float32 inputs (opt-in)
     TOPK: tl.constexpr,
     TOPK_P: tl.constexpr,  # TOPK rounded up to a power of two (>= 2)
     ACC: tl.constexpr,
@@ -92,7 +102,7 @@ def _interference_kernel(
                 mask=mask_k[:, None] & mask_c[None, :],
                 other=0.0,
             )
-            acc = tl.dot(a, b, acc, input_precision="ieee")
+            acc = tl.dot(a, b, acc, input_precision=DOT_PRECISION)
         # Normalise in the epilogue: the dot saw the exact input values, so a cosine
         # carries only float32 rounding, never a rounded 16-bit unit row.
         ainv = tl.load(ainv_ptr + rows, mask=mask_r, other=0.0)
@@ -182,8 +192,128 @@ def _scaled_rows(X: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Ten
     return nrm, Xs, inv
 
 
-def interference_triton(W: torch.Tensor, V: torch.Tensor | None, topk: int, block: int) -> list[torch.Tensor]:
-    """W: (n, m); V: (k, m) or None; topk >= 0; block: tile edge hint (0 = default 64)."""
+_TF32_SPARE = 8  # candidates kept beyond max(topk, 1) for the exact rescoring
+_RESCORE_ELEMS = 1 << 25  # float64 elements per rescoring chunk (256 MiB)
+
+
+def tf32_cos_error(m: int) -> float:
+    """Bound on |TF32 cosine - exact cosine| for unit rows of length m.
+
+    Each input rounds to TF32's 10-bit mantissa (relative 2^-11), so each product is off by
+    at most ~2^-10 of |w_k c_k|, and sum |w_k c_k| <= 1 for unit rows; float32 accumulation
+    adds at most m 2^-24. Doubled for safety: the bound is only used to decide when to
+    recompute a row, so erring high costs time, never correctness.
+    """
+    return 2.0 * (2.0**-10 + m * 2.0**-24)
+
+
+def _rank_order(absc: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
+    """Per-row permutation: |cos| descending, ties to the smaller index, -1 slots last."""
+    key_idx = torch.where(idx < 0, torch.iinfo(torch.int64).max, idx)
+    by_index = torch.argsort(key_idx, dim=1, stable=True)
+    by_value = torch.argsort(-absc.gather(1, by_index), dim=1, stable=True)
+    return by_index.gather(1, by_value)
+
+
+def _exact_rows(
+    W: torch.Tensor, C: torch.Tensor, w_nrm: torch.Tensor, c_nrm: torch.Tensor, rows: torch.Tensor, k: int, self_: bool
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Exact top-k (|cos| descending, ties to the smaller index) of W[rows] against all of C."""
+    nc = C.shape[0]
+    inv_c = torch.where(c_nrm > 0, 1.0 / c_nrm, 0.0)
+    out_v = torch.zeros(rows.numel(), k, dtype=torch.float64, device=W.device)
+    out_i = torch.full((rows.numel(), k), -1, dtype=torch.int64, device=W.device)
+    step = max(1, _RESCORE_ELEMS // max(nc * 2, 1))
+    for s0 in range(0, rows.numel(), step):
+        r = rows[s0 : s0 + step]
+        inv_w = torch.where(w_nrm[r] > 0, 1.0 / w_nrm[r], 0.0)
+        G = (W[r].double() @ C.double().T) * inv_w[:, None] * inv_c[None, :]
+        A = G.abs()
+        if self_:
+            A[torch.arange(r.numel(), device=W.device), r] = -1.0
+        A = torch.where(A > 0, A, -1.0)
+        # Descending |cos|, then ascending column: a stable sort on -|cos| of columns in order.
+        kk = min(k, nc)
+        order = torch.argsort(-A, dim=1, stable=True)[:, :kk]
+        v = G.gather(1, order)
+        ok = A.gather(1, order) > 0
+        out_v[s0 : s0 + r.numel(), :kk] = torch.where(ok, v, 0.0)
+        out_i[s0 : s0 + r.numel(), :kk] = torch.where(ok, order, -1)
+    return out_v, out_i
+
+
+def rescore_partners(
+    W: torch.Tensor,
+    C: torch.Tensor,
+    w_nrm: torch.Tensor,
+    c_nrm: torch.Tensor,
+    cand_cos: torch.Tensor,
+    cand_idx: torch.Tensor,
+    topk: int,
+    err: float,
+    self_: bool,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Exact (max_abs_cos, argmax, topk_cos, topk_index) from approximate candidates.
+
+    cand_cos/cand_idx [n, K]: each row's K best partners by an approximate |cos| whose error
+    is at most ``err`` (index -1: an empty slot, i.e. fewer partners scored above 0). Their
+    cosines are recomputed in float64 from W and C and re-ranked. A partner outside the list
+    scored at most the weakest candidate's approximate |cos| (0 when the list is not full),
+    so its exact |cos| is at most that + err: a row whose t-th exact value (t = max(topk, 1))
+    does not beat this is recomputed against every column.
+    """
+    n, K = cand_idx.shape
+    t = max(topk, 1)
+    if K < t:
+        raise ValueError(f"need at least max(topk, 1) = {t} candidates per row, got {K}")
+    f64 = dict(dtype=torch.float64, device=W.device)
+    exact_abs = torch.full((n, K), -1.0, **f64)
+    exact_cos = torch.zeros(n, K, **f64)
+    inv_c = torch.where(c_nrm > 0, 1.0 / c_nrm, 0.0)
+    step = max(1, _RESCORE_ELEMS // max(K * W.shape[1], 1))
+    for r0 in range(0, n, step):
+        r1 = min(n, r0 + step)
+        idx = cand_idx[r0:r1]
+        safe = idx.clamp_min(0)
+        inv_w = torch.where(w_nrm[r0:r1] > 0, 1.0 / w_nrm[r0:r1], 0.0)
+        dots = torch.einsum("rm,rkm->rk", W[r0:r1].double(), C[safe].double())
+        cos = dots * inv_w[:, None] * inv_c[safe]
+        exact_cos[r0:r1] = torch.where(idx >= 0, cos, 0.0)
+        exact_abs[r0:r1] = torch.where((idx >= 0) & (cos != 0), cos.abs(), -1.0)
+    order = _rank_order(exact_abs, cand_idx)
+    absc, idx, signed = exact_abs.gather(1, order), cand_idx.gather(1, order), exact_cos.gather(1, order)
+    full = cand_idx[:, -1] >= 0
+    weakest = torch.where(full, cand_cos[:, -1].abs().double(), 0.0)
+    tth = absc[:, min(t, K) - 1]
+    # Zero rows have cosine 0 with everything: nothing to miss.
+    unsure = ~(tth > weakest + err) & (w_nrm > 0)
+    keep = absc > 0
+    absc = torch.where(keep, absc, 0.0)
+    signed = torch.where(keep, signed, 0.0)
+    idx = torch.where(keep, idx, -1)
+    top_v = torch.zeros(n, topk, **f64)
+    top_i = torch.full((n, topk), -1, dtype=torch.int64, device=W.device)
+    kk = min(topk, K)
+    top_v[:, :kk], top_i[:, :kk] = signed[:, :kk], idx[:, :kk]
+    max_abs, argmax = absc[:, 0].clone(), idx[:, 0].clone()
+    redo = unsure.nonzero().flatten()
+    if redo.numel():
+        v, i = _exact_rows(W, C, w_nrm, c_nrm, redo, t, self_)
+        max_abs[redo] = v[:, 0].abs()
+        argmax[redo] = i[:, 0]
+        if topk:
+            top_v[redo], top_i[redo] = v[:, :topk], i[:, :topk]
+    return max_abs, argmax, top_v, top_i
+
+
+def interference_triton(
+    W: torch.Tensor, V: torch.Tensor | None, topk: int, block: int, precision: str = "ieee"
+) -> list[torch.Tensor]:
+    """W: (n, m); V: (k, m) or None; topk >= 0; block: tile edge hint (0 = default 64).
+
+    precision "tf32" multiplies float32 inputs on TF32 tensor cores and rescores the
+    partners exactly (see the module docstring); other dtypes ignore it.
+    """
     n, m = W.shape
     device = W.device
     topk = int(topk)
@@ -203,8 +333,10 @@ def interference_triton(W: torch.Tensor, V: torch.Tensor | None, topk: int, bloc
     sqcos = torch.zeros(n, **f64)
     maxabs = torch.zeros(n, **f64)
     argmax = torch.full((n,), -1, **i64)
-    tk_cos = torch.zeros(n, topk, **f64)
-    tk_idx = torch.full((n, topk), -1, **i64)
+    tf32 = precision == "tf32" and W.dtype == torch.float32
+    k_kernel = max(topk, 1) + _TF32_SPARE if tf32 else topk
+    tk_cos = torch.zeros(n, k_kernel, **f64)
+    tk_idx = torch.full((n, k_kernel), -1, **i64)
     if n > 0 and nc > 0:
         acc = compute_dtype(W.dtype)
         acc_torch = torch.float64 if acc == tl.float64 else torch.float32
@@ -217,9 +349,17 @@ def interference_triton(W: torch.Tensor, V: torch.Tensor | None, topk: int, bloc
             sq, sqcos, maxabs, argmax, tk_cos, tk_idx,
             Wn, Cn, w_inv.to(acc_torch), c_inv.to(acc_torch), bnsq, n, nc, m,
             Wn.stride(0), Wn.stride(1), Cn.stride(0), Cn.stride(1),
-            SELF=V is None, TOPK=topk, TOPK_P=max(2, triton.next_power_of_2(max(topk, 1))),
+            SELF=V is None, DOT_PRECISION="tf32" if tf32 else "ieee",
+            TOPK=k_kernel, TOPK_P=max(2, triton.next_power_of_2(max(k_kernel, 1))),
             ACC=acc, BLOCK_M=edge, BLOCK_N=edge, BLOCK_K=BLOCK_K,
         )  # fmt: skip
+    if tf32 and n > 0 and nc > 0:
+        C = W if V is None else V
+        maxabs, argmax, tk_cos, tk_idx = rescore_partners(
+            W, C, nrm, col_nrm, tk_cos, tk_idx, topk, tf32_cos_error(m), self_=V is None
+        )
+    elif tf32:  # nothing to rescore: drop the spare candidate slots
+        tk_cos, tk_idx = tk_cos[:, :topk].contiguous(), tk_idx[:, :topk].contiguous()
     if V is None:
         nsq = nrm * nrm
         dims = torch.where(nsq > 0, nsq / (nsq + sq), 0.0)

@@ -16,8 +16,8 @@ def _ops_and_args():
     return [
         (torch.ops.supanalysis.activation_stats.default, (x, 0.0, "")),
         (torch.ops.supanalysis.activation_stats_sparse.default, (idx, torch.rand(33, 3), 7, 0.0, "")),
-        (torch.ops.supanalysis.interference.default, (W, None, 2, 0, "")),
-        (torch.ops.supanalysis.interference.default, (W, torch.randn(6, 5), 2, 0, "")),
+        (torch.ops.supanalysis.interference.default, (W, None, 2, 0, "", "ieee")),
+        (torch.ops.supanalysis.interference.default, (W, torch.randn(6, 5), 2, 0, "", "tf32")),
         (
             torch.ops.supanalysis.cross_moments_update.default,
             (
@@ -58,7 +58,7 @@ def test_compile_fullgraph():
     @torch.compile(fullgraph=True, backend="aot_eager")
     def stats_and_interference(x, W):
         s = torch.ops.supanalysis.activation_stats(x, 0.0, "")
-        r = torch.ops.supanalysis.interference(W, None, 0, 0, "")
+        r = torch.ops.supanalysis.interference(W, None, 0, 0, "", "ieee")
         return s[2] * 2, r[3].sum()
 
     x, W = torch.randn(40, 6), torch.randn(10, 4)

@@ -7,7 +7,7 @@ import math
 import numpy as np
 import pytest
 import torch
-from conftest import interpreting
+from conftest import BACKEND_DEVICES, interpreting
 
 import supanalysis as sa
 from supanalysis.ops.interference import interference_reference
@@ -161,3 +161,96 @@ def test_dense_matrix_refuses_beyond_budget():
     assert M.shape == (100, 100) and torch.allclose(M.diagonal(), torch.ones(100, dtype=torch.float64))
     with pytest.raises(MemoryError, match=r"use supanalysis.interference\(W\)"):
         sa.interference_matrix(W, max_bytes=1000)
+
+
+# ----------------------------------------------------------------------------- TF32 opt-in
+def near_duplicates(n: int, m: int, seed: int, copies: int = 3) -> torch.Tensor:
+    """Random directions where groups of `copies` rows are near duplicates (|cos| ~ 1 - 1e-4)."""
+    g = torch.Generator().manual_seed(seed)
+    base = torch.randn(n // copies + 1, m, generator=g, dtype=torch.float64)
+    W = base.repeat_interleave(copies, 0)[:n]
+    return W + 1e-2 * torch.randn(n, m, generator=g, dtype=torch.float64) / math.sqrt(m)
+
+
+def noisy_candidates(W: torch.Tensor, K: int, err: float, seed: int):
+    """Each row's top-K partners by |cos| + noise in [-err, err]: what a TF32 kernel hands over."""
+    Wn = W / W.norm(dim=1, keepdim=True)
+    G = Wn @ Wn.T
+    G.fill_diagonal_(0.0)
+    g = torch.Generator().manual_seed(seed)
+    noisy = G + (torch.rand(G.shape, generator=g, dtype=torch.float64) * 2 - 1) * err
+    noisy.fill_diagonal_(0.0)
+    i = noisy.abs().topk(K, dim=1).indices
+    return noisy.gather(1, i), i
+
+
+# (candidates, copies per near-duplicate group, rows recomputed: at least, at most):
+# spare candidates; just enough (only the lone last row's random partners may be close);
+# groups larger than the list, whose rankings are ambiguous.
+@pytest.mark.parametrize("K,copies,redo", [(2 + 8, 3, (0, 0)), (3, 3, (0, 1)), (3, 12, (50, 61))])
+def test_rescore_partners_fixes_an_approximate_ranking(monkeypatch, K, copies, redo):
+    import supanalysis.kernels.interference as ki
+
+    redone = []
+    exact_rows = ki._exact_rows
+    monkeypatch.setattr(ki, "_exact_rows", lambda *a: redone.append(a[4].numel()) or exact_rows(*a))
+    W = near_duplicates(61, 24, seed=K, copies=copies)
+    err = 1e-3
+    cand_cos, cand_idx = noisy_candidates(W, K, err, seed=1)
+    nrm = W.norm(dim=1)
+    got = ki.rescore_partners(W, W, nrm, nrm, cand_cos, cand_idx, 2, err, self_=True)
+    assert redo[0] <= sum(redone) <= redo[1]
+    ref = interference_reference(W, None, 2, 0)
+    assert torch.equal(got[1], ref[5])  # argmax
+    assert torch.equal(got[3], ref[7])  # top-k indices
+    torch.testing.assert_close(got[0], ref[4], rtol=0, atol=1e-12)
+    torch.testing.assert_close(got[2], ref[6], rtol=0, atol=1e-12)
+    # The noise really reordered partners: the approximate ranking alone was wrong somewhere.
+    assert not torch.equal(cand_idx[:, :2], ref[7])
+
+
+def test_rescore_partners_cross_and_zero_rows():
+    from supanalysis.kernels.interference import rescore_partners
+
+    g = torch.Generator().manual_seed(5)
+    W = torch.randn(9, 7, generator=g, dtype=torch.float64)
+    W[4] = 0.0
+    V = torch.cat(
+        [
+            W[:5] + 1e-3 * torch.randn(5, 7, generator=g, dtype=torch.float64),
+            torch.randn(6, 7, generator=g, dtype=torch.float64),
+        ]
+    )
+    nw, nv = W.norm(dim=1), V.norm(dim=1)
+    cos = (W / nw.clamp_min(1e-300)[:, None]) @ (V / nv[:, None]).T
+    v, i = cos.abs().topk(4, dim=1)
+    i = torch.where(v > 0, i, -1)
+    got = rescore_partners(W, V, nw, nv, cos.gather(1, i.clamp_min(0)), i, 1, 1e-3, self_=False)
+    ref = interference_reference(W, V, 1, 0)
+    assert torch.equal(got[1], ref[5]) and torch.equal(got[3], ref[7])
+    assert got[1][4] == -1 and got[0][4] == 0.0  # the zero row has no partner
+    torch.testing.assert_close(got[0], ref[4], rtol=0, atol=1e-12)
+
+
+@pytest.mark.parametrize("backend_device", [p for p in BACKEND_DEVICES if p[0] == "triton"] or [None])
+def test_triton_tf32_keeps_partners_exact(backend_device):
+    if backend_device is None:
+        pytest.skip("no Triton backend on this machine")
+    backend, device = backend_device
+    W = near_duplicates(70, 40, seed=3).float().to(device)
+    got = sa.interference(W, topk=3, backend=backend, precision="tf32")
+    ref = interference_reference(W.double(), None, 3, 0)
+    assert torch.equal(got.argmax.cpu(), ref[5].cpu())
+    assert torch.equal(got.topk_index.cpu(), ref[7].cpu())
+    torch.testing.assert_close(got.max_abs_cos.cpu(), ref[4].cpu(), rtol=0, atol=1e-12)
+    torch.testing.assert_close(got.topk_cos.cpu(), ref[6].cpu(), rtol=0, atol=1e-12)
+    torch.testing.assert_close(got.sq_interference.cpu(), ref[1].cpu(), rtol=1e-2, atol=1e-3)
+
+
+def test_precision_is_checked_and_full_precision_backends_ignore_tf32():
+    W = near_duplicates(20, 8, seed=0).float()
+    with pytest.raises(ValueError, match="precision"):
+        sa.interference(W, precision="tf16")
+    a = sa.interference(W, topk=2, backend="cpp", precision="tf32")
+    b = sa.interference(W, topk=2, backend="cpp")
+    assert torch.equal(a.topk_index, b.topk_index) and torch.equal(a.sq_interference, b.sq_interference)

@@ -28,6 +28,7 @@ from ._common import check_float, check_rank, check_same_device
 
 IMPLEMENTED = ("reference", "cpp", "triton", "cuda")
 PREFERRED = {"cpu": ("cpp",), "cuda": ("cuda", "triton")}
+PRECISIONS = ("ieee", "tf32")
 DEFAULT_MAX_BYTES = 1 << 30  # dense interference_matrix refuses beyond 1 GiB
 
 
@@ -81,8 +82,10 @@ def _unit_rows(X: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return nrm, X64 * inv[:, None]
 
 
-def interference_reference(W: torch.Tensor, V: torch.Tensor | None, topk: int, block: int) -> list[torch.Tensor]:
-    """Float64 ground truth in row blocks of ``block`` (memory O(block * n))."""
+def interference_reference(
+    W: torch.Tensor, V: torch.Tensor | None, topk: int, block: int, precision: str = "ieee"
+) -> list[torch.Tensor]:
+    """Float64 ground truth in row blocks of ``block`` (memory O(block * n)); exact at any precision."""
     n = W.shape[0]
     nrm, Wn = _unit_rows(W)
     if V is None:
@@ -129,11 +132,17 @@ def interference_reference(W: torch.Tensor, V: torch.Tensor | None, topk: int, b
 
 
 # ----------------------------------------------------------------------------- native
-def interference_cpu(W: torch.Tensor, V: torch.Tensor | None, topk: int, block: int) -> list[torch.Tensor]:
+# The C++ and CUDA backends multiply at full precision whatever `precision` asks (CPU BLAS
+# has no TF32; the CUDA tiles run at.mm under torch's own float32 matmul setting).
+def interference_cpu(
+    W: torch.Tensor, V: torch.Tensor | None, topk: int, block: int, precision: str = "ieee"
+) -> list[torch.Tensor]:
     return native().interference_cpu(W, V, int(topk), int(block))
 
 
-def interference_cuda(W: torch.Tensor, V: torch.Tensor | None, topk: int, block: int) -> list[torch.Tensor]:
+def interference_cuda(
+    W: torch.Tensor, V: torch.Tensor | None, topk: int, block: int, precision: str = "ieee"
+) -> list[torch.Tensor]:
     return native().interference_cuda(W, V, int(topk), int(block))
 
 
@@ -149,14 +158,14 @@ IMPLS = {
 
 @torch.library.custom_op("supanalysis::interference", mutates_args=())
 def _interference_op(
-    W: torch.Tensor, V: torch.Tensor | None, topk: int, block: int, backend: str
+    W: torch.Tensor, V: torch.Tensor | None, topk: int, block: int, backend: str, precision: str
 ) -> list[torch.Tensor]:
     name = resolve("interference", W.device, backend or None, IMPLEMENTED, PREFERRED)
-    return list(IMPLS[name](W, V, topk, block))
+    return list(IMPLS[name](W, V, topk, block, precision))
 
 
 @_interference_op.register_fake
-def _(W, V, topk, block, backend):
+def _(W, V, topk, block, backend, precision):
     n = W.shape[0]
     f64 = dict(dtype=torch.float64, device=W.device)
     i64 = dict(dtype=torch.int64, device=W.device)
@@ -187,11 +196,18 @@ def interference(
     *,
     block: int = 0,
     backend: str | None = None,
+    precision: str = "ieee",
 ) -> InterferenceResult:
     """Interference of feature directions. W: (n, m); V: (k, m) or None; see module doc.
 
     ``block`` sets the tile edge (0 = the backend's default); memory stays O(block * n).
+    ``precision="tf32"`` (opt-in, float32 inputs, Triton backend on a GPU) multiplies on
+    TF32 tensor cores: max_abs_cos, argmax and top-k stay exact (candidates are rescored in
+    float64), the sums (sq_interference, sq_cos, dims) carry ~1e-3 relative error. Other
+    backends and dtypes compute at full precision either way.
     """
+    if precision not in PRECISIONS:
+        raise ValueError(f"precision must be one of {PRECISIONS}, got {precision!r}")
     _check_directions("W", W)
     if V is not None:
         _check_directions("V", V)
@@ -202,7 +218,7 @@ def interference(
         raise ValueError(f"topk must be a non-negative int, got {topk!r}")
     if block < 0:
         raise ValueError(f"block must be >= 0, got {block}")
-    out = torch.ops.supanalysis.interference(W, V, topk, block, backend or "")
+    out = torch.ops.supanalysis.interference(W, V, topk, block, backend or "", precision)
     norms, sq, sqcos, dims, maxabs, argmax, tk_cos, tk_idx = out
     return InterferenceResult(
         norms=norms,
