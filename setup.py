@@ -128,6 +128,7 @@ setup(
     # Triton kernels live in the top-level kernels/ folder of the source tree and are
     # installed inside our namespace: a top-level `kernels` package belongs to another project.
     package_dir={"supanalysis": "supanalysis", "supanalysis.kernels": "kernels"},
+    package_data={"supanalysis": ["dispatch.json"]},
     ext_modules=ext_modules,
     cmdclass={"build_ext": build_ext},
 )

@@ -15,6 +15,7 @@ import torch
 from bench import cases, limits, report
 from bench.report import Row
 from bench.timing import median_time, once
+from supanalysis import dispatch
 from supanalysis._backend import BACKENDS, available_backends, backend_status
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -61,6 +62,14 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     )
     p.add_argument("--markdown", type=Path, default=None, help="write a Markdown table for bench/RESULTS.md")
     p.add_argument("--json", type=Path, default=None, help="write the raw numbers as JSON")
+    p.add_argument(
+        "--write-dispatch",
+        type=Path,
+        default=None,
+        metavar="FILE",
+        help="record the fastest backend per (op, device, dtype) in this dispatch table "
+        "(e.g. supanalysis/dispatch.json, which auto consults); merged with its entries",
+    )
     args = p.parse_args(argv)
     args.ops = [o for o in args.ops.split(",") if o]
     unknown = set(args.ops) - set(cases.OPS)
@@ -312,6 +321,34 @@ NOTES = [
 ]
 
 
+# ----------------------------------------------------------------------------- dispatch
+# Bench cases -> the op names `auto` resolves (interference_topk times the same op as
+# interference with top-k; its choice is interference's).
+DISPATCH_OP = {
+    "stats": "activation_stats",
+    "stats_sparse": "activation_stats_sparse",
+    "interference": "interference",
+    "cross": "cross_moments_update",
+    "best_match": "best_match",
+    "coact": "coactivation_update",
+    "coact_sparse": "coactivation_update_sparse",
+}
+
+
+def dispatch_choices(rows: list[Row], device: torch.device, source: str) -> list[dispatch.Choice]:
+    """The fastest backend of every (op, dtype) where two or more backends were timed."""
+    timed: dict[tuple[str, str, str], dict[str, float]] = {}
+    for r in rows:
+        if r.op in DISPATCH_OP and r.seconds and r.backend in BACKENDS:
+            timed.setdefault((DISPATCH_OP[r.op], r.dtype, r.shape), {})[r.backend] = r.seconds
+    label = dispatch.device_label(device)
+    return [
+        dispatch.Choice(op, label, dt, min(secs, key=secs.__getitem__), secs, shape, source)
+        for (op, dt, shape), secs in sorted(timed.items())
+        if len(secs) >= 2
+    ]
+
+
 # ----------------------------------------------------------------------------- main
 def run(args: argparse.Namespace) -> tuple[dict, list[Row], list[str]]:
     """Header, rows and notes of one benchmark run (``args`` from :func:`parse_args`)."""
@@ -347,4 +384,13 @@ def main(argv: list[str] | None = None) -> int:
         args.markdown.write_text(report.markdown(h, rows, notes))
     if args.json:
         args.json.write_text(report.to_json(h, rows, notes))
+    if args.write_dispatch:
+        source = f"{h['device']}, commit {h['commit']}, {h['date']}"
+        choices = dispatch_choices(rows, torch.device(args.device), source)
+        if choices:
+            dispatch.write(args.write_dispatch, choices)
+            for c in choices:
+                print(f"dispatch: {c.op} {c.device} {c.dtype} -> {c.backend} {c.seconds}")
+        else:
+            print("dispatch: nothing written (no op had two or more backends timed)")
     return 0

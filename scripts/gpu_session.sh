@@ -34,7 +34,11 @@ fi
 
 if [ "${SKIP_BENCH:-0}" != "1" ]; then
   step "benchmarks: every op, bf16 and fp32, CUDA and Triton side by side"
-  "$PY" -m bench --markdown "$OUT/bench_gpu.md" --json "$OUT/bench_gpu.json" 2>&1 | tail -60 | tee "$OUT/bench.txt"
+  # --write-dispatch records the faster of Triton/CUDA per (op, GPU, dtype) for `auto`;
+  # copy $OUT/dispatch.json over supanalysis/dispatch.json (it merges other GPUs' entries).
+  cp supanalysis/dispatch.json "$OUT/dispatch.json"
+  "$PY" -m bench --markdown "$OUT/bench_gpu.md" --json "$OUT/bench_gpu.json" \
+      --write-dispatch "$OUT/dispatch.json" 2>&1 | tail -70 | tee "$OUT/bench.txt"
   "$PY" -m bench.memory --n 65536 --m 4096 | tee -a "$OUT/bench.txt"
 fi
 

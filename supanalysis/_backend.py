@@ -6,8 +6,10 @@ of ``supanalysis._C``), ``triton`` (``supanalysis.kernels``; on a GPU, or on the
 
 Choice: an explicit ``backend=`` argument wins, then the ``SUPANALYSIS_BACKEND`` environment
 variable, then ``auto``. An explicitly requested backend that cannot run raises
-:class:`BackendUnavailable`; ``auto`` takes the op's preferred backend for the device and,
-when it has to fall back, says so once per (op, device, backend) through ``logging``.
+:class:`BackendUnavailable`. ``auto`` takes the backend the benchmark measured fastest for
+the op, device and dtype (:mod:`supanalysis.dispatch`) when there is such a measurement
+and it can run here; otherwise the op's static preference for the device, and when it has
+to fall back from that, it says so once per (op, device, backend) through ``logging``.
 """
 
 from __future__ import annotations
@@ -20,6 +22,8 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import torch
+
+from . import dispatch
 
 log = logging.getLogger("supanalysis")
 
@@ -133,11 +137,12 @@ def resolve(
     backend: str | None,
     implemented: Sequence[str],
     preferred: dict[str, Sequence[str]],
+    dtype: torch.dtype | None = None,
 ) -> str:
-    """The backend that runs ``op`` on ``device``.
+    """The backend that runs ``op`` on ``device`` for inputs of ``dtype``.
 
     ``implemented`` lists the backends this op has; ``preferred`` maps a device type to the
-    order ``auto`` tries them in.
+    order ``auto`` tries them in when the dispatch table has no measurement.
     """
     choice = requested_backend(backend)
     status = backend_status()
@@ -158,6 +163,9 @@ def resolve(
         if why is not None:
             raise BackendUnavailable(f"backend {choice!r} cannot run {op} on {dev}: {why}")
         return choice
+    measured = dispatch.measured_choice(op, device, dtype)
+    if measured is not None and usable(measured) is None:
+        return measured
     order = list(preferred.get(dev, ())) + ["reference"]
     first_why = None
     for name in order:

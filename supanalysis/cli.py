@@ -32,6 +32,15 @@ def _cmd_info(args: argparse.Namespace) -> int:
     print("backends:")
     for st in sa.backends().values():
         print(f"  {st}")
+    from supanalysis import dispatch
+
+    try:
+        choices = dispatch.table()
+        print(f"auto's measured choices: {len(choices)} in {dispatch.table_path()}")
+        for c in choices.values():
+            print(f"  {c.op} {c.device} {c.dtype} -> {c.backend}")
+    except (OSError, ValueError) as exc:
+        print(f"auto's measured choices: unusable table ({exc})")
     if args.require_cpp and ext is None:
         print("error: --require-cpp given but supanalysis._C did not load", file=sys.stderr)
         return 1

@@ -144,7 +144,7 @@ def _fake_outputs(like: torch.Tensor, n: int, T: int) -> list[torch.Tensor]:
 
 @torch.library.custom_op("supanalysis::activation_stats", mutates_args=())
 def _activation_stats_op(x: torch.Tensor, threshold: float, backend: str) -> list[torch.Tensor]:
-    name = resolve("activation_stats", x.device, backend or None, IMPLEMENTED, PREFERRED)
+    name = resolve("activation_stats", x.device, backend or None, IMPLEMENTED, PREFERRED, x.dtype)
     return list(IMPLS[name](x, threshold))
 
 
@@ -157,7 +157,7 @@ def _(x, threshold, backend):
 def _activation_stats_sparse_op(
     indices: torch.Tensor, values: torch.Tensor, n: int, threshold: float, backend: str
 ) -> list[torch.Tensor]:
-    name = resolve("activation_stats_sparse", indices.device, backend or None, IMPLEMENTED, PREFERRED)
+    name = resolve("activation_stats_sparse", indices.device, backend or None, IMPLEMENTED, PREFERRED, values.dtype)
     return list(SPARSE_IMPLS[name](indices, values, n, threshold))
 
 

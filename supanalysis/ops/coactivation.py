@@ -72,7 +72,7 @@ SPARSE_IMPLS = {
 
 @torch.library.custom_op("supanalysis::coactivation_update", mutates_args=("counts",))
 def _coactivation_update_op(counts: torch.Tensor, x: torch.Tensor, threshold: float, backend: str) -> None:
-    name = resolve("coactivation_update", x.device, backend or None, IMPLEMENTED, PREFERRED)
+    name = resolve("coactivation_update", x.device, backend or None, IMPLEMENTED, PREFERRED, x.dtype)
     IMPLS[name](counts, x, threshold)
 
 
@@ -83,7 +83,7 @@ def _(counts, x, threshold, backend):
 
 @torch.library.custom_op("supanalysis::coactivation_update_sparse", mutates_args=("counts",))
 def _coactivation_update_sparse_op(counts: torch.Tensor, indices: torch.Tensor, backend: str) -> None:
-    name = resolve("coactivation_update_sparse", indices.device, backend or None, IMPLEMENTED, PREFERRED)
+    name = resolve("coactivation_update_sparse", indices.device, backend or None, IMPLEMENTED, PREFERRED, indices.dtype)
     SPARSE_IMPLS[name](counts, indices)
 
 

@@ -158,7 +158,7 @@ def _cross_moments_update_op(
     xb: torch.Tensor,
     backend: str,
 ) -> list[torch.Tensor]:
-    name = resolve("cross_moments_update", xa.device, backend or None, IMPLEMENTED, PREFERRED)
+    name = resolve("cross_moments_update", xa.device, backend or None, IMPLEMENTED, PREFERRED, xa.dtype)
     return list(UPDATE_IMPLS[name](comoment, n_prev, mean_a_prev, mean_b_prev, xa, xb))
 
 
@@ -173,7 +173,7 @@ def _(comoment, n_prev, mean_a_prev, mean_b_prev, xa, xb, backend):
 def _sparse_outer_update_op(
     out: torch.Tensor, ia: torch.Tensor, va: torch.Tensor, ib: torch.Tensor, vb: torch.Tensor, backend: str
 ) -> None:
-    name = resolve("sparse_outer_update", out.device, backend or None, IMPLEMENTED, PREFERRED)
+    name = resolve("sparse_outer_update", out.device, backend or None, IMPLEMENTED, PREFERRED, va.dtype)
     SPARSE_OUTER_IMPLS[name](out, ia, va, ib, vb)
 
 
@@ -186,7 +186,7 @@ def _(out, ia, va, ib, vb, backend):
 def _best_match_op(
     comoment: torch.Tensor, inv_std_a: torch.Tensor, inv_std_b: torch.Tensor, backend: str
 ) -> list[torch.Tensor]:
-    name = resolve("best_match", comoment.device, backend or None, IMPLEMENTED, PREFERRED)
+    name = resolve("best_match", comoment.device, backend or None, IMPLEMENTED, PREFERRED, comoment.dtype)
     return list(BEST_MATCH_IMPLS[name](comoment, inv_std_a, inv_std_b))
 
 

@@ -160,7 +160,7 @@ IMPLS = {
 def _interference_op(
     W: torch.Tensor, V: torch.Tensor | None, topk: int, block: int, backend: str, precision: str
 ) -> list[torch.Tensor]:
-    name = resolve("interference", W.device, backend or None, IMPLEMENTED, PREFERRED)
+    name = resolve("interference", W.device, backend or None, IMPLEMENTED, PREFERRED, W.dtype)
     return list(IMPLS[name](W, V, topk, block, precision))
 
 
