@@ -4,10 +4,12 @@ Contract: ``supanalysis/ops/interference.py``. Outputs, in order: norms, sq_inte
 sq_cos, dims (empty when V is given), max_abs_cos [n] float64, argmax [n] int64,
 topk_cos [n, topk] float64, topk_index [n, topk] int64.
 
-A program owns BLOCK_M rows of W and sweeps the columns (rows of W, or of V) in BLOCK_N
-tiles; each tile of cosines comes from tl.dot and is consumed by a
-fused epilogue (squared sums, running max/argmax, running top-k), so memory is
-O(n * (m + topk)).
+Two kernels. The row-sweeping one: a program owns BLOCK_M rows of W and sweeps the columns
+(rows of W, or of V) in BLOCK_N tiles; each tile of cosines comes from tl.dot and is
+consumed by a fused epilogue (squared sums, running max/argmax, running top-k), so memory
+is O(n * (m + topk)). The symmetric one (W against itself, no top-k): a program per tile
+of the upper triangle, whose cosines feed both their rows' and their columns' reductions
+through atomics, so the GEMM work halves.
 
 Precision: the dot multiplies the input rows themselves (scaled by an exact power of two
 against overflow), and 1/|W_i| * 1/|W_j| is applied in the epilogue, so a cosine carries
@@ -171,6 +173,92 @@ def _interference_kernel(
         tl.store(tkidx_ptr + out, top_i, mask=mask_o)
 
 
+# Packed (|cos|, index) keys: a non-negative float32's bits order like the float, so
+# (bits << 32) | (_KEY_LOW - index) orders by |cos| and then by the smaller index, and one
+# integer atomic_max merges running maxima from many programs with the tie rule intact.
+_KEY_LOW = tl.constexpr(2**31 - 1)
+
+
+@triton.jit
+def _packed_key(absval, index):
+    bits = absval.to(tl.float32).to(tl.int32, bitcast=True).to(tl.int64)
+    return (bits << 32) | (_KEY_LOW - index)
+
+
+@triton.jit
+def _interference_sym_kernel(
+    sq_ptr,  # [n] float64, zero-initialised: sum_j cos^2 * |W_j|^2, accumulated atomically
+    sqcos_ptr,  # [n] float64, zero-initialised: sum_j cos^2
+    key_ptr,  # [n] int64, zero-initialised: packed (max |cos|, argmax)
+    a_ptr,  # [n, m] rows of W, each scaled by an exact power of two
+    ainv_ptr,  # [n] 1 / |scaled row| (0 for a zero row)
+    nsq_ptr,  # [n] |W_j|^2
+    n,
+    m,
+    stride_an,
+    stride_am,
+    BLOCK: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+):
+    # Program (bi, bj) owns the tile of row block bi against row block bj, for bj >= bi
+    # only: each off-diagonal cosine is computed once and feeds both its row's and its
+    # column's reductions (half the GEMM of the row-sweeping kernel). Programs below the
+    # diagonal exit at once.
+    bi = tl.program_id(0)
+    bj = tl.program_id(1)
+    if bj >= bi:
+        rows = bi.to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+        cols = bj.to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+        mask_r = rows < n
+        mask_c = cols < n
+        acc = tl.zeros([BLOCK, BLOCK], dtype=tl.float32)
+        for k0 in range(0, m, BLOCK_K):
+            ks = k0 + tl.arange(0, BLOCK_K)
+            mask_k = ks < m
+            a = tl.load(
+                a_ptr + rows[:, None] * stride_an + ks[None, :] * stride_am,
+                mask=mask_r[:, None] & mask_k[None, :],
+                other=0.0,
+            )
+            b = tl.load(
+                a_ptr + cols[None, :] * stride_an + ks[:, None] * stride_am,
+                mask=mask_k[:, None] & mask_c[None, :],
+                other=0.0,
+            )
+            acc = tl.dot(a, b, acc, input_precision="ieee")
+        ainv_r = tl.load(ainv_ptr + rows, mask=mask_r, other=0.0)
+        ainv_c = tl.load(ainv_ptr + cols, mask=mask_c, other=0.0)
+        valid = mask_r[:, None] & mask_c[None, :] & (rows[:, None] != cols[None, :])
+        g = tl.where(valid, acc * ainv_r[:, None] * ainv_c[None, :], 0.0)
+        g2 = g * g
+        absg = tl.where(valid, tl.abs(g), -1.0)
+        nsq_c = tl.load(nsq_ptr + cols, mask=mask_c, other=0.0)
+        # Row side: this tile's columns are row i's partners.
+        tl.atomic_add(sq_ptr + rows, tl.sum(g2 * nsq_c[None, :], axis=1).to(tl.float64), mask=mask_r, sem="relaxed")
+        tl.atomic_add(sqcos_ptr + rows, tl.sum(g2, axis=1).to(tl.float64), mask=mask_r, sem="relaxed")
+        rmax = tl.max(absg, axis=1)
+        rarg = tl.min(tl.where(absg == rmax[:, None], cols[None, :], _NO_INDEX), axis=1)
+        tl.atomic_max(key_ptr + rows, _packed_key(rmax, rarg), mask=mask_r & (rmax > 0), sem="relaxed")
+        # Column side: the same cosines seen from the other end (a diagonal tile already
+        # holds both orders of each of its pairs).
+        if bj != bi:
+            nsq_r = tl.load(nsq_ptr + rows, mask=mask_r, other=0.0)
+            tl.atomic_add(sq_ptr + cols, tl.sum(g2 * nsq_r[:, None], axis=0).to(tl.float64), mask=mask_c, sem="relaxed")
+            tl.atomic_add(sqcos_ptr + cols, tl.sum(g2, axis=0).to(tl.float64), mask=mask_c, sem="relaxed")
+            cmax = tl.max(absg, axis=0)
+            carg = tl.min(tl.where(absg == cmax[None, :], rows[:, None], _NO_INDEX), axis=0)
+            tl.atomic_max(key_ptr + cols, _packed_key(cmax, carg), mask=mask_c & (cmax > 0), sem="relaxed")
+
+
+def _unpack_keys(key: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(max |cos| float64, argmax int64) from packed keys; 0 / -1 where nothing interferes."""
+    bits = (key >> 32).to(torch.int32)
+    value = bits.view(torch.float32).to(torch.float64)
+    index = (2**31 - 1) - (key & 0xFFFFFFFF)
+    none = bits == 0
+    return torch.where(none, 0.0, value), torch.where(none, -1, index)
+
+
 def _scaled_rows(X: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(|X_i| in float64, rows scaled by 2^-e_i in X's dtype, 1 / |scaled row| float64).
 
@@ -307,12 +395,22 @@ def rescore_partners(
 
 
 def interference_triton(
-    W: torch.Tensor, V: torch.Tensor | None, topk: int, block: int, precision: str = "ieee"
+    W: torch.Tensor,
+    V: torch.Tensor | None,
+    topk: int,
+    block: int,
+    precision: str = "ieee",
+    symmetric: bool | None = None,
 ) -> list[torch.Tensor]:
     """W: (n, m); V: (k, m) or None; topk >= 0; block: tile edge hint (0 = default 64).
 
     precision "tf32" multiplies float32 inputs on TF32 tensor cores and rescores the
     partners exactly (see the module docstring); other dtypes ignore it.
+    symmetric (None = wherever it applies): W against itself with topk 0 and 16/32-bit
+    inputs computes each off-diagonal tile once and merges both ends with atomics
+    (float64 sums, packed max/argmax keys). Top-k lists cannot be merged that way, float64
+    cosines do not fit a packed key, and TF32 needs its candidates, so those take the
+    row-sweeping kernel. The atomics make the sums' last bits depend on program order.
     """
     n, m = W.shape
     device = W.device
@@ -334,6 +432,25 @@ def interference_triton(
     maxabs = torch.zeros(n, **f64)
     argmax = torch.full((n,), -1, **i64)
     tf32 = precision == "tf32" and W.dtype == torch.float32
+    edge = 64 if block <= 0 else max(16, min(128, triton.next_power_of_2(int(block))))
+    BLOCK_K = max(16, min(64, triton.next_power_of_2(max(m, 1))))
+    can_sym = V is None and topk == 0 and not tf32 and W.dtype != torch.float64 and triton.cdiv(n, edge) <= 65535
+    if symmetric is None:
+        symmetric = can_sym
+    elif symmetric and not can_sym:
+        raise ValueError("symmetric needs V=None, topk=0, a 16/32-bit W, no TF32, and n <= 65535 tiles")
+    if symmetric:
+        key = torch.zeros(n, **i64)
+        if n > 0:
+            blocks = triton.cdiv(n, edge)
+            _interference_sym_kernel[(blocks, blocks)](
+                sq, sqcos, key, Wn, w_inv.to(torch.float32), (nrm * nrm).to(torch.float32), n, m,
+                Wn.stride(0), Wn.stride(1), BLOCK=edge, BLOCK_K=BLOCK_K,
+            )  # fmt: skip
+        maxabs, argmax = _unpack_keys(key)
+        nsq = nrm * nrm
+        dims = torch.where(nsq > 0, nsq / (nsq + sq), 0.0)
+        return [nrm, sq, sqcos, dims, maxabs, argmax, torch.zeros(n, 0, **f64), torch.full((n, 0), -1, **i64)]
     k_kernel = max(topk, 1) + _TF32_SPARE if tf32 else topk
     tk_cos = torch.zeros(n, k_kernel, **f64)
     tk_idx = torch.full((n, k_kernel), -1, **i64)
@@ -341,10 +458,8 @@ def interference_triton(
         acc = compute_dtype(W.dtype)
         acc_torch = torch.float64 if acc == tl.float64 else torch.float32
         bnsq = (col_nrm * col_nrm).to(acc_torch)
-        # Square tiles; tl.dot needs every edge >= 16. 64 balances the register cost of
-        # the top-k epilogue ([BLOCK_M, BLOCK_N] candidates) against column reuse.
-        edge = 64 if block <= 0 else max(16, min(128, triton.next_power_of_2(int(block))))
-        BLOCK_K = max(16, min(64, triton.next_power_of_2(max(m, 1))))
+        # Square tiles (edge above); tl.dot needs every edge >= 16. 64 balances the register
+        # cost of the top-k epilogue ([BLOCK_M, BLOCK_N] candidates) against column reuse.
         _interference_kernel[(triton.cdiv(n, edge),)](
             sq, sqcos, maxabs, argmax, tk_cos, tk_idx,
             Wn, Cn, w_inv.to(acc_torch), c_inv.to(acc_torch), bnsq, n, nc, m,
