@@ -116,8 +116,9 @@ def build_interference(d: Dims, dtype, device) -> Calls:
     calls: Calls = {b: partial(f, W, None, k, 0) for b, f in IF.IMPLS.items()}
     if device.type == "cuda" and dtype == torch.float32:  # the opt-in TF32 dot (+ exact rescoring)
         calls["triton tf32"] = partial(IF.IMPLS["triton"], W, None, k, 0, "tf32")
-    if device.type == "cuda" and not k:  # Triton's symmetric tiles (the default here) against row sweeps
+    if device.type == "cuda" and not k:  # symmetric tiles (the default here) against row sweeps
         calls["triton rows"] = partial(IF.IMPLS["triton"], W, None, k, 0, "ieee", False)
+        calls["cuda rows"] = partial(IF.IMPLS["cuda"], W, None, k, 0, "ieee", False)
     if k:  # the cost of top-k: the same op without it is the bare row
         best = "cuda" if device.type == "cuda" else "cpp"
         calls[f"bare k=0 ({best})"] = partial(IF.IMPLS[best], W, None, 0, 0)

@@ -34,7 +34,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
 #ifdef SUPANALYSIS_WITH_CUDA
   m.def("activation_stats_cuda", &sa::activation_stats_cuda);
   m.def("activation_stats_sparse_cuda", &sa::activation_stats_sparse_cuda);
-  m.def("interference_cuda", &sa::interference_cuda);
+  m.def("interference_cuda", &sa::interference_cuda,
+        "W [n, m], V [k, m] or None, topk, block, symmetric (-1 auto, 0 off, 1 on)");
   m.def("cross_moments_update_cuda", &sa::cross_moments_update_cuda);
   m.def("best_match_cuda", &sa::best_match_cuda);
   m.def("sparse_outer_update_cuda", &sa::sparse_outer_update_cuda);

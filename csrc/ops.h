@@ -72,7 +72,7 @@ std::vector<at::Tensor> activation_stats_sparse_cuda(const at::Tensor& indices,
                                                      const at::Tensor& values, int64_t n,
                                                      double threshold);
 std::vector<at::Tensor> interference_cuda(const at::Tensor& W, const std::optional<at::Tensor>& V,
-                                          int64_t topk, int64_t block);
+                                          int64_t topk, int64_t block, int64_t symmetric);
 std::vector<at::Tensor> cross_moments_update_cuda(at::Tensor& comoment, int64_t n_prev,
                                                   const at::Tensor& mean_a_prev,
                                                   const at::Tensor& mean_b_prev,

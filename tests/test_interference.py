@@ -254,3 +254,28 @@ def test_precision_is_checked_and_full_precision_backends_ignore_tf32():
     a = sa.interference(W, topk=2, backend="cpp", precision="tf32")
     b = sa.interference(W, topk=2, backend="cpp")
     assert torch.equal(a.topk_index, b.topk_index) and torch.equal(a.sq_interference, b.sq_interference)
+
+
+# ----------------------------------------------------------------------------- symmetric tiles (GPU)
+@pytest.mark.skipif(not any(p == ("cuda", "cuda") for p in BACKEND_DEVICES), reason="needs the CUDA backend on a GPU")
+@pytest.mark.parametrize("n,m,block", [(1, 5, 0), (37, 19, 16), (300, 33, 64), (1000, 24, 0)])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16])
+def test_cuda_symmetric_blocks_match_row_sweeps(n, m, block, dtype):
+    from supanalysis.ops.interference import interference_cuda
+
+    g = torch.Generator().manual_seed(n)
+    W = torch.randn(n, m, generator=g).to(dtype)
+    if n > 8:
+        W[3] = 0
+        W[8] = W[5]  # exact duplicate: ties resolve to the smallest index at both ends
+    ref = interference_reference(W, None, 0, 0)
+    sym = interference_cuda(W.cuda(), None, 0, block, symmetric=True)
+    rows = interference_cuda(W.cuda(), None, 0, block, symmetric=False)
+    assert torch.equal(sym[5].cpu(), rows[5].cpu())
+    if dtype != torch.bfloat16:
+        assert torch.equal(sym[5].cpu(), ref[5])
+    tol = 1e-12 if dtype == torch.float64 else 1e-5
+    for i in (1, 2, 3, 4):
+        torch.testing.assert_close(sym[i].cpu(), rows[i].cpu(), rtol=tol, atol=tol)
+    if n > 8:
+        assert sym[5][5].item() == 8 and sym[5][8].item() == 5 and sym[5][3].item() == -1

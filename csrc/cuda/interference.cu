@@ -13,10 +13,15 @@
 // Self pairs are skipped when V is None. k > 32 takes ATen's topk over the tile instead
 // (ties in ATen's order, as the reference's).
 //
-// Symmetry is not exploited: without V every off-diagonal cosine is computed twice (once
-// per row block of each end). A full-width row tile lets one CUDA block finish a feature
-// in one pass with no running state across tiles, which keeps the kernel simple and the
-// tie-breaking obviously right; the GEMM is the only thing done twice.
+// Symmetry (W against itself, top-k 0; the default there): row block [r0, r0+R) is
+// multiplied only against columns j >= r0, so each off-diagonal cosine is computed once
+// (about n^2/2 + nR/2 products instead of n^2). The row kernel reduces each row over its
+// columns j >= r0; _interference_cols_kernel reduces each later column j >= r0+R over the
+// block's rows into running column accumulators (one thread per column, row blocks in
+// order, so no atomics and strict > keeps the smallest row on ties); the two halves are
+// merged at the end (a column-side partner always has the smaller index). With top-k or
+// V every row block sweeps all columns: a full-width row tile lets one CUDA block finish a
+// feature in one pass with no running state across tiles.
 #include "common.cuh"
 
 namespace supanalysis {
@@ -53,7 +58,9 @@ __global__ void __launch_bounds__(kThreads)
                          double* __restrict__ maxabs, int64_t* __restrict__ argmax,
                          double* __restrict__ tk_cos, int64_t* __restrict__ tk_idx,
                          const acc_t* __restrict__ G, const double* __restrict__ col_nsq,
-                         int64_t r0, int64_t ncols, int64_t topk, bool exclude_self) {
+                         int64_t r0, int64_t ncols, int64_t col0, int64_t topk, bool exclude_self) {
+  // G holds rows r0.. against columns col0.. (ncols of them); col_nsq is indexed like G's
+  // columns; every index written out is global (col0 + j).
   __shared__ double s_sum[2][kWarps];
   __shared__ acc_t s_val[kWarps];
   __shared__ int64_t s_idx[kWarps];
@@ -76,7 +83,8 @@ __global__ void __launch_bounds__(kThreads)
   // Each thread meets its columns in increasing order, so strict comparisons keep the
   // smallest index among equal values.
   for (int64_t j = tid; j < ncols; j += kThreads) {
-    if (exclude_self && j == i) continue;
+    const int64_t jg = col0 + j;
+    if (exclude_self && jg == i) continue;
     const acc_t c = g[j];
     const double c2 = static_cast<double>(c) * static_cast<double>(c);
     s_sq += c2 * col_nsq[j];
@@ -84,13 +92,13 @@ __global__ void __launch_bounds__(kThreads)
     const acc_t a = c < acc_t(0) ? -c : c;
     if (a > bv) {
       bv = a;
-      bi = j;
+      bi = jg;
     }
     if constexpr (KMAX > 0) {
       // Only partners with |cos| > 0 count; the cheap test against the list's worst
       // rejects almost every candidate once the list is warm.
-      if (a > acc_t(0) && better<acc_t>(a, j, tv[KMAX - 1], ti[KMAX - 1]))
-        topk_insert<acc_t, KMAX>(tv, ti, a, static_cast<int>(j));
+      if (a > acc_t(0) && better<acc_t>(a, jg, tv[KMAX - 1], ti[KMAX - 1]))
+        topk_insert<acc_t, KMAX>(tv, ti, a, static_cast<int>(jg));
     }
   }
 
@@ -147,7 +155,7 @@ __global__ void __launch_bounds__(kThreads)
         }
         s_win = ix;
         if (ix >= 0) {
-          tk_cos[i * topk + q] = static_cast<double>(g[ix]);  // the signed cosine
+          tk_cos[i * topk + q] = static_cast<double>(g[ix - col0]);  // the signed cosine
           tk_idx[i * topk + q] = ix;
         }
       }
@@ -168,6 +176,42 @@ __global__ void __launch_bounds__(kThreads)
   }
 }
 
+// Symmetric mode, column side: G holds rows r0..r0+R against columns col0.. (ld of them);
+// thread t owns local column j = j_begin + t (a column after the block) and folds the
+// block's R cosines into that column's running sums and maximum. Adjacent threads read
+// adjacent columns of each row, so the reads coalesce.
+template <typename acc_t>
+__global__ void __launch_bounds__(kThreads)
+    _interference_cols_kernel(double* __restrict__ col_sq, double* __restrict__ col_sqcos,
+                              double* __restrict__ col_max, int64_t* __restrict__ col_arg,
+                              const acc_t* __restrict__ G, const double* __restrict__ row_nsq,
+                              int64_t R, int64_t ld, int64_t j_begin, int64_t col0, int64_t r0) {
+  const int64_t j = j_begin + static_cast<int64_t>(blockIdx.x) * kThreads + threadIdx.x;
+  if (j >= ld) return;
+  double s_sq = 0.0, s_c = 0.0;
+  acc_t bv = 0;
+  int64_t bi = -1;
+  for (int64_t r = 0; r < R; ++r) {
+    const acc_t c = G[r * ld + j];
+    const double c2 = static_cast<double>(c) * static_cast<double>(c);
+    s_sq += c2 * row_nsq[r];
+    s_c += c2;
+    const acc_t a = c < acc_t(0) ? -c : c;
+    if (a > bv) {  // rows in increasing order: strict > keeps the smallest on ties
+      bv = a;
+      bi = r0 + r;
+    }
+  }
+  const int64_t jg = col0 + j;
+  col_sq[jg] += s_sq;
+  col_sqcos[jg] += s_c;
+  // Earlier row blocks hold smaller rows: they keep a tie.
+  if (bi >= 0 && static_cast<double>(bv) > col_max[jg]) {
+    col_max[jg] = static_cast<double>(bv);
+    col_arg[jg] = bi;
+  }
+}
+
 // Row norms in float64 and unit rows in the compute dtype (zero rows stay zero), as the
 // CPU kernel and the reference form them.
 std::pair<at::Tensor, at::Tensor> normalise(const at::Tensor& X, at::ScalarType compute) {
@@ -179,25 +223,37 @@ std::pair<at::Tensor, at::Tensor> normalise(const at::Tensor& X, at::ScalarType 
 }
 
 template <typename acc_t, int KMAX>
-void launch_rows(const at::Tensor& Gt, int64_t R, int64_t r0, int64_t ncols, const at::Tensor& col_nsq,
+void launch_rows(const at::Tensor& Gt, int64_t R, int64_t r0, int64_t ncols, int64_t col0, const at::Tensor& col_nsq,
                  int64_t topk, bool exclude_self, at::Tensor& sq, at::Tensor& sqcos,
                  at::Tensor& maxabs, at::Tensor& argmax, at::Tensor& tk_cos, at::Tensor& tk_idx) {
   auto stream = at::cuda::getCurrentCUDAStream();
   _interference_kernel<acc_t, KMAX><<<static_cast<unsigned>(R), kThreads, 0, stream>>>(
       sq.data_ptr<double>(), sqcos.data_ptr<double>(), maxabs.data_ptr<double>(),
       argmax.data_ptr<int64_t>(), tk_cos.data_ptr<double>(), tk_idx.data_ptr<int64_t>(),
-      Gt.data_ptr<acc_t>(), col_nsq.data_ptr<double>(), r0, ncols, KMAX > 0 ? topk : 0,
+      Gt.data_ptr<acc_t>(), col_nsq.data_ptr<double>() + col0, r0, ncols, col0, KMAX > 0 ? topk : 0,
       exclude_self);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
 template <typename acc_t>
-void launch_rows_k(const at::Tensor& Gt, int64_t R, int64_t r0, int64_t ncols,
+void launch_cols(const at::Tensor& Gt, int64_t R, int64_t ld, int64_t j_begin, int64_t col0, int64_t r0,
+                 const at::Tensor& w_nsq, at::Tensor& col_sq, at::Tensor& col_sqcos, at::Tensor& col_max,
+                 at::Tensor& col_arg) {
+  if (j_begin >= ld) return;
+  const auto grid = static_cast<unsigned>((ld - j_begin + kThreads - 1) / kThreads);
+  _interference_cols_kernel<acc_t><<<grid, kThreads, 0, at::cuda::getCurrentCUDAStream()>>>(
+      col_sq.data_ptr<double>(), col_sqcos.data_ptr<double>(), col_max.data_ptr<double>(),
+      col_arg.data_ptr<int64_t>(), Gt.data_ptr<acc_t>(), w_nsq.data_ptr<double>() + r0, R, ld, j_begin, col0, r0);
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+}
+
+template <typename acc_t>
+void launch_rows_k(const at::Tensor& Gt, int64_t R, int64_t r0, int64_t ncols, int64_t col0,
                    const at::Tensor& col_nsq, int64_t topk, bool exclude_self, at::Tensor& sq,
                    at::Tensor& sqcos, at::Tensor& maxabs, at::Tensor& argmax, at::Tensor& tk_cos,
                    at::Tensor& tk_idx) {
 #define SA_LAUNCH(K) \
-  launch_rows<acc_t, K>(Gt, R, r0, ncols, col_nsq, topk, exclude_self, sq, sqcos, maxabs, argmax, tk_cos, tk_idx)
+  launch_rows<acc_t, K>(Gt, R, r0, ncols, col0, col_nsq, topk, exclude_self, sq, sqcos, maxabs, argmax, tk_cos, tk_idx)
   if (topk == 0 || topk > 32)
     SA_LAUNCH(0);
   else if (topk <= 4)
@@ -214,7 +270,7 @@ void launch_rows_k(const at::Tensor& Gt, int64_t R, int64_t r0, int64_t ncols,
 }  // namespace
 
 std::vector<at::Tensor> interference_cuda(const at::Tensor& W_in, const std::optional<at::Tensor>& V_in,
-                                          int64_t topk, int64_t block) {
+                                          int64_t topk, int64_t block, int64_t symmetric) {
   check_cuda(W_in, "W");
   TORCH_CHECK(W_in.dim() == 2, "W must be 2-D [features, dim], got ", W_in.dim(), "-D");
   TORCH_CHECK(at::isFloatingType(W_in.scalar_type()), "W must be floating point, got ", W_in.scalar_type());
@@ -250,7 +306,35 @@ std::vector<at::Tensor> interference_cuda(const at::Tensor& W_in, const std::opt
   at::Tensor tk_cos = at::zeros({n, topk}, f64);
   at::Tensor tk_idx = at::full({n, topk}, -1, i64);
 
-  if (n > 0 && ncols > 0) {
+  // symmetric: -1 = wherever it applies (no V, no top-k), 0 = never, 1 = required.
+  const bool can_sym = !has_v && topk == 0;
+  TORCH_CHECK(symmetric != 1 || can_sym, "symmetric tiles need V = None and topk = 0");
+  if (n > 0 && can_sym && symmetric != 0) {
+    const int64_t R = block > 0 ? std::min(block, n)
+                                : std::min({n, kDefaultMaxRows, std::max<int64_t>(1, kWorkspaceElems / n)});
+    at::Tensor ws = at::empty({R * n}, Wn.options());
+    at::Tensor col_sq = at::zeros({n}, f64), col_sqcos = at::zeros({n}, f64), col_max = at::zeros({n}, f64);
+    at::Tensor col_arg = at::full({n}, -1, i64);
+    for (int64_t r0 = 0; r0 < n; r0 += R) {
+      const int64_t Rb = std::min(R, n - r0), ld = n - r0;  // rows r0.. against columns r0..
+      at::Tensor Gt = ws.narrow(0, 0, Rb * ld).view({Rb, ld});
+      at::mm_out(Gt, Wn.narrow(0, r0, Rb), Wn.narrow(0, r0, ld).t());
+      if (compute == at::kDouble) {
+        launch_rows_k<double>(Gt, Rb, r0, ld, r0, w_nsq, 0, true, sq, sqcos, maxabs, argmax, tk_cos, tk_idx);
+        launch_cols<double>(Gt, Rb, ld, Rb, r0, r0, w_nsq, col_sq, col_sqcos, col_max, col_arg);
+      } else {
+        launch_rows_k<float>(Gt, Rb, r0, ld, r0, w_nsq, 0, true, sq, sqcos, maxabs, argmax, tk_cos, tk_idx);
+        launch_cols<float>(Gt, Rb, ld, Rb, r0, r0, w_nsq, col_sq, col_sqcos, col_max, col_arg);
+      }
+    }
+    // Feature j's partners: rows before its block (column side, all smaller indices, so
+    // they win a tie) and columns from its block on (row side).
+    sq.add_(col_sq);
+    sqcos.add_(col_sqcos);
+    const at::Tensor use_col = col_arg.ge(0).logical_and(argmax.lt(0).logical_or(col_max.ge(maxabs)));
+    maxabs = at::where(use_col, col_max, maxabs);
+    argmax = at::where(use_col, col_arg, argmax);
+  } else if (n > 0 && ncols > 0) {
     const int64_t R = block > 0 ? std::min(block, n)
                                 : std::min({n, kDefaultMaxRows,
                                             std::max<int64_t>(1, kWorkspaceElems / ncols)});
@@ -262,9 +346,9 @@ std::vector<at::Tensor> interference_cuda(const at::Tensor& W_in, const std::opt
       at::Tensor Gt = ws.narrow(0, 0, Rb);  // contiguous: a prefix of rows
       at::mm_out(Gt, Wn.narrow(0, r0, Rb), CnT);
       if (compute == at::kDouble) {
-        launch_rows_k<double>(Gt, Rb, r0, ncols, col_nsq, topk, !has_v, sq, sqcos, maxabs, argmax, tk_cos, tk_idx);
+        launch_rows_k<double>(Gt, Rb, r0, ncols, 0, col_nsq, topk, !has_v, sq, sqcos, maxabs, argmax, tk_cos, tk_idx);
       } else {
-        launch_rows_k<float>(Gt, Rb, r0, ncols, col_nsq, topk, !has_v, sq, sqcos, maxabs, argmax, tk_cos, tk_idx);
+        launch_rows_k<float>(Gt, Rb, r0, ncols, 0, col_nsq, topk, !has_v, sq, sqcos, maxabs, argmax, tk_cos, tk_idx);
       }
       if (topk > 32 && k_eff > 0) {
         // Large k: ATen's topk over the tile, self masked to -1 as the reference does.

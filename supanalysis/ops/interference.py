@@ -141,9 +141,16 @@ def interference_cpu(
 
 
 def interference_cuda(
-    W: torch.Tensor, V: torch.Tensor | None, topk: int, block: int, precision: str = "ieee"
+    W: torch.Tensor,
+    V: torch.Tensor | None,
+    topk: int,
+    block: int,
+    precision: str = "ieee",
+    symmetric: bool | None = None,
 ) -> list[torch.Tensor]:
-    return native().interference_cuda(W, V, int(topk), int(block))
+    """symmetric: None = half the GEMM wherever it applies (V None, topk 0); False = row sweeps."""
+    sym = -1 if symmetric is None else int(bool(symmetric))
+    return native().interference_cuda(W, V, int(topk), int(block), sym)
 
 
 interference_triton = lazy("supanalysis.kernels.interference", "interference_triton")
