@@ -1,4 +1,5 @@
-"""``python -m bench.memory``: peak extra memory of the tiled ops against the n×n they avoid.
+"""``python -m bench.memory``: peak extra memory (and the time) of one tiled interference call
+against the n×n matrix it avoids.
 
 For each op the inputs are built first; then the peak is reset and one call runs. On the
 CPU the peak is the process's high-water resident set (VmHWM, reset through
@@ -10,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import gc
+import time
 from collections.abc import Callable
 from pathlib import Path
 
@@ -51,17 +53,21 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--m", type=int, default=512)
     p.add_argument("--topk", type=int, default=0)
     p.add_argument("--backend", default=None, help="default: cpp on cpu, cuda on a GPU")
+    p.add_argument("--dtype", default="float32", choices=("float32", "bfloat16", "float16", "float64"))
     args = p.parse_args(argv)
     dev = torch.device(args.device)
+    dtype = getattr(torch, args.dtype)
     backend = args.backend or ("cuda" if dev.type == "cuda" else "cpp")
-    W = torch.randn(args.n, args.m, device=dev)
-    IF.IMPLS[backend](W[:64], None, args.topk, 0)  # warm-up: one-time allocations, thread pools
+    W = torch.randn(args.n, args.m, device=dev, dtype=dtype)
+    IF.IMPLS[backend](W[:64], None, args.topk, 0)  # warm-up: one-time allocations, thread pools, JIT
     nn_bytes = args.n * args.n * W.element_size()
+    t0 = time.perf_counter()
     extra = peak_extra_bytes(lambda: IF.IMPLS[backend](W, None, args.topk, 0), dev)
+    seconds = time.perf_counter() - t0  # one call, synchronised (wall clock, not a median)
     print(
-        f"interference {backend} n={args.n:,} m={args.m} topk={args.topk} float32 on {dev}: "
+        f"interference {backend} n={args.n:,} m={args.m} topk={args.topk} {args.dtype} on {dev}: "
         f"peak extra {extra / 2**20:.1f} MiB = {100 * extra / nn_bytes:.2f}% of the n×n matrix "
-        f"({nn_bytes / 2**20:.0f} MiB)"
+        f"({nn_bytes / 2**20:,.0f} MiB); one call {seconds:.2f} s"
     )
     return 0
 

@@ -40,6 +40,10 @@ if [ "${SKIP_BENCH:-0}" != "1" ]; then
   "$PY" -m bench --markdown "$OUT/bench_gpu.md" --json "$OUT/bench_gpu.json" \
       --write-dispatch "$OUT/dispatch.json" 2>&1 | tail -70 | tee "$OUT/bench.txt"
   "$PY" -m bench.memory --n 65536 --m 4096 | tee -a "$OUT/bench.txt"
+  # Issue 6: a million-feature dictionary on one GPU, time and memory, both GPU backends.
+  for b in triton cuda; do
+    "$PY" -m bench.memory --n 1048576 --m 4096 --dtype bfloat16 --backend "$b" 2>&1 | tail -3 | tee -a "$OUT/bench.txt"
+  done
 fi
 
 step "NCCL: the test under torchrun, world size 1, then 2 processes on the one GPU"
