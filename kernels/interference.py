@@ -43,6 +43,30 @@ _NO_INDEX = tl.constexpr(2**62)
 
 
 @triton.jit
+def _tile_dot(
+    a_ptr, b_ptr, rows, cols, mask_r, mask_c, m, stride_an, stride_am, stride_bn, stride_bm,
+    ACC: tl.constexpr, DOT_PRECISION: tl.constexpr, BLOCK_K: tl.constexpr,
+):  # fmt: skip
+    """[rows, cols] tile of A B^T (rows of A against rows of B), accumulated in ACC."""
+    acc = tl.zeros([rows.shape[0], cols.shape[0]], dtype=ACC)
+    for k0 in range(0, m, BLOCK_K):
+        ks = k0 + tl.arange(0, BLOCK_K)
+        mask_k = ks < m
+        a = tl.load(
+            a_ptr + rows[:, None] * stride_an + ks[None, :] * stride_am,
+            mask=mask_r[:, None] & mask_k[None, :],
+            other=0.0,
+        )
+        b = tl.load(
+            b_ptr + cols[None, :] * stride_bn + ks[:, None] * stride_bm,
+            mask=mask_k[:, None] & mask_c[None, :],
+            other=0.0,
+        )
+        acc = tl.dot(a, b, acc, input_precision=DOT_PRECISION)
+    return acc
+
+
+@triton.jit
 def _interference_kernel(
     sq_ptr,  # [n] float64  sum_j cos^2 * |C_j|^2
     sqcos_ptr,  # [n] float64  sum_j cos^2
@@ -90,21 +114,10 @@ def _interference_kernel(
     for c0 in range(0, nc, BLOCK_N):
         cols = c0 + tl.arange(0, BLOCK_N).to(tl.int64)
         mask_c = cols < nc
-        acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=ACC)
-        for k0 in range(0, m, BLOCK_K):
-            ks = k0 + tl.arange(0, BLOCK_K)
-            mask_k = ks < m
-            a = tl.load(
-                a_ptr + rows[:, None] * stride_an + ks[None, :] * stride_am,
-                mask=mask_r[:, None] & mask_k[None, :],
-                other=0.0,
-            )
-            b = tl.load(
-                b_ptr + cols[None, :] * stride_bn + ks[:, None] * stride_bm,
-                mask=mask_k[:, None] & mask_c[None, :],
-                other=0.0,
-            )
-            acc = tl.dot(a, b, acc, input_precision=DOT_PRECISION)
+        acc = _tile_dot(
+            a_ptr, b_ptr, rows, cols, mask_r, mask_c, m, stride_an, stride_am, stride_bn, stride_bm,
+            ACC, DOT_PRECISION, BLOCK_K,
+        )  # fmt: skip
         # Normalise in the epilogue: the dot saw the exact input values, so a cosine
         # carries only float32 rounding, never a rounded 16-bit unit row.
         ainv = tl.load(ainv_ptr + rows, mask=mask_r, other=0.0)
@@ -211,21 +224,10 @@ def _interference_sym_kernel(
         cols = bj.to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
         mask_r = rows < n
         mask_c = cols < n
-        acc = tl.zeros([BLOCK, BLOCK], dtype=tl.float32)
-        for k0 in range(0, m, BLOCK_K):
-            ks = k0 + tl.arange(0, BLOCK_K)
-            mask_k = ks < m
-            a = tl.load(
-                a_ptr + rows[:, None] * stride_an + ks[None, :] * stride_am,
-                mask=mask_r[:, None] & mask_k[None, :],
-                other=0.0,
-            )
-            b = tl.load(
-                a_ptr + cols[None, :] * stride_an + ks[:, None] * stride_am,
-                mask=mask_k[:, None] & mask_c[None, :],
-                other=0.0,
-            )
-            acc = tl.dot(a, b, acc, input_precision="ieee")
+        acc = _tile_dot(
+            a_ptr, a_ptr, rows, cols, mask_r, mask_c, m, stride_an, stride_am, stride_an, stride_am,
+            tl.float32, "ieee", BLOCK_K,
+        )  # fmt: skip
         ainv_r = tl.load(ainv_ptr + rows, mask=mask_r, other=0.0)
         ainv_c = tl.load(ainv_ptr + cols, mask=mask_c, other=0.0)
         valid = mask_r[:, None] & mask_c[None, :] & (rows[:, None] != cols[None, :])
