@@ -12,10 +12,13 @@
 #include <optional>
 #include <vector>
 
-// Hot CPU loops are compiled twice, for AVX2 and for the baseline x86-64 ISA, and the
-// dynamic loader picks per CPU (GCC function multiversioning); elsewhere, one build.
-#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
+// Hot CPU loops are compiled three times, for AVX-512 (x86-64-v4), AVX2 and the baseline
+// x86-64 ISA, and the dynamic loader picks per CPU (GCC function multiversioning; the
+// x86-64-v4 name needs GCC 11); elsewhere, one build.
+#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__) && __GNUC__ >= 11
 #define SUPANALYSIS_TARGET_CLONES __attribute__((target_clones("arch=x86-64-v4", "avx2", "default")))
+#elif defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
+#define SUPANALYSIS_TARGET_CLONES __attribute__((target_clones("avx2", "default")))
 #else
 #define SUPANALYSIS_TARGET_CLONES
 #endif
