@@ -83,7 +83,8 @@ def _(counts, x, threshold, backend):
 
 @torch.library.custom_op("supanalysis::coactivation_update_sparse", mutates_args=("counts",))
 def _coactivation_update_sparse_op(counts: torch.Tensor, indices: torch.Tensor, backend: str) -> None:
-    name = resolve("coactivation_update_sparse", indices.device, backend or None, IMPLEMENTED, PREFERRED, indices.dtype)
+    # Index width does not change the kernel's cost class: one measured entry (int64) covers all.
+    name = resolve("coactivation_update_sparse", indices.device, backend or None, IMPLEMENTED, PREFERRED, torch.int64)
     SPARSE_IMPLS[name](counts, indices)
 
 
