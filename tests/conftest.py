@@ -68,3 +68,23 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(n)
+
+
+def assert_argmax_up_to_ties(argmax, W, *, tol: float, what: str = "argmax") -> None:
+    """Each row's partner has the row's largest |cos| to within ``tol`` (float64, from ``W``
+    as given); a zero row has none (-1). Rows whose best two partners are closer than the
+    rounding of the fast path may pick either: kernels order their sums differently, so
+    exact duplicates can differ in the last bit (seen with OpenBLAS on AMD under the
+    Triton interpreter)."""
+    Wd = W.detach().double().cpu()
+    norms = Wd.norm(dim=1)
+    unit = Wd / norms.clamp_min(1e-300)[:, None]
+    C = (unit @ unit.T).abs().fill_diagonal_(-1.0)
+    got = argmax.detach().cpu()
+    for i in range(Wd.shape[0]):
+        j = int(got[i])
+        if norms[i] == 0 or Wd.shape[0] == 1:
+            assert j == -1, f"{what}[{i}] = {j}: a zero row (or a lone one) has no partner"
+            continue
+        assert 0 <= j < Wd.shape[0] and j != i, f"{what}[{i}] = {j} is not another row"
+        assert C[i, j] >= C[i].max() - tol, f"{what}[{i}] = {j}: |cos| {C[i, j]:.9f} < best {C[i].max():.9f} - {tol:g}"

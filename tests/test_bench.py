@@ -72,3 +72,25 @@ def test_baselines_over_budget_are_skipped_with_a_note():
         assert by_backend[name].seconds is None and "skipped: est." in by_backend[name].note
     cpp = by_backend["cpp"]  # a backend is always timed, but an over-budget call only once
     assert cpp.seconds > 0 and cpp.samples == 1 and "one cold call" in cpp.note and cpp.vs_ref is None
+
+
+def test_deadline_lists_the_cases_left_and_files_are_written_as_it_goes(tmp_path):
+    js = tmp_path / "results.json"
+    args = runner.parse_args(["--quick", "--device", "cpu", "--ops", "best_match,coact", "--json", str(js)])
+    seen = []
+
+    def progress(h, rows, notes):
+        runner.save(args, h, rows, notes)
+        seen.append({r["op"] for r in json.loads(js.read_text())["rows"]})
+
+    args.deadline = 0.0  # past at once: only the limits are measured
+    _, rows, _ = runner.run(args, progress)
+    left = [r for r in rows if r.op != "limit"]
+    assert {r.op for r in left} == {"best_match", "coact"}
+    assert all(r.seconds is None and "--deadline" in r.note for r in left)
+    assert seen == [{"limit"}]  # after the limits; no case ran
+
+    args.deadline = None
+    seen.clear()
+    runner.run(args, progress)
+    assert len(seen) == 3 and "best_match" in seen[1] and "coact" not in seen[1] and "coact" in seen[2]

@@ -11,7 +11,7 @@ import os
 
 import pytest
 import torch
-from conftest import assert_tolerance_rule
+from conftest import assert_argmax_up_to_ties, assert_tolerance_rule
 
 from supanalysis.ops.activation_stats import (
     activation_stats_reference,
@@ -238,9 +238,8 @@ def test_interference_symmetric_tiles_match_row_sweeps(n, m, block, dtype):
     ref = interference_reference(W, None, 0, 0)
     sym = interference_triton(W.to(DEVICE), None, 0, block, symmetric=True)
     rows = interference_triton(W.to(DEVICE), None, 0, block, symmetric=False)
-    assert torch.equal(sym[5].cpu(), rows[5].cpu())
-    if dtype == torch.float32:  # 16-bit inputs can tie in float32 where float64 does not
-        assert torch.equal(sym[5].cpu(), ref[5])
+    for got in (sym, rows):  # W[8] == W[5]: every row's |cos| to 5 and to 8 tie
+        assert_argmax_up_to_ties(got[5], W, tol=1e-5)
     same = same_dtype_interference(W, None)
     for i in (1, 2, 3, 4):
         atol = 1e-6 * max(ref[i].abs().max().item(), 1.0)
