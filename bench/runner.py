@@ -7,6 +7,8 @@ import datetime
 import gc
 import platform
 import subprocess
+import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -62,6 +64,15 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     )
     p.add_argument("--markdown", type=Path, default=None, help="write a Markdown table for bench/RESULTS.md")
     p.add_argument("--json", type=Path, default=None, help="write the raw numbers as JSON")
+    p.add_argument(
+        "--deadline",
+        type=float,
+        default=None,
+        metavar="S",
+        help="start no new case after S seconds (a lent GPU's time is short); the cases left "
+        "are listed as not run. --markdown/--json/--write-dispatch are rewritten after every case, "
+        "so a run killed from outside still leaves what it measured",
+    )
     p.add_argument(
         "--write-dispatch",
         type=Path,
@@ -350,8 +361,16 @@ def dispatch_choices(rows: list[Row], device: torch.device, source: str) -> list
 
 
 # ----------------------------------------------------------------------------- main
-def run(args: argparse.Namespace) -> tuple[dict, list[Row], list[str]]:
-    """Header, rows and notes of one benchmark run (``args`` from :func:`parse_args`)."""
+Progress = Callable[[dict, list[Row], list[str]], None]
+
+
+def run(args: argparse.Namespace, progress: Progress | None = None) -> tuple[dict, list[Row], list[str]]:
+    """Header, rows and notes of one benchmark run (``args`` from :func:`parse_args`).
+
+    ``progress(header, rows, notes)`` is called after the limits and after every case with
+    everything measured so far.
+    """
+    t0 = time.monotonic()
     if args.threads:
         torch.set_num_threads(args.threads)
     device = torch.device(args.device)
@@ -360,37 +379,59 @@ def run(args: argparse.Namespace) -> tuple[dict, list[Row], list[str]]:
     flop_dtypes = {d for d in args.dtype if any(op.unit == "FLOP" for op in selected)}
     if flop_dtypes & set(SIXTEEN_BIT):
         flop_dtypes.add(torch.float32)
-    rows, rates = measure_limits(cfg, flop_dtypes)
-    for op in selected:
-        for dtype in [op.dtype] if op.dtype else args.dtype:
-            dims = op.shapes[cfg.mode]
-            print(f"timing {op.name} {cases.label(dims)} {dtype_name(dtype)} ...", flush=True)
-            rows += run_case(op, dims, dtype, cfg, args, rates)
+    h = header(cfg, args)
     notes = list(NOTES)
     if device.type == "cpu":
         notes.append("triton is not timed on CPU: it runs there only under the interpreter.")
-    return header(cfg, args), rows, notes
+    rows, rates = measure_limits(cfg, flop_dtypes)
+    if progress:
+        progress(h, rows, notes)
+    deadline = getattr(args, "deadline", None)
+    for op in selected:
+        for dtype in [op.dtype] if op.dtype else args.dtype:
+            dims = op.shapes[cfg.mode]
+            if deadline is not None and time.monotonic() - t0 > deadline:
+                why = f"not run: the --deadline of {deadline:g} s had passed"
+                rows.append(Row(op.name, cases.label(dims), dtype_name(dtype), "-", op.unit, 0.0, note=why))
+                continue
+            print(f"timing {op.name} {cases.label(dims)} {dtype_name(dtype)} ...", flush=True)
+            rows += run_case(op, dims, dtype, cfg, args, rates)
+            if progress:
+                progress(h, rows, notes)
+    return h, rows, notes
 
 
-def main(argv: list[str] | None = None) -> int:
-    args = parse_args(argv)
-    h, rows, notes = run(args)
-    print()
-    print("  ".join(f"{k}: {v}" for k, v in h.items()))
-    print(report.table(rows))
-    for n in notes:
-        print("note:", n)
+def save(args: argparse.Namespace, h: dict, rows: list[Row], notes: list[str], final: bool = False) -> None:
+    """Write the files asked for (atomically: a reader never sees half a table)."""
+
+    def write(path: Path, text: str) -> None:
+        tmp = path.with_name(path.name + ".tmp")
+        tmp.write_text(text)
+        tmp.replace(path)
+
     if args.markdown:
-        args.markdown.write_text(report.markdown(h, rows, notes))
+        write(args.markdown, report.markdown(h, rows, notes))
     if args.json:
-        args.json.write_text(report.to_json(h, rows, notes))
+        write(args.json, report.to_json(h, rows, notes))
     if args.write_dispatch:
         source = f"{h['device']}, commit {h['commit']}, {h['date']}"
         choices = dispatch_choices(rows, torch.device(args.device), source)
         if choices:
             dispatch.write(args.write_dispatch, choices)
+        if final:
             for c in choices:
                 print(f"dispatch: {c.op} {c.device} {c.dtype} -> {c.backend} {c.seconds}")
-        else:
-            print("dispatch: nothing written (no op had two or more backends timed)")
+            if not choices:
+                print("dispatch: nothing written (no op had two or more backends timed)")
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    h, rows, notes = run(args, progress=lambda *a: save(args, *a))
+    print()
+    print("  ".join(f"{k}: {v}" for k, v in h.items()))
+    print(report.table(rows))
+    for n in notes:
+        print("note:", n)
+    save(args, h, rows, notes, final=True)
     return 0

@@ -1,57 +1,107 @@
 #!/usr/bin/env bash
-# Everything a session with a lent GPU should run, in one command, on the GPU machine:
-# build the extension with CUDA kernels for sm_90, run the test suite (CUDA backends
-# included), benchmark every op on the GPU, and exercise the NCCL path of the test
-# (world size 1, then 2 processes sharing the one GPU if NCCL allows it). Results go to
-# $OUT (the device tool brings that folder back); copy the tables into bench/RESULTS.md.
+# Everything a session with a lent GPU should run, in one command, on the GPU machine,
+# inside one time budget: build the extension with CUDA kernels for sm_90, run the tests of
+# the GPU backends, benchmark every op on the GPU (writing the measured dispatch table),
+# time a million-feature interference, and exercise the NCCL path of the test.
 #
-#   OUT=/tmp/out bash scripts/gpu_session.sh            # on the GPU machine
-#   SKIP_TESTS=1 ... / SKIP_BENCH=1 ...                  # to split the work over two calls
+#   OUT=/tmp/out bash scripts/gpu_session.sh                  # on the GPU machine
+#   DEADLINE=400 ... / SKIP_TESTS=1 ... / SKIP_BENCH=1 ...   # budget; split over two calls
+#   CPU_SMOKE=1 OUT=/tmp/out bash scripts/gpu_session.sh     # the plumbing, here, on small CPU work
 #
-# Uses the machine's own python3 (PyTorch with CUDA, Triton, pytest, hypothesis are there)
-# and builds in place; nothing is downloaded.
+# A lent GPU comes with about 15 minutes of device time in all, machine start included, and
+# one command may run 10. So every step gets what is left of DEADLINE seconds (default 400,
+# which leaves time to run the script a second time), the steps run most-wanted first
+# (build, GPU tests, bench, n = 1M interference, NCCL), and the bench rewrites its table after
+# every case, so a step cut short still returns what it measured.
+# Results: at most seven files in $OUT (the device tool returns eight at most, no deeper
+# than two folders): session.log, tests.txt, bench_gpu.md, bench_gpu.json, dispatch.json,
+# memory.txt, nccl.txt. Copy the tables into bench/RESULTS.md and dispatch.json over
+# supanalysis/dispatch.json (it merges other GPUs' entries).
+#
+# Uses the machine's own python3 (PyTorch with CUDA, Triton, pytest, hypothesis and
+# pytest-xdist are there) and builds in place; nothing is downloaded.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT="${OUT:-/tmp/supanalysis-gpu}"
+WORK="$(mktemp -d)"  # demo and report folders: too many files to bring back
 mkdir -p "$OUT"
 PY="${PY:-python3}"
+DEADLINE="${DEADLINE:-400}"
+export PYTHONUNBUFFERED=1
 export CUDA_HOME="${CUDA_HOME:-$(dirname "$(dirname "$(command -v nvcc)")")}"
-export SUPANALYSIS_CUDA=1 TORCH_CUDA_ARCH_LIST="${TORCH_CUDA_ARCH_LIST:-9.0}" MAX_JOBS="${MAX_JOBS:-16}"
+export SUPANALYSIS_CUDA="${SUPANALYSIS_CUDA:-1}" TORCH_CUDA_ARCH_LIST="${TORCH_CUDA_ARCH_LIST:-9.0}"
+export MAX_JOBS="${MAX_JOBS:-16}"
+# What each step runs: the GPU work, or (CPU_SMOKE=1) the same steps on small CPU work, to
+# check the script itself where no GPU is lent.
+if [ "${CPU_SMOKE:-0}" = "1" ]; then
+  export SUPANALYSIS_CUDA=0
+  require=--require-cpp tests_k="dispatch" bench_args=(--quick --device cpu --ops best_match,coact)
+  mem_small=(--n 2048 --m 64 --backend cpp) mem_large=(--n 4096 --m 64) mem_backends=(cpp) gpu=false
+else
+  require=--require-cuda tests_k="cuda or gpu or triton" bench_args=()
+  mem_small=(--n 65536 --m 4096) mem_large=(--n 1048576 --m 4096) mem_backends=(cuda triton) gpu=true
+fi
 start=$(date +%s)
-step() { echo; echo "=== [gpu $(( $(date +%s) - start ))s] $*"; }
-status=0
+left() { echo $((DEADLINE - ($(date +%s) - start))); }
+step() { echo; echo "=== [gpu $(($(date +%s) - start))s, $(left)s left] $*"; }
+# within SECONDS CMD...: run CMD for at most SECONDS (and never past the deadline).
+within() {
+  local s=$1 l
+  shift
+  l=$(left)
+  ((s > l)) && s=$l
+  if ((s < 5)); then echo "skipped: the deadline has passed"; return 124; fi
+  timeout --kill-after=10 "$s" "$@"
+}
 
-step "build (CUDA kernels for sm_$TORCH_CUDA_ARCH_LIST)"
-"$PY" setup.py -q build_ext --inplace >"$OUT/build.log" 2>&1 || { tail -40 "$OUT/build.log"; exit 1; }
-nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv | tee "$OUT/gpu.txt"
-"$PY" -m supanalysis.cli info --require-cuda | tee -a "$OUT/gpu.txt" || exit 1
+main() {
+status=0
+step "build (CUDA kernels for sm_$TORCH_CUDA_ARCH_LIST, $MAX_JOBS jobs)"
+if ! within 300 "$PY" setup.py -q build_ext --inplace >"$WORK/build.log" 2>&1; then
+  tail -60 "$WORK/build.log"
+  return 1
+fi
+$gpu && nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.max.sm --format=csv
+"$PY" -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__)"
+"$PY" -m supanalysis.cli info $require || return 1
 
 if [ "${SKIP_TESTS:-0}" != "1" ]; then
-  step "tests (every backend on CPU and CUDA)"
-  SUPANALYSIS_REQUIRE_CPP=1 "$PY" -m pytest -q -x -p no:cacheprovider 2>&1 | tail -30 | tee "$OUT/tests.txt"
+  step "tests of the GPU backends (CPU-only tests run in CI)"
+  par=()
+  "$PY" -c "import xdist" 2>/dev/null && par=(-n 8)
+  within 150 env SUPANALYSIS_REQUIRE_CPP=1 "$PY" -m pytest -q -p no:cacheprovider "${par[@]}" \
+    -k "$tests_k" 2>&1 | tail -40 >"$OUT/tests.txt"
   [ "${PIPESTATUS[0]}" -eq 0 ] || status=1
+  cat "$OUT/tests.txt"
 fi
 
 if [ "${SKIP_BENCH:-0}" != "1" ]; then
   step "benchmarks: every op, bf16 and fp32, CUDA and Triton side by side"
-  # --write-dispatch records the faster of Triton/CUDA per (op, GPU, dtype) for `auto`;
-  # copy $OUT/dispatch.json over supanalysis/dispatch.json (it merges other GPUs' entries).
   cp supanalysis/dispatch.json "$OUT/dispatch.json"
-  "$PY" -m bench --markdown "$OUT/bench_gpu.md" --json "$OUT/bench_gpu.json" \
-      --write-dispatch "$OUT/dispatch.json" 2>&1 | tail -70 | tee "$OUT/bench.txt"
-  "$PY" -m bench.memory --n 65536 --m 4096 | tee -a "$OUT/bench.txt"
-  # Issue 6: a million-feature dictionary on one GPU, time and memory, both GPU backends.
-  for b in triton cuda; do
-    "$PY" -m bench.memory --n 1048576 --m 4096 --dtype bfloat16 --backend "$b" 2>&1 | tail -3 | tee -a "$OUT/bench.txt"
-  done
+  # Leave ~100 s for the million-feature run and NCCL; a case in flight may overrun.
+  bench_deadline=$(($(left) - 160))
+  within $((bench_deadline + 90)) "$PY" -m bench "${bench_args[@]}" --deadline "$bench_deadline" \
+    --markdown "$OUT/bench_gpu.md" --json "$OUT/bench_gpu.json" --write-dispatch "$OUT/dispatch.json" \
+    2>&1 | tail -80 || status=1
+
+  step "interference memory and time: n = 65,536 and n = 1,048,576 (m = 4,096)"
+  {
+    within 40 "$PY" -m bench.memory "${mem_small[@]}" --dtype bfloat16 2>&1 | tail -2
+    for b in "${mem_backends[@]}"; do
+      within 60 "$PY" -m bench.memory "${mem_large[@]}" --dtype bfloat16 --backend "$b" 2>&1 | tail -2
+    done
+  } | tee "$OUT/memory.txt"
 fi
 
 step "NCCL: the test under torchrun, world size 1, then 2 processes on the one GPU"
-"$PY" -m supanalysis.cli demo --quick --out "$OUT/demo" --no-progress >"$OUT/demo.txt" 2>&1 || status=1
-for n in 1 2; do
-  if "$PY" -m torch.distributed.run --nproc-per-node "$n" -m supanalysis.cli test \
-      --config "$OUT/demo/config.json" --out "$OUT/nccl$n" --no-progress >"$OUT/nccl$n.txt" 2>&1; then
-    "$PY" - "$OUT" "$n" <<'PY' | tee -a "$OUT/nccl.txt"
+{
+  within 60 "$PY" -m supanalysis.cli demo --quick --out "$WORK/demo" --no-progress >"$WORK/demo.txt" 2>&1 ||
+    { echo "quick demo failed:"; tail -5 "$WORK/demo.txt"; }
+  for n in 1 2; do
+    [ -f "$WORK/demo/config.json" ] || break
+    if within 60 "$PY" -m torch.distributed.run --nproc-per-node "$n" -m supanalysis.cli test \
+      --config "$WORK/demo/config.json" --out "$WORK/nccl$n" --no-progress >"$WORK/nccl$n.txt" 2>&1; then
+      "$PY" - "$WORK" "$n" <<'PY'
 import json, sys
 one = json.load(open(f"{sys.argv[1]}/demo/report.json"))
 got = json.load(open(f"{sys.argv[1]}/nccl{sys.argv[2]}/report.json"))
@@ -59,11 +109,16 @@ same = one["verdict"] == got["verdict"] and all(
     abs(a["matched_fraction_a"] - b["matched_fraction_a"]) < 1e-6 for a, b in zip(one["pairs"], got["pairs"]))
 print(f"NCCL world size {sys.argv[2]}: {'reproduces' if same else 'DIFFERS FROM'} the demo's verdict and matched fractions")
 PY
-  else
-    echo "NCCL world size $n: failed (see nccl$n.txt: NCCL may refuse two ranks on one GPU)" | tee -a "$OUT/nccl.txt"
-    tail -5 "$OUT/nccl$n.txt"
-  fi
-done
+    else
+      echo "NCCL world size $n: failed or out of time (NCCL may refuse two ranks on one GPU):"
+      tail -5 "$WORK/nccl$n.txt"
+    fi
+  done
+} | tee "$OUT/nccl.txt"
 
-step "done in $(( $(date +%s) - start ))s (status $status); results in $OUT"
-exit "$status"
+step "done (status $status); results in $OUT: $(ls "$OUT" | tr '\n' ' ')"
+return "$status"
+}
+
+main 2>&1 | tee "$OUT/session.log"
+exit "${PIPESTATUS[0]}"
