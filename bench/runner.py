@@ -19,6 +19,7 @@ from bench.report import Row
 from bench.timing import median_time, once
 from supanalysis import dispatch
 from supanalysis._backend import BACKENDS, available_backends, backend_status
+from supanalysis.accumulators._state import atomic_write
 
 ROOT = Path(__file__).resolve().parents[1]
 SIXTEEN_BIT = (torch.float16, torch.bfloat16)
@@ -386,7 +387,7 @@ def run(args: argparse.Namespace, progress: Progress | None = None) -> tuple[dic
     rows, rates = measure_limits(cfg, flop_dtypes)
     if progress:
         progress(h, rows, notes)
-    deadline = getattr(args, "deadline", None)
+    deadline = args.deadline
     for op in selected:
         for dtype in [op.dtype] if op.dtype else args.dtype:
             dims = op.shapes[cfg.mode]
@@ -405,9 +406,7 @@ def save(args: argparse.Namespace, h: dict, rows: list[Row], notes: list[str], f
     """Write the files asked for (atomically: a reader never sees half a table)."""
 
     def write(path: Path, text: str) -> None:
-        tmp = path.with_name(path.name + ".tmp")
-        tmp.write_text(text)
-        tmp.replace(path)
+        atomic_write(path, lambda tmp: Path(tmp).write_text(text))
 
     if args.markdown:
         write(args.markdown, report.markdown(h, rows, notes))

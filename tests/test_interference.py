@@ -103,10 +103,8 @@ def test_random_against_numpy(backend_device, n, m):
     ref = interference_reference(W.float(), None, 3, 0)
     cos = torch.from_numpy(W.numpy() / np.maximum(nrm[:, None], 1e-300))
     C = (cos @ cos.T).abs().fill_diagonal_(-1)
-    got_am = r.argmax.cpu()
+    assert_argmax_up_to_ties(r.argmax, W.float(), tol=1e-5)
     for i in range(n):
-        if got_am[i] >= 0:
-            assert C[i, got_am[i]] >= C[i].max() - 1e-5
         kk = int((ref[7][i] >= 0).sum())
         got_set = set(r.topk_index[i].cpu().tolist()) - {-1}
         assert len(got_set) == kk
