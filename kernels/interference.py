@@ -62,7 +62,7 @@ def _tile_dot(
             mask=mask_k[:, None] & mask_c[None, :],
             other=0.0,
         )
-        acc = tl.dot(a, b, acc, input_precision=DOT_PRECISION)
+        acc = tl.dot(a, b, acc, input_precision=DOT_PRECISION, out_dtype=ACC)
     return acc
 
 

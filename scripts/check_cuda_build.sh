@@ -6,6 +6,11 @@
 #   scripts/check_cuda_build.sh            # uses (or creates) .venv-cuda at the repo root
 #   SUPANALYSIS_CUDA_VENV=/path/venv scripts/check_cuda_build.sh
 #   KEEP_BUILD=1 scripts/check_cuda_build.sh   # keep the temp build dir for inspection
+#   SUPANALYSIS_PREBUILT_DIR=prebuilt ...      # also keep the built _C*.so there, with the
+#                                              # source stamp it was built from
+# A build for another machine (the lent GPU's python3.12 + torch 2.11, say), to save its time:
+#   SUPANALYSIS_CUDA_PYTHON=python3.12 SUPANALYSIS_CUDA_TORCH=torch==2.11.0 \
+#   SUPANALYSIS_CUDA_VENV=.venv-gpu SUPANALYSIS_PREBUILT_DIR=prebuilt scripts/check_cuda_build.sh
 #
 # The build happens in a temporary copy of the tracked source tree, so the working tree
 # (and its CPU-only in-tree _C*.so) is never touched.
@@ -28,7 +33,7 @@ PY="$VENV/bin/python"
 if ! "$PY" -c "import torch, sys; sys.exit(0 if torch.version.cuda else 1)" 2>/dev/null; then
   log "creating $VENV with $TORCH_SPEC (CUDA build; several GB, about a minute or two)"
   rm -rf "$VENV"
-  python3 -m venv "$VENV" || die "could not create the venv $VENV"
+  "${SUPANALYSIS_CUDA_PYTHON:-python3}" -m venv "$VENV" || die "could not create the venv $VENV"
   "$PY" -m pip install --quiet "$TORCH_SPEC" numpy pybind11 ninja setuptools wheel \
     || die "pip could not install $TORCH_SPEC and the build tools into $VENV"
 fi
@@ -86,4 +91,11 @@ if missing:
     sys.exit(1)
 print(f"check_cuda_build: {so}: with_cuda=True, {len(want)} CUDA launchers present")
 EOF
+if [ -n "${SUPANALYSIS_PREBUILT_DIR:-}" ]; then
+  mkdir -p "$SUPANALYSIS_PREBUILT_DIR"
+  rm -f "$SUPANALYSIS_PREBUILT_DIR"/_C*.so
+  cp "$SO" "$SUPANALYSIS_PREBUILT_DIR/"
+  bash "$ROOT/scripts/source_stamp.sh" "$WORK" >"$SUPANALYSIS_PREBUILT_DIR/stamp"
+  log "kept $(basename "$SO") in $SUPANALYSIS_PREBUILT_DIR (source stamp $(cat "$SUPANALYSIS_PREBUILT_DIR/stamp"))"
+fi
 log "OK in $(( $(date +%s) - start )) s"

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import functools
 import importlib
+import importlib.util
 import logging
 import os
 from collections.abc import Callable, Sequence
@@ -84,6 +85,13 @@ def _triton_version() -> str | None:
     return triton.__version__
 
 
+@functools.cache
+def _kernels_importable() -> bool:
+    """The Triton kernels live in the top-level kernels/ folder and are installed as
+    ``supanalysis.kernels`` (setup.py's package_dir): a source tree on PYTHONPATH lacks them."""
+    return importlib.util.find_spec("supanalysis.kernels") is not None
+
+
 def backend_status() -> dict[str, BackendStatus]:
     """Availability of every backend; see :func:`supanalysis.backends`."""
     cuda_dev = torch.cuda.is_available()
@@ -101,6 +109,9 @@ def backend_status() -> dict[str, BackendStatus]:
     tv = _triton_version()
     if tv is None:
         out["triton"] = BackendStatus("triton", False, (), "triton is not installed (pip install triton)")
+    elif not _kernels_importable():
+        why = "supanalysis.kernels is not importable (kernels/ joins the package when installed: pip install -e .)"
+        out["triton"] = BackendStatus("triton", False, (), why)
     else:
         devs = (("cuda",) if cuda_dev else ()) + (("cpu",) if triton_interpret() else ())
         why = f"triton {tv}"

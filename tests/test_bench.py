@@ -71,7 +71,7 @@ def test_baselines_over_budget_are_skipped_with_a_note():
     for name in ("reference", "user", "bare C.sum()"):
         assert by_backend[name].seconds is None and "skipped: est." in by_backend[name].note
     cpp = by_backend["cpp"]  # a backend is always timed, but an over-budget call only once
-    assert cpp.seconds > 0 and cpp.samples == 1 and "one cold call" in cpp.note and cpp.vs_ref is None
+    assert cpp.seconds > 0 and cpp.samples == 1 and "one warm call timed" in cpp.note and cpp.vs_ref is None
 
 
 def test_deadline_lists_the_cases_left_and_files_are_written_as_it_goes(tmp_path):

@@ -140,6 +140,48 @@ def test_low_precision_inputs(backend_device, dtype):
     assert torch.allclose(r.max_abs_cos.cpu(), ref[4], atol=1e-5)
 
 
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=["fp16", "bf16"])
+@pytest.mark.parametrize("topk", [0, 3, 40])
+@pytest.mark.parametrize("v_dtype", [None, "same", torch.float32], ids=["noV", "sameV", "fp32V"])
+def test_16bit_paths_against_float64_of_the_same_values(backend_device, dtype, topk, v_dtype):
+    """16-bit rows are multiplied as they are (GPU: on the tensor cores, rows rescaled by
+    powers of two and cosines formed from inverse norms in the epilogue): every path (symmetric
+    tiles, row sweeps with top-k <= 32 and > 32, a second dictionary V of the same or another
+    dtype, rows at 1e30 and 1e-30 in bfloat16) agrees with float64 on the same values."""
+    backend, device = backend_device
+    if interpreting(backend, device) and (dtype == torch.bfloat16 or v_dtype is torch.float32):
+        pytest.skip("the Triton interpreter has no bfloat16 arithmetic")
+    g = torch.Generator().manual_seed(topk * 7 + (v_dtype is None))
+    W = torch.randn(70, 24, generator=g, dtype=torch.float64)
+    W[5] = 0
+    W[8] = W[3] * 0.5  # an exact duplicate direction: |cos| = 1
+    if dtype == torch.bfloat16:
+        W[10] *= 1e30  # scaled rows: float32 products of unscaled ones would overflow
+        W[11] *= 1e-30  # ... or underflow
+    W = W.to(dtype)
+    V = None
+    if v_dtype is not None:
+        V = torch.randn(33, 24, generator=g, dtype=torch.float64)
+        V[2] = W[7].double() * -4  # antipodal partner in V (a power of two: exact in any dtype)
+        V = V.to(dtype if v_dtype == "same" else v_dtype)
+    r = sa.interference(W.to(device), None if V is None else V.to(device), topk=topk, block=16, backend=backend)
+    ref = interference_reference(W.double(), None if V is None else V.double(), topk, 0)
+    torch.testing.assert_close(r.sq_cos.cpu(), ref[2], rtol=1e-5, atol=1e-5)
+    if V is None:
+        torch.testing.assert_close(r.dims.cpu(), ref[3], rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(r.max_abs_cos.cpu(), ref[4], rtol=0, atol=1e-5)
+    if topk:
+        torch.testing.assert_close(
+            r.topk_cos.cpu().abs().sort(1).values, ref[6].abs().sort(1).values, atol=1e-5, rtol=0
+        )
+    if V is None:
+        assert_argmax_up_to_ties(r.argmax, W, tol=1e-5)
+        assert r.argmax[5] == -1 and r.dims[5] == 0
+        assert r.max_abs_cos[3].item() == pytest.approx(1.0, abs=1e-6)
+    else:
+        assert r.argmax[7].item() == 2 and r.max_abs_cos[7].item() == pytest.approx(1.0, abs=1e-6)
+
+
 def test_bad_input_names_argument():
     with pytest.raises(ValueError, match="W must be 2-D"):
         sa.interference(torch.randn(5))

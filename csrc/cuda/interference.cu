@@ -3,7 +3,12 @@
 // Rows of unit directions go in row blocks of R (the `block` argument, or a default that
 // keeps the workspace near 2^25 elements); each row block's cosines against every column
 // direction, G = Ŵ[rows] Ĉ^T [R, n_cols], come from cuBLAS (at::mm_out into one reused
-// workspace: memory O(R * n_cols), never n x n). _interference_kernel then reduces each
+// workspace: memory O(R * n_cols), never n x n). float16/bfloat16 rows are not rounded to
+// unit length (that would cost 8 bits of every bfloat16 cosine): they stay in their dtype,
+// bfloat16 ones scaled by a power of two (exact) so no product leaves float32's range, and
+// cuBLAS multiplies them on the tensor cores into a float32 tile (each 16-bit product is
+// exact in float32); the kernels turn the tile into cosines with the rows' inverse norms,
+// g_ij * (inv_i * inv_j), as they read it. _interference_kernel then reduces each
 // row of the tile in one CUDA block:
 //   sum_j cos^2 * |C_j|^2 and sum_j cos^2 (float64, fixed-order block reduction),
 //   max |cos| and its argmax (ties to the smallest index; -1 when the max is 0),
@@ -58,9 +63,11 @@ __global__ void __launch_bounds__(kThreads)
                          double* __restrict__ maxabs, int64_t* __restrict__ argmax,
                          double* __restrict__ tk_cos, int64_t* __restrict__ tk_idx,
                          const acc_t* __restrict__ G, const double* __restrict__ col_nsq,
+                         const acc_t* __restrict__ row_inv, const acc_t* __restrict__ col_inv,
                          int64_t r0, int64_t ncols, int64_t col0, int64_t topk, bool exclude_self) {
-  // G holds rows r0.. against columns col0.. (ncols of them); col_nsq is indexed like G's
-  // columns; every index written out is global (col0 + j).
+  // G holds rows r0.. against columns col0.. (ncols of them); col_nsq and col_inv are
+  // indexed like G's columns, row_inv like its rows; every index written out is global
+  // (col0 + j). row_inv == nullptr: G already holds cosines.
   __shared__ double s_sum[2][kWarps];
   __shared__ acc_t s_val[kWarps];
   __shared__ int64_t s_idx[kWarps];
@@ -69,6 +76,8 @@ __global__ void __launch_bounds__(kThreads)
   const int64_t r = blockIdx.x;
   const int64_t i = r0 + r;
   const acc_t* g = G + r * ncols;
+  const acc_t r_inv = row_inv ? row_inv[r] : acc_t(1);
+  auto cosine = [&](int64_t j) { return row_inv ? g[j] * (r_inv * col_inv[j]) : g[j]; };
 
   double s_sq = 0.0, s_c = 0.0;
   acc_t bv = 0;
@@ -85,7 +94,7 @@ __global__ void __launch_bounds__(kThreads)
   for (int64_t j = tid; j < ncols; j += kThreads) {
     const int64_t jg = col0 + j;
     if (exclude_self && jg == i) continue;
-    const acc_t c = g[j];
+    const acc_t c = cosine(j);
     const double c2 = static_cast<double>(c) * static_cast<double>(c);
     s_sq += c2 * col_nsq[j];
     s_c += c2;
@@ -155,7 +164,7 @@ __global__ void __launch_bounds__(kThreads)
         }
         s_win = ix;
         if (ix >= 0) {
-          tk_cos[i * topk + q] = static_cast<double>(g[ix - col0]);  // the signed cosine
+          tk_cos[i * topk + q] = static_cast<double>(cosine(ix - col0));  // the signed cosine
           tk_idx[i * topk + q] = ix;
         }
       }
@@ -185,14 +194,17 @@ __global__ void __launch_bounds__(kThreads)
     _interference_cols_kernel(double* __restrict__ col_sq, double* __restrict__ col_sqcos,
                               double* __restrict__ col_max, int64_t* __restrict__ col_arg,
                               const acc_t* __restrict__ G, const double* __restrict__ row_nsq,
+                              const acc_t* __restrict__ row_inv, const acc_t* __restrict__ col_inv,
                               int64_t R, int64_t ld, int64_t j_begin, int64_t col0, int64_t r0) {
   const int64_t j = j_begin + static_cast<int64_t>(blockIdx.x) * kThreads + threadIdx.x;
   if (j >= ld) return;
+  const acc_t c_inv = row_inv ? col_inv[j] : acc_t(1);
   double s_sq = 0.0, s_c = 0.0;
   acc_t bv = 0;
   int64_t bi = -1;
   for (int64_t r = 0; r < R; ++r) {
-    const acc_t c = G[r * ld + j];
+    // The same product order as the row kernel: g * (inv_row * inv_col).
+    const acc_t c = row_inv ? G[r * ld + j] * (row_inv[r] * c_inv) : G[r * ld + j];
     const double c2 = static_cast<double>(c) * static_cast<double>(c);
     s_sq += c2 * row_nsq[r];
     s_c += c2;
@@ -212,48 +224,90 @@ __global__ void __launch_bounds__(kThreads)
   }
 }
 
-// Row norms in float64 and unit rows in the compute dtype (zero rows stay zero), as the
-// CPU kernel and the reference form them.
-std::pair<at::Tensor, at::Tensor> normalise(const at::Tensor& X, at::ScalarType compute) {
+// The rows as the GEMM sees them: norms in float64; for float32/float64 input, unit rows
+// in the compute dtype (zero rows stay zero), as the CPU kernel and the reference form
+// them, and no inverse norms; for float16/bfloat16 input, the rows in their own dtype
+// (bfloat16 ones scaled by 2^-e so the largest entry lies in [0.5, 1): exact) and the
+// float32 inverse norms of the rows as scaled (0 for zero rows).
+struct Rows {
+  at::Tensor norm;  // [n] float64
+  at::Tensor mat;   // [n, m] what cuBLAS multiplies
+  at::Tensor inv;   // [n] float32 for 16-bit input, else undefined
+};
+
+bool is_16bit(const at::Tensor& X) { return X.scalar_type() == at::kHalf || X.scalar_type() == at::kBFloat16; }
+
+// keep16: multiply 16-bit rows as they are (false: make them unit float32 rows like any other).
+Rows prepare_rows(const at::Tensor& X, at::ScalarType compute, bool keep16) {
   const at::Tensor X64 = X.to(at::kDouble);
   at::Tensor nrm = X64.pow(2).sum(1).sqrt();
+  if (keep16 && is_16bit(X)) {
+    at::Tensor mat = X.contiguous(), nrm_s = nrm;
+    if (X.scalar_type() == at::kBFloat16 && X.numel() > 0) {
+      // |x| up to 3e38 would overflow a float32 product; fp16 (|x| <= 65504) cannot.
+      const at::Tensor amax = X64.abs().amax(1);
+      const at::Tensor scale = std::get<1>(amax.frexp()).to(at::kDouble).neg().exp2();
+      mat = X64.mul(scale.unsqueeze(1)).to(at::kBFloat16).contiguous();
+      nrm_s = nrm.mul(scale);
+    }
+    at::Tensor inv = at::where(nrm_s.gt(0), nrm_s.reciprocal(), at::zeros_like(nrm_s)).to(at::kFloat);
+    return {nrm, mat, inv};
+  }
   at::Tensor inv = at::where(nrm.gt(0), nrm.reciprocal(), at::zeros_like(nrm));
-  at::Tensor unit = X64.mul(inv.unsqueeze(1)).to(compute).contiguous();
-  return {nrm, unit};
+  return {nrm, X64.mul(inv.unsqueeze(1)).to(compute).contiguous(), at::Tensor()};
 }
 
+// G = A B^T into the float `out` (a float32 tile from 16-bit A and B: cuBLAS's tensor-core
+// GEMM with float32 output; the same dtype otherwise).
+void tile_product(at::Tensor& out, const at::Tensor& A, const at::Tensor& Bt) {
+  if (A.scalar_type() == out.scalar_type()) {
+    at::mm_out(out, A, Bt);
+  } else {
+    at::mm_out(out, A, Bt, out.scalar_type());
+  }
+}
+
+template <typename acc_t>
+const acc_t* ptr_or_null(const at::Tensor& t, int64_t offset) {
+  return t.defined() ? t.data_ptr<acc_t>() + offset : nullptr;
+}
+
+// row_inv / col_inv: the inverse norms of all rows / columns (undefined when G holds cosines).
 template <typename acc_t, int KMAX>
 void launch_rows(const at::Tensor& Gt, int64_t R, int64_t r0, int64_t ncols, int64_t col0, const at::Tensor& col_nsq,
-                 int64_t topk, bool exclude_self, at::Tensor& sq, at::Tensor& sqcos,
-                 at::Tensor& maxabs, at::Tensor& argmax, at::Tensor& tk_cos, at::Tensor& tk_idx) {
+                 const at::Tensor& row_inv, const at::Tensor& col_inv, int64_t topk, bool exclude_self,
+                 at::Tensor& sq, at::Tensor& sqcos, at::Tensor& maxabs, at::Tensor& argmax, at::Tensor& tk_cos,
+                 at::Tensor& tk_idx) {
   auto stream = at::cuda::getCurrentCUDAStream();
   _interference_kernel<acc_t, KMAX><<<static_cast<unsigned>(R), kThreads, 0, stream>>>(
       sq.data_ptr<double>(), sqcos.data_ptr<double>(), maxabs.data_ptr<double>(),
       argmax.data_ptr<int64_t>(), tk_cos.data_ptr<double>(), tk_idx.data_ptr<int64_t>(),
-      Gt.data_ptr<acc_t>(), col_nsq.data_ptr<double>() + col0, r0, ncols, col0, KMAX > 0 ? topk : 0,
-      exclude_self);
+      Gt.data_ptr<acc_t>(), col_nsq.data_ptr<double>() + col0, ptr_or_null<acc_t>(row_inv, r0),
+      ptr_or_null<acc_t>(col_inv, col0), r0, ncols, col0, KMAX > 0 ? topk : 0, exclude_self);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
 template <typename acc_t>
 void launch_cols(const at::Tensor& Gt, int64_t R, int64_t ld, int64_t j_begin, int64_t col0, int64_t r0,
-                 const at::Tensor& w_nsq, at::Tensor& col_sq, at::Tensor& col_sqcos, at::Tensor& col_max,
-                 at::Tensor& col_arg) {
+                 const at::Tensor& w_nsq, const at::Tensor& w_inv, at::Tensor& col_sq, at::Tensor& col_sqcos,
+                 at::Tensor& col_max, at::Tensor& col_arg) {
   if (j_begin >= ld) return;
   const auto grid = static_cast<unsigned>((ld - j_begin + kThreads - 1) / kThreads);
   _interference_cols_kernel<acc_t><<<grid, kThreads, 0, at::cuda::getCurrentCUDAStream()>>>(
       col_sq.data_ptr<double>(), col_sqcos.data_ptr<double>(), col_max.data_ptr<double>(),
-      col_arg.data_ptr<int64_t>(), Gt.data_ptr<acc_t>(), w_nsq.data_ptr<double>() + r0, R, ld, j_begin, col0, r0);
+      col_arg.data_ptr<int64_t>(), Gt.data_ptr<acc_t>(), w_nsq.data_ptr<double>() + r0,
+      ptr_or_null<acc_t>(w_inv, r0), ptr_or_null<acc_t>(w_inv, col0), R, ld, j_begin, col0, r0);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
 template <typename acc_t>
 void launch_rows_k(const at::Tensor& Gt, int64_t R, int64_t r0, int64_t ncols, int64_t col0,
-                   const at::Tensor& col_nsq, int64_t topk, bool exclude_self, at::Tensor& sq,
-                   at::Tensor& sqcos, at::Tensor& maxabs, at::Tensor& argmax, at::Tensor& tk_cos,
-                   at::Tensor& tk_idx) {
-#define SA_LAUNCH(K) \
-  launch_rows<acc_t, K>(Gt, R, r0, ncols, col0, col_nsq, topk, exclude_self, sq, sqcos, maxabs, argmax, tk_cos, tk_idx)
+                   const at::Tensor& col_nsq, const at::Tensor& row_inv, const at::Tensor& col_inv, int64_t topk,
+                   bool exclude_self, at::Tensor& sq, at::Tensor& sqcos, at::Tensor& maxabs, at::Tensor& argmax,
+                   at::Tensor& tk_cos, at::Tensor& tk_idx) {
+#define SA_LAUNCH(K)                                                                                   \
+  launch_rows<acc_t, K>(Gt, R, r0, ncols, col0, col_nsq, row_inv, col_inv, topk, exclude_self, sq, sqcos, \
+                        maxabs, argmax, tk_cos, tk_idx)
   if (topk == 0 || topk > 32)
     SA_LAUNCH(0);
   else if (topk <= 4)
@@ -284,7 +338,8 @@ std::vector<at::Tensor> interference_cuda(const at::Tensor& W_in, const std::opt
     TORCH_CHECK(at::isFloatingType(V_in->scalar_type()), "V must be floating point, got ", V_in->scalar_type());
   }
   const c10::cuda::CUDAGuard device_guard(W_in.device());
-  // Half and bfloat16 directions are widened once: cosines accumulate in float32 anyway.
+  // The tile's dtype: float64 for float64 input, float32 otherwise (16-bit rows multiplied
+  // on the tensor cores into float32).
   const auto compute = W_in.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
   const int64_t n = W_in.size(0);
   const bool has_v = V_in.has_value();
@@ -293,14 +348,21 @@ std::vector<at::Tensor> interference_cuda(const at::Tensor& W_in, const std::opt
   auto f64 = W_in.options().dtype(at::kDouble);
   auto i64 = W_in.options().dtype(at::kLong);
 
-  auto [w_norm, Wn] = normalise(W_in, compute);
+  // 16-bit rows go to the tensor cores when W (and V) share one 16-bit dtype; any other mix
+  // meets in unit rows of the compute dtype.
+  const bool keep16 = is_16bit(W_in) && (!has_v || V_in->scalar_type() == W_in.scalar_type());
+  const Rows w_rows = prepare_rows(W_in, compute, keep16);
+  const at::Tensor& w_norm = w_rows.norm;
+  const at::Tensor& Wn = w_rows.mat;
   const at::Tensor w_nsq = w_norm.pow(2).contiguous();
-  at::Tensor Cn = Wn, col_nsq = w_nsq;
+  at::Tensor Cn = Wn, col_nsq = w_nsq, col_inv = w_rows.inv;
   if (has_v) {
-    auto [v_norm, vunit] = normalise(*V_in, compute);
-    Cn = vunit;
-    col_nsq = v_norm.pow(2).contiguous();
+    const Rows v_rows = prepare_rows(*V_in, compute, keep16);
+    Cn = v_rows.mat;
+    col_nsq = v_rows.norm.pow(2).contiguous();
+    col_inv = v_rows.inv;
   }
+  const auto tile_opts = W_in.options().dtype(compute);
   at::Tensor sq = at::zeros({n}, f64), sqcos = at::zeros({n}, f64), maxabs = at::zeros({n}, f64);
   at::Tensor argmax = at::full({n}, -1, i64);
   at::Tensor tk_cos = at::zeros({n, topk}, f64);
@@ -312,19 +374,22 @@ std::vector<at::Tensor> interference_cuda(const at::Tensor& W_in, const std::opt
   if (n > 0 && can_sym && symmetric != 0) {
     const int64_t R = block > 0 ? std::min(block, n)
                                 : std::min({n, kDefaultMaxRows, std::max<int64_t>(1, kWorkspaceElems / n)});
-    at::Tensor ws = at::empty({R * n}, Wn.options());
+    at::Tensor ws = at::empty({R * n}, tile_opts);
     at::Tensor col_sq = at::zeros({n}, f64), col_sqcos = at::zeros({n}, f64), col_max = at::zeros({n}, f64);
     at::Tensor col_arg = at::full({n}, -1, i64);
     for (int64_t r0 = 0; r0 < n; r0 += R) {
       const int64_t Rb = std::min(R, n - r0), ld = n - r0;  // rows r0.. against columns r0..
       at::Tensor Gt = ws.narrow(0, 0, Rb * ld).view({Rb, ld});
-      at::mm_out(Gt, Wn.narrow(0, r0, Rb), Wn.narrow(0, r0, ld).t());
+      tile_product(Gt, Wn.narrow(0, r0, Rb), Wn.narrow(0, r0, ld).t());
+      const at::Tensor& w_inv = w_rows.inv;
       if (compute == at::kDouble) {
-        launch_rows_k<double>(Gt, Rb, r0, ld, r0, w_nsq, 0, true, sq, sqcos, maxabs, argmax, tk_cos, tk_idx);
-        launch_cols<double>(Gt, Rb, ld, Rb, r0, r0, w_nsq, col_sq, col_sqcos, col_max, col_arg);
+        launch_rows_k<double>(Gt, Rb, r0, ld, r0, w_nsq, w_inv, w_inv, 0, true, sq, sqcos, maxabs, argmax, tk_cos,
+                              tk_idx);
+        launch_cols<double>(Gt, Rb, ld, Rb, r0, r0, w_nsq, w_inv, col_sq, col_sqcos, col_max, col_arg);
       } else {
-        launch_rows_k<float>(Gt, Rb, r0, ld, r0, w_nsq, 0, true, sq, sqcos, maxabs, argmax, tk_cos, tk_idx);
-        launch_cols<float>(Gt, Rb, ld, Rb, r0, r0, w_nsq, col_sq, col_sqcos, col_max, col_arg);
+        launch_rows_k<float>(Gt, Rb, r0, ld, r0, w_nsq, w_inv, w_inv, 0, true, sq, sqcos, maxabs, argmax, tk_cos,
+                             tk_idx);
+        launch_cols<float>(Gt, Rb, ld, Rb, r0, r0, w_nsq, w_inv, col_sq, col_sqcos, col_max, col_arg);
       }
     }
     // Feature j's partners: rows before its block (column side, all smaller indices, so
@@ -338,17 +403,27 @@ std::vector<at::Tensor> interference_cuda(const at::Tensor& W_in, const std::opt
     const int64_t R = block > 0 ? std::min(block, n)
                                 : std::min({n, kDefaultMaxRows,
                                             std::max<int64_t>(1, kWorkspaceElems / ncols)});
-    at::Tensor ws = at::empty({R, ncols}, Wn.options());
+    at::Tensor ws = at::empty({R, ncols}, tile_opts);
     const at::Tensor CnT = Cn.t();
     const int64_t k_eff = std::min(topk, ncols);
     for (int64_t r0 = 0; r0 < n; r0 += R) {
       const int64_t Rb = std::min(R, n - r0);
       at::Tensor Gt = ws.narrow(0, 0, Rb);  // contiguous: a prefix of rows
-      at::mm_out(Gt, Wn.narrow(0, r0, Rb), CnT);
+      tile_product(Gt, Wn.narrow(0, r0, Rb), CnT);
+      if (w_rows.inv.defined() && topk > 32) {
+        // ATen's top-k below reads the tile: make it cosines first (the kernel then needs no scaling).
+        Gt.mul_(w_rows.inv.narrow(0, r0, Rb).unsqueeze(1)).mul_(col_inv.unsqueeze(0));
+      }
+      const bool scaled = w_rows.inv.defined() && topk <= 32;
+      const at::Tensor none;
+      const at::Tensor& r_inv = scaled ? w_rows.inv : none;
+      const at::Tensor& c_inv = scaled ? col_inv : none;
       if (compute == at::kDouble) {
-        launch_rows_k<double>(Gt, Rb, r0, ncols, 0, col_nsq, topk, !has_v, sq, sqcos, maxabs, argmax, tk_cos, tk_idx);
+        launch_rows_k<double>(Gt, Rb, r0, ncols, 0, col_nsq, r_inv, c_inv, topk, !has_v, sq, sqcos, maxabs, argmax,
+                              tk_cos, tk_idx);
       } else {
-        launch_rows_k<float>(Gt, Rb, r0, ncols, 0, col_nsq, topk, !has_v, sq, sqcos, maxabs, argmax, tk_cos, tk_idx);
+        launch_rows_k<float>(Gt, Rb, r0, ncols, 0, col_nsq, r_inv, c_inv, topk, !has_v, sq, sqcos, maxabs, argmax,
+                             tk_cos, tk_idx);
       }
       if (topk > 32 && k_eff > 0) {
         // Large k: ATen's topk over the tile, self masked to -1 as the reference does.
