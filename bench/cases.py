@@ -144,6 +144,7 @@ def build_cross(d: Dims, dtype, device) -> Calls:
 
     if device.type == "cuda" and dtype in (torch.float16, torch.bfloat16):  # opt-in bf16 dot
         calls["triton bf16"] = partial(CR.UPDATE_IMPLS["triton"], C, T, ma, mb, xa, xb, "bf16")
+        calls["cuda bf16"] = partial(CR.UPDATE_IMPLS["cuda"], C, T, ma, mb, xa, xb, "bf16")
     calls["user"] = user
     calls["bare xa.T@xb"] = lambda: xa.T @ xb
     return calls

@@ -56,6 +56,13 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         default=None,
         help="comma list (default float32 on cpu, bfloat16,float32 on cuda)",
     )
+    p.add_argument(
+        "--cases",
+        default=None,
+        metavar="OP:DTYPE,...",
+        help="exactly these (op, dtype) cases, in this order (instead of --ops x --dtype); "
+        "a lent GPU's minutes go first to what matters most",
+    )
     p.add_argument("--backends", default=None, help="comma list of " + ",".join(BACKENDS) + " (default all)")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
     p.add_argument(
@@ -95,11 +102,26 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     if any(not isinstance(getattr(torch, d, None), torch.dtype) for d in names):
         p.error(f"--dtype: unknown dtype in {names}")
     args.dtype = [getattr(torch, d) for d in names]
+    args.cases = _parse_cases(p, args.cases) if args.cases else None
     args.explicit_backends = args.backends is not None
     args.backends = (args.backends or ",".join(BACKENDS)).split(",")
     if set(args.backends) - set(BACKENDS):
         p.error(f"--backends: choose from {list(BACKENDS)}")
     return args
+
+
+def _parse_cases(p: argparse.ArgumentParser, text: str) -> list[tuple[str, torch.dtype | None]]:
+    """ "stats:bfloat16,coact_sparse" -> [("stats", torch.bfloat16), ("coact_sparse", None)]."""
+    out = []
+    for item in (c for c in text.split(",") if c):
+        op, _, dt = item.partition(":")
+        if op not in cases.OPS:
+            p.error(f"--cases: unknown op {op!r}; choose from {list(cases.OPS)}")
+        dtype = getattr(torch, dt, None) if dt else None
+        if dt and not isinstance(dtype, torch.dtype):
+            p.error(f"--cases: unknown dtype {dt!r} in {item!r}")
+        out.append((op, dtype))
+    return out
 
 
 def dtype_name(dtype: torch.dtype) -> str:
@@ -241,7 +263,7 @@ def run_case(op: cases.Op, dims: cases.Dims, dtype, cfg: Config, args, rates: di
         try:
             reps = _chunks(calls[name])
             t = median_time(calls[name], dev, cfg.min_run_time, cfg.budget_s / reps)
-            note = "one warm call timed: the first was over the budget" if t.samples == 1 else ""
+            note = "one warm call timed: the first was over the budget" if t.over_budget else ""
             if reps > 1:
                 note = f"one chunk of 1/{reps} of the tokens timed, x{reps}" + (f"; {note}" if note else "")
             rows.append(row(name, seconds=t.median * reps, iqr=t.iqr * reps, samples=t.samples, note=note))
@@ -307,7 +329,7 @@ def header(cfg: Config, args) -> dict:
         "device": device_name(cfg.device),
         "torch": torch.__version__,
         "triton": triton_version,
-        "dtype": ",".join(dtype_name(d) for d in args.dtype),
+        "dtype": ",".join(dtype_name(d) for d in args.dtype) if not args.cases else "per case",
         "commit": commit(),
         "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
         "shapes": cfg.mode,
@@ -381,8 +403,11 @@ def run(args: argparse.Namespace, progress: Progress | None = None) -> tuple[dic
         torch.set_num_threads(args.threads)
     device = torch.device(args.device)
     cfg = make_config(device, args.quick, args.budget)
-    selected = [cases.OPS[o] for o in args.ops]
-    flop_dtypes = {d for d in args.dtype if any(op.unit == "FLOP" for op in selected)}
+    if args.cases:  # (op, dtype) pairs as given; an op with a fixed dtype keeps it
+        plan_ = [(cases.OPS[o], cases.OPS[o].dtype or d or args.dtype[0]) for o, d in args.cases]
+    else:
+        plan_ = [(op, d) for op in (cases.OPS[o] for o in args.ops) for d in ([op.dtype] if op.dtype else args.dtype)]
+    flop_dtypes = {d for op, d in plan_ if op.unit == "FLOP"}
     if flop_dtypes & set(SIXTEEN_BIT):
         flop_dtypes.add(torch.float32)
     h = header(cfg, args)
@@ -393,17 +418,16 @@ def run(args: argparse.Namespace, progress: Progress | None = None) -> tuple[dic
     if progress:
         progress(h, rows, notes)
     deadline = args.deadline
-    for op in selected:
-        for dtype in [op.dtype] if op.dtype else args.dtype:
-            dims = op.shapes[cfg.mode]
-            if deadline is not None and time.monotonic() - t0 > deadline:
-                why = f"not run: the --deadline of {deadline:g} s had passed"
-                rows.append(Row(op.name, cases.label(dims), dtype_name(dtype), "-", op.unit, 0.0, note=why))
-                continue
-            print(f"timing {op.name} {cases.label(dims)} {dtype_name(dtype)} ...", flush=True)
-            rows += run_case(op, dims, dtype, cfg, args, rates)
-            if progress:
-                progress(h, rows, notes)
+    for op, dtype in plan_:
+        dims = op.shapes[cfg.mode]
+        if deadline is not None and time.monotonic() - t0 > deadline:
+            why = f"not run: the --deadline of {deadline:g} s had passed"
+            rows.append(Row(op.name, cases.label(dims), dtype_name(dtype), "-", op.unit, 0.0, note=why))
+            continue
+        print(f"timing {op.name} {cases.label(dims)} {dtype_name(dtype)} ...", flush=True)
+        rows += run_case(op, dims, dtype, cfg, args, rates)
+        if progress:
+            progress(h, rows, notes)
     return h, rows, notes
 
 

@@ -17,6 +17,7 @@ class Timing:
     median: float  # seconds per call
     iqr: float  # seconds, spread of the samples (0 when there is one)
     samples: int  # how many measurements the median is taken over
+    over_budget: bool = False  # the first call took longer than allowed: one warm call timed
 
 
 def _sync(device: torch.device) -> None:
@@ -46,7 +47,7 @@ def median_time(
     """
     first = once(fn, device)
     if first > max_call_s:  # the first call may include compiling (Triton JIT): time a warm one
-        return Timing(once(fn, device), 0.0, 1)
+        return Timing(once(fn, device), 0.0, 1, over_budget=True)
     if device.type == "cuda" and first > SLOW_GPU_CALL_S:
         # do_bench would make 7+ calls (5 to estimate, then warm-up and repeats); for calls this
         # long a few synchronised repeats give the median, and the L2 (tens of MB) holds nothing

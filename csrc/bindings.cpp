@@ -36,7 +36,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("activation_stats_sparse_cuda", &sa::activation_stats_sparse_cuda);
   m.def("interference_cuda", &sa::interference_cuda,
         "W [n, m], V [k, m] or None, topk, block, symmetric (-1 auto, 0 off, 1 on)");
-  m.def("cross_moments_update_cuda", &sa::cross_moments_update_cuda);
+  m.def("cross_moments_update_cuda", &sa::cross_moments_update_cuda,
+        "comoment (in place), n_prev, mean_a_prev, mean_b_prev, xa, xb, bf16_dot (opt-in, 16-bit inputs)");
   m.def("best_match_cuda", &sa::best_match_cuda);
   m.def("sparse_outer_update_cuda", &sa::sparse_outer_update_cuda);
   m.def("coactivation_update_cuda", &sa::coactivation_update_cuda);

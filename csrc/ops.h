@@ -79,7 +79,8 @@ std::vector<at::Tensor> interference_cuda(const at::Tensor& W, const std::option
 std::vector<at::Tensor> cross_moments_update_cuda(at::Tensor& comoment, int64_t n_prev,
                                                   const at::Tensor& mean_a_prev,
                                                   const at::Tensor& mean_b_prev,
-                                                  const at::Tensor& xa, const at::Tensor& xb);
+                                                  const at::Tensor& xa, const at::Tensor& xb,
+                                                  bool bf16_dot);
 std::vector<at::Tensor> best_match_cuda(const at::Tensor& comoment, const at::Tensor& inv_std_a,
                                         const at::Tensor& inv_std_b);
 void coactivation_update_cuda(at::Tensor& counts, const at::Tensor& x, double threshold);

@@ -78,7 +78,7 @@ def _interference_kernel(
     b_ptr,  # [nc, m] rows of the columns (W or V), scaled likewise
     ainv_ptr,  # [n] 1 / |scaled row| in the compute dtype (0 for a zero row)
     binv_ptr,  # [nc]
-    bnsq_ptr,  # [nc] |C_j|^2 in the compute dtype
+    bnsq_ptr,  # [nc] |C_j|^2 float64 (|C_j| up to 3e38 would overflow a float32 square)
     n,
     nc,
     m,
@@ -130,7 +130,7 @@ def _interference_kernel(
         g = tl.where(valid, acc, 0.0)
         g2 = g * g
         nsq = tl.load(bnsq_ptr + cols, mask=mask_c, other=0.0)
-        run_sq += tl.sum(g2 * nsq[None, :], axis=1).to(tl.float64)
+        run_sq += tl.sum(g2.to(tl.float64) * nsq[None, :], axis=1)
         run_sqcos += tl.sum(g2, axis=1).to(tl.float64)
 
         cand = tl.where(valid, tl.abs(g), -1.0)
@@ -205,7 +205,7 @@ def _interference_sym_kernel(
     key_ptr,  # [n] int64, zero-initialised: packed (max |cos|, argmax)
     a_ptr,  # [n, m] rows of W, each scaled by an exact power of two
     ainv_ptr,  # [n] 1 / |scaled row| (0 for a zero row)
-    nsq_ptr,  # [n] |W_j|^2
+    nsq_ptr,  # [n] |W_j|^2 float64
     n,
     m,
     stride_an,
@@ -236,7 +236,7 @@ def _interference_sym_kernel(
         absg = tl.where(valid, tl.abs(g), -1.0)
         nsq_c = tl.load(nsq_ptr + cols, mask=mask_c, other=0.0)
         # Row side: this tile's columns are row i's partners.
-        tl.atomic_add(sq_ptr + rows, tl.sum(g2 * nsq_c[None, :], axis=1).to(tl.float64), mask=mask_r, sem="relaxed")
+        tl.atomic_add(sq_ptr + rows, tl.sum(g2.to(tl.float64) * nsq_c[None, :], axis=1), mask=mask_r, sem="relaxed")
         tl.atomic_add(sqcos_ptr + rows, tl.sum(g2, axis=1).to(tl.float64), mask=mask_r, sem="relaxed")
         rmax = tl.max(absg, axis=1)
         rarg = tl.min(tl.where(absg == rmax[:, None], cols[None, :], _NO_INDEX), axis=1)
@@ -245,7 +245,7 @@ def _interference_sym_kernel(
         # holds both orders of each of its pairs).
         if bj != bi:
             nsq_r = tl.load(nsq_ptr + rows, mask=mask_r, other=0.0)
-            tl.atomic_add(sq_ptr + cols, tl.sum(g2 * nsq_r[:, None], axis=0).to(tl.float64), mask=mask_c, sem="relaxed")
+            tl.atomic_add(sq_ptr + cols, tl.sum(g2.to(tl.float64) * nsq_r[:, None], axis=0), mask=mask_c, sem="relaxed")
             tl.atomic_add(sqcos_ptr + cols, tl.sum(g2, axis=0).to(tl.float64), mask=mask_c, sem="relaxed")
             cmax = tl.max(absg, axis=0)
             carg = tl.min(tl.where(absg == cmax[None, :], rows[:, None], _NO_INDEX), axis=0)
@@ -268,20 +268,29 @@ def _scaled_rows(X: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Ten
     keeps float32 dot products of bfloat16/float32/float64 rows from overflowing. Rounding
     unit rows to the input dtype instead would cost 8 bits per cosine in bfloat16.
     float16 rows (|x| <= 65504) cannot overflow a float32 dot and are used as they are.
+    Rows go in chunks of _PREP_ELEMS elements, so the float64 temporaries stay bounded (a
+    whole-matrix float64 copy of a million 4096-d rows would be 32 GiB).
     """
-    nrm = torch.linalg.vector_norm(X, dim=1, dtype=torch.float64)
-    if X.dtype == torch.float16 or X.numel() == 0:
-        Xs, nrm_s = X, nrm
-    else:
-        amax = X.abs().amax(dim=1).to(torch.float64)
-        e = torch.frexp(amax).exponent.to(torch.float64)  # amax = f * 2^e, f in [0.5, 1)
-        scale = torch.exp2(-e)
-        Xs = (X.to(torch.float64) * scale[:, None]).to(X.dtype)
-        nrm_s = nrm * scale
+    n = X.shape[0]
+    nrm = torch.empty(n, dtype=torch.float64, device=X.device)
+    keep = X.dtype == torch.float16 or X.numel() == 0
+    Xs = X if keep else torch.empty_like(X)
+    scale = torch.ones(n, dtype=torch.float64, device=X.device)
+    step = max(1, _PREP_ELEMS // max(1, X.shape[1]))
+    for a in range(0, n, step):
+        x64 = X[a : a + step].to(torch.float64)
+        nrm[a : a + step] = torch.linalg.vector_norm(x64, dim=1)
+        if not keep:
+            amax = x64.abs().amax(dim=1)
+            e = torch.frexp(amax).exponent.to(torch.float64)  # amax = f * 2^e, f in [0.5, 1)
+            scale[a : a + step] = torch.exp2(-e)
+            Xs[a : a + step] = (x64 * scale[a : a + step, None]).to(X.dtype)
+    nrm_s = nrm * scale
     inv = torch.where(nrm_s > 0, 1.0 / nrm_s, torch.zeros_like(nrm_s))
     return nrm, Xs, inv
 
 
+_PREP_ELEMS = 1 << 24  # float64 elements per chunk of row preparation (128 MiB)
 _TF32_SPARE = 8  # candidates kept beyond max(topk, 1) for the exact rescoring
 _RESCORE_ELEMS = 1 << 25  # float64 elements per rescoring chunk (256 MiB)
 
@@ -446,7 +455,7 @@ def interference_triton(
         if n > 0:
             blocks = triton.cdiv(n, edge)
             _interference_sym_kernel[(blocks, blocks)](
-                sq, sqcos, key, Wn, w_inv.to(torch.float32), (nrm * nrm).to(torch.float32), n, m,
+                sq, sqcos, key, Wn, w_inv.to(torch.float32), nrm * nrm, n, m,
                 Wn.stride(0), Wn.stride(1), BLOCK=edge, BLOCK_K=BLOCK_K,
             )  # fmt: skip
         maxabs, argmax = _unpack_keys(key)
@@ -459,7 +468,7 @@ def interference_triton(
     if n > 0 and nc > 0:
         acc = compute_dtype(W.dtype)
         acc_torch = torch.float64 if acc == tl.float64 else torch.float32
-        bnsq = (col_nrm * col_nrm).to(acc_torch)
+        bnsq = col_nrm * col_nrm
         # Square tiles (edge above); tl.dot needs every edge >= 16. 64 balances the register
         # cost of the top-k epilogue ([BLOCK_M, BLOCK_N] candidates) against column reuse.
         _interference_kernel[(triton.cdiv(n, edge),)](

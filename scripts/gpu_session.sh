@@ -6,7 +6,8 @@
 #
 #   OUT=/tmp/out bash scripts/gpu_session.sh                  # on the GPU machine
 #   DEADLINE=470 TEST_S=110 RESERVE_S=150 ...                # budget: whole, tests, after bench
-#   SKIP_TESTS=1 ... / SKIP_BENCH=1 ...                       # split over two calls
+#   SKIP_TESTS=1 ... / SKIP_BENCH=1 ... / SKIP_NCCL=1         # split over two calls
+#   TESTS_K="cuda and stats" BENCH_ARGS="--cases stats:bfloat16 ..." MEM_BACKENDS=cuda  # narrower
 #   CPU_SMOKE=1 OUT=/tmp/out bash scripts/gpu_session.sh     # the plumbing, here, on small CPU work
 #
 # A lent GPU comes with about 15 minutes of device time in all, machine start included, and
@@ -43,12 +44,14 @@ if [ "${CPU_SMOKE:-0}" = "1" ]; then
   require=--require-cpp tests_k="dispatch" bench_args=(--quick --device cpu --ops best_match,coact)
   mem_small=(--n 2048 --m 64 --backend cpp) mem_large=(--n 4096 --m 64) mem_backends=(cpp) gpu=false
 else
-  require=--require-cuda tests_k="cuda or gpu or triton"
+  # TESTS_K, BENCH_ARGS and MEM_BACKENDS narrow a second call to what changed since the first.
+  require=--require-cuda tests_k="${TESTS_K:-cuda or gpu or triton}"
   # Ops most wanted first (the issues' GPU targets), the float64 reference left out (slow,
   # and not what any target is held against), a baseline over 2 s per call skipped.
-  bench_args=(--ops stats,interference,cross,coact_sparse,interference_topk,coact,stats_sparse,best_match
-    --backends triton,cuda --budget 2)
-  mem_small=(--n 65536 --m 4096) mem_large=(--n 1048576 --m 4096) mem_backends=(triton cuda) gpu=true
+  read -r -a bench_args <<<"${BENCH_ARGS:---ops stats,interference,cross,coact_sparse,interference_topk,coact,\
+stats_sparse,best_match --backends triton,cuda --budget 2}"
+  read -r -a mem_backends <<<"${MEM_BACKENDS:-triton cuda}"
+  mem_small=(--n 65536 --m 4096) mem_large=(--n 1048576 --m 4096) gpu=true
 fi
 start=$(date +%s)
 left() { echo $((DEADLINE - ($(date +%s) - start))); }
@@ -122,6 +125,7 @@ if [ "${SKIP_BENCH:-0}" != "1" ]; then
 fi
 
 step "NCCL: the test under torchrun, world size 1, then 2 processes on the one GPU"
+[ "${SKIP_NCCL:-0}" = "1" ] && { echo "skipped (SKIP_NCCL=1)"; step "done (status $status)"; return "$status"; }
 {
   within 60 "$PY" -m supanalysis.cli demo --quick --out "$WORK/demo" --no-progress >"$WORK/demo.txt" 2>&1 ||
     { echo "quick demo failed:"; tail -5 "$WORK/demo.txt"; }

@@ -7,6 +7,8 @@ import math
 import sys
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:  # bench/ is a top-level package of the repository, not installed
     sys.path.insert(0, str(ROOT))
@@ -94,3 +96,13 @@ def test_deadline_lists_the_cases_left_and_files_are_written_as_it_goes(tmp_path
     seen.clear()
     runner.run(args, progress)
     assert len(seen) == 3 and "best_match" in seen[1] and "coact" not in seen[1] and "coact" in seen[2]
+
+
+def test_cases_run_exactly_the_pairs_given_in_order():
+    args = runner.parse_args(["--quick", "--device", "cpu", "--cases", "coact:float32,best_match", "--backends", "cpp"])
+    _, rows, _ = runner.run(args)
+    ops = [r.op for r in rows if r.op != "limit"]
+    assert ops and set(ops) == {"coact", "best_match"} and ops.index("coact") < ops.index("best_match")
+    assert {r.dtype for r in rows if r.op == "best_match"} == {"float64"}  # the op's own dtype
+    with pytest.raises(SystemExit):
+        runner.parse_args(["--cases", "stats:int13"])

@@ -218,12 +218,13 @@ def test_update_sparse_drops_nonfinite_tokens_and_rejects_bad_input():
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="the bfloat16 tensor-core dot runs on a GPU only")
-def test_triton_bf16_dot_on_gpu_within_bfloat16_rounding():
-    """The opt-in bfloat16 dot of the Triton update (an experiment the benchmark times):
+@pytest.mark.parametrize("backend", ["triton", "cuda"])
+def test_bf16_dot_on_gpu_within_bfloat16_rounding(backend):
+    """The opt-in bfloat16 dot of the GPU updates (an experiment the benchmark times):
     centred values rounded to bfloat16 cost ~2^-9 relative each, so the co-moment stays
     within a few 2^-9 of the exact one (in units of sum |ca||cb|), and a planted best match
     survives."""
-    from supanalysis.kernels.correlation import cross_moments_update_triton
+    from supanalysis.ops.correlation import UPDATE_IMPLS
 
     g = torch.Generator().manual_seed(7)
     T, na, nb = 3000, 150, 70
@@ -236,7 +237,7 @@ def test_triton_bf16_dot_on_gpu_within_bfloat16_rounding():
     exact, scale = ca.T @ cb, ca.abs().T @ cb.abs()
     zeros = lambda n: torch.zeros(n, dtype=torch.float64, device="cuda")  # noqa: E731
     C = torch.zeros(na, nb, dtype=torch.float64, device="cuda")
-    cross_moments_update_triton(C, 0, zeros(na), zeros(nb), xa.cuda(), xb.cuda(), "bf16")
+    UPDATE_IMPLS[backend](C, 0, zeros(na), zeros(nb), xa.cuda(), xb.cuda(), "bf16")
     err = ((C.cpu() - exact).abs() / scale).max().item()
     assert err < 4 * 2**-9, err
     corr = C.cpu() / torch.outer(ca.norm(dim=0), cb.norm(dim=0))

@@ -182,6 +182,25 @@ def test_16bit_paths_against_float64_of_the_same_values(backend_device, dtype, t
         assert r.argmax[7].item() == 2 and r.max_abs_cos[7].item() == pytest.approx(1.0, abs=1e-6)
 
 
+def test_huge_and_tiny_rows_float32(backend_device):
+    """|W_j|^2 of a row at 1e30 is 1e60, past float32: the weighted sums must not overflow
+    (a float32 tile sum of cos^2 |W_j|^2 did in the Triton kernels, caught on a GPU)."""
+    backend, device = backend_device
+    g = torch.Generator().manual_seed(3)
+    W = torch.randn(40, 12, generator=g, dtype=torch.float64)
+    W[3] *= 1e30
+    W[4] *= 1e-30
+    W = W.float()
+    r = sa.interference(W.to(device), backend=backend)
+    ref = interference_reference(W.double(), None, 0, 0)
+    # A float32 cosine of 0.01 carries ~1e-7 absolute error: 1e-5 relative once squared
+    # and weighted by 1e60, so the weighted sum is held to 1e-3 (an overflow gives inf).
+    torch.testing.assert_close(r.sq_interference.cpu(), ref[1], rtol=1e-3, atol=0)
+    torch.testing.assert_close(r.sq_cos.cpu(), ref[2], rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(r.dims.cpu(), ref[3], rtol=1e-3, atol=1e-7)
+    torch.testing.assert_close(r.max_abs_cos.cpu(), ref[4], rtol=0, atol=1e-5)
+
+
 def test_bad_input_names_argument():
     with pytest.raises(ValueError, match="W must be 2-D"):
         sa.interference(torch.randn(5))

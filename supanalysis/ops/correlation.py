@@ -103,8 +103,13 @@ def cross_moments_update_cpu(comoment, n_prev, mean_a_prev, mean_b_prev, xa, xb)
     return native().cross_moments_update_cpu(comoment, int(n_prev), mean_a_prev, mean_b_prev, xa, xb)
 
 
-def cross_moments_update_cuda(comoment, n_prev, mean_a_prev, mean_b_prev, xa, xb):
-    return native().cross_moments_update_cuda(comoment, int(n_prev), mean_a_prev, mean_b_prev, xa, xb)
+def cross_moments_update_cuda(comoment, n_prev, mean_a_prev, mean_b_prev, xa, xb, precision: str = "ieee"):
+    """precision "bf16" (opt-in, float16/bfloat16 inputs): centred values rounded to bfloat16
+    and multiplied on the tensor cores (the benchmark times it as a variant)."""
+    if precision not in ("ieee", "bf16"):
+        raise ValueError(f"precision must be 'ieee' or 'bf16', got {precision!r}")
+    bf16 = precision == "bf16"
+    return native().cross_moments_update_cuda(comoment, int(n_prev), mean_a_prev, mean_b_prev, xa, xb, bf16)
 
 
 def sparse_outer_update_cpu(out, ia, va, ib, vb):
