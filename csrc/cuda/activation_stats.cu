@@ -106,16 +106,12 @@ __global__ void __launch_bounds__(kMaxThreads, kMinBlocksPerSM)
       }
     }
 
-    // Pass 1 (no finiteness tests): firing, sums and extrema, and each row's firing count for
-    // L0. "Fires" is val > thr and val < +inf, so NaN and +-inf never fire. A non-finite value
-    // makes its feature's tile sum non-finite, and that feature's tile is then recounted with
-    // the tests below (rare: non-finite activations, the last tile of a split, a feature past
-    // n, or a sum beyond the float range). Fewer instructions per element is what moves this
-    // kernel towards the memory bandwidth.
+    // Pass 1: counts, sums, extrema, firing (and each row's firing count for L0).
     int t_cnt[VEC], t_fire[VEC];
     acc_t t_sum[VEC], t_act[VEC], t_max[VEC], t_min[VEC], t_m2[VEC];
 #pragma unroll
     for (int c = 0; c < VEC; ++c) {
+      t_cnt[c] = 0;
       t_fire[c] = 0;
       t_sum[c] = 0;
       t_act[c] = 0;
@@ -129,71 +125,37 @@ __global__ void __launch_bounds__(kMaxThreads, kMinBlocksPerSM)
 #pragma unroll
       for (int c = 0; c < VEC; ++c) {
         const acc_t val = v[r][c];
-        const bool fires = val > thr && val < std::numeric_limits<acc_t>::infinity();
-        t_sum[c] += val;
-        t_max[c] = fmax(t_max[c], val);
-        t_min[c] = fmin(t_min[c], val);
+        const bool fin = is_finite_bits(val);
+        const bool fires = fin && val > thr;
+        t_cnt[c] += fin;
+        t_sum[c] += fin ? val : acc_t(0);
+        t_max[c] = fin && val > t_max[c] ? val : t_max[c];
+        t_min[c] = fin && val < t_min[c] ? val : t_min[c];
         t_fire[c] += fires;
         t_act[c] += fires ? val : acc_t(0);
         row_fire += fires;
       }
-      // Rows past the end load NaN and fire nowhere, so they add nothing here.
+      // Rows past the end fire nowhere, so their (zero) sums need no guard until the add.
       row_fire = warp_sum(row_fire);
       if (lane == 0 && row_fire != 0) atomicAdd(&l0_tile[r], row_fire);
     }
 
-    // Pass 2 (registers): M2 about the tile's own mean.
+    // Pass 2 (registers): M2 about the tile's own mean, then Chan-merge into float64.
 #pragma unroll
     for (int c = 0; c < VEC; ++c) {
-      acc_t t_mean;
-      if (is_finite_bits(t_sum[c])) {  // every value finite (a NaN or inf would show here)
-        t_cnt[c] = kTile;
-        t_mean = t_sum[c] * (acc_t(1) / acc_t(kTile));  // a power of two: exact
+      const acc_t t_mean = t_cnt[c] > 0 ? t_sum[c] / static_cast<acc_t>(t_cnt[c]) : acc_t(0);
 #pragma unroll
-        for (int r = 0; r < kTile; ++r) {
-          const acc_t d = v[r][c] - t_mean;
-          t_m2[c] += d * d;
-        }
-      } else {
-        t_cnt[c] = 0;
-        t_sum[c] = 0;
-        t_max[c] = -std::numeric_limits<acc_t>::infinity();
-        t_min[c] = std::numeric_limits<acc_t>::infinity();
-#pragma unroll
-        for (int r = 0; r < kTile; ++r) {
-          const acc_t val = v[r][c];
-          const bool fin = is_finite_bits(val);
-          t_cnt[c] += fin;
-          t_sum[c] += fin ? val : acc_t(0);
-          t_max[c] = fin && val > t_max[c] ? val : t_max[c];
-          t_min[c] = fin && val < t_min[c] ? val : t_min[c];
-        }
-        t_mean = t_cnt[c] > 0 ? t_sum[c] / static_cast<acc_t>(t_cnt[c]) : acc_t(0);
-#pragma unroll
-        for (int r = 0; r < kTile; ++r) {
-          const acc_t val = v[r][c];
-          const acc_t d = is_finite_bits(val) ? val - t_mean : acc_t(0);
-          t_m2[c] += d * d;
-        }
+      for (int r = 0; r < kTile; ++r) {
+        const acc_t val = v[r][c];
+        const acc_t d = is_finite_bits(val) ? val - t_mean : acc_t(0);
+        t_m2[c] += d * d;
       }
-      t_sum[c] = t_mean;  // from here on: the tile's mean
-    }
-
-    // Chan-merge the tile into the float64 state. The weight nb / (na + nb) is one division
-    // per thread when its features' counts agree (always, unless non-finite values were seen).
-    bool same = true;
-#pragma unroll
-    for (int c = 1; c < VEC; ++c) same = same && cnt[c] == cnt[0] && t_cnt[c] == t_cnt[0];
-    const double w_same =
-        t_cnt[0] > 0 ? static_cast<double>(t_cnt[0]) / static_cast<double>(cnt[0] + t_cnt[0]) : 0.0;
-#pragma unroll
-    for (int c = 0; c < VEC; ++c) {
       if (t_cnt[c] > 0) {
         const int na = cnt[c], nb = t_cnt[c], nab = na + nb;
-        const double w = same ? w_same : static_cast<double>(nb) / static_cast<double>(nab);
-        const double delta = static_cast<double>(t_sum[c]) - mean[c];
-        mean[c] += delta * w;
-        m2[c] += static_cast<double>(t_m2[c]) + delta * delta * (static_cast<double>(na) * w);
+        const double delta = static_cast<double>(t_mean) - mean[c];
+        mean[c] += delta * (static_cast<double>(nb) / static_cast<double>(nab));
+        m2[c] += static_cast<double>(t_m2[c]) +
+                 delta * delta * (static_cast<double>(na) * static_cast<double>(nb) / static_cast<double>(nab));
         cnt[c] = nab;
         mx[c] = t_max[c] > mx[c] ? t_max[c] : mx[c];
         mn[c] = t_min[c] < mn[c] ? t_min[c] : mn[c];

@@ -36,10 +36,7 @@ using namespace cuda_detail;
 
 constexpr int kThreads = 256;
 constexpr int kWarps = kThreads / 32;
-// 2^27 float32 = 512 MiB: R = 1024 rows at n = 65,536 (GEMMs tall enough to run near the
-// card's rate), still 128 at n = 2^20.
-constexpr int64_t kWorkspaceElems = int64_t(1) << 27;
-constexpr int64_t kPrepElems = int64_t(1) << 24;  // float64 elements per chunk of row preparation
+constexpr int64_t kWorkspaceElems = int64_t(1) << 25;
 constexpr int64_t kDefaultMaxRows = 1024;
 
 // Inserts (a, j) into a list sorted by (value desc, index asc); the displaced element
@@ -189,14 +186,9 @@ __global__ void __launch_bounds__(kThreads)
 }
 
 // Symmetric mode, column side: G holds rows r0..r0+R against columns col0.. (ld of them);
-// each block owns 32 columns after the block's rows (j >= j_begin) and folds the R cosines
-// of each into that column's running sums and maximum. Warp w of the block takes rows
-// w, w + 8, ... (a warp reads 32 adjacent columns of one row: coalesced), so eight warps
-// share a column's rows; their partials meet in shared memory in warp order (fixed-order
-// sums: deterministic) and the argmax keeps the smallest row on ties.
-constexpr int kColLanes = 32;
-constexpr int kColSlices = kThreads / kColLanes;
-
+// thread t owns local column j = j_begin + t (a column after the block) and folds the
+// block's R cosines into that column's running sums and maximum. Adjacent threads read
+// adjacent columns of each row, so the reads coalesce.
 template <typename acc_t>
 __global__ void __launch_bounds__(kThreads)
     _interference_cols_kernel(double* __restrict__ col_sq, double* __restrict__ col_sqcos,
@@ -204,48 +196,27 @@ __global__ void __launch_bounds__(kThreads)
                               const acc_t* __restrict__ G, const double* __restrict__ row_nsq,
                               const acc_t* __restrict__ row_inv, const acc_t* __restrict__ col_inv,
                               int64_t R, int64_t ld, int64_t j_begin, int64_t col0, int64_t r0) {
-  __shared__ double s_sq[kColSlices][kColLanes];
-  __shared__ double s_c[kColSlices][kColLanes];
-  __shared__ acc_t s_v[kColSlices][kColLanes];
-  __shared__ int64_t s_i[kColSlices][kColLanes];
-  const int lane = threadIdx.x % kColLanes, slice = threadIdx.x / kColLanes;
-  const int64_t j = j_begin + static_cast<int64_t>(blockIdx.x) * kColLanes + lane;
-  const bool live = j < ld;
-  double sq = 0.0, sc = 0.0;
+  const int64_t j = j_begin + static_cast<int64_t>(blockIdx.x) * kThreads + threadIdx.x;
+  if (j >= ld) return;
+  const acc_t c_inv = row_inv ? col_inv[j] : acc_t(1);
+  double s_sq = 0.0, s_c = 0.0;
   acc_t bv = 0;
   int64_t bi = -1;
-  if (live) {
-    const acc_t c_inv = row_inv ? col_inv[j] : acc_t(1);
-    for (int64_t r = slice; r < R; r += kColSlices) {
-      // The same product order as the row kernel: g * (inv_row * inv_col).
-      const acc_t c = row_inv ? G[r * ld + j] * (row_inv[r] * c_inv) : G[r * ld + j];
-      const double c2 = static_cast<double>(c) * static_cast<double>(c);
-      sq += c2 * row_nsq[r];
-      sc += c2;
-      const acc_t a = c < acc_t(0) ? -c : c;
-      if (a > bv) {  // rows in increasing order within the slice: strict > keeps the smallest
-        bv = a;
-        bi = r0 + r;
-      }
-    }
-  }
-  s_sq[slice][lane] = sq;
-  s_c[slice][lane] = sc;
-  s_v[slice][lane] = bv;
-  s_i[slice][lane] = bi;
-  __syncthreads();
-  if (slice != 0 || !live) return;
-  for (int w = 1; w < kColSlices; ++w) {
-    sq += s_sq[w][lane];
-    sc += s_c[w][lane];
-    if (better(s_v[w][lane], s_i[w][lane], bv, bi)) {  // a partner (index >= 0) has |cos| > 0
-      bv = s_v[w][lane];
-      bi = s_i[w][lane];
+  for (int64_t r = 0; r < R; ++r) {
+    // The same product order as the row kernel: g * (inv_row * inv_col).
+    const acc_t c = row_inv ? G[r * ld + j] * (row_inv[r] * c_inv) : G[r * ld + j];
+    const double c2 = static_cast<double>(c) * static_cast<double>(c);
+    s_sq += c2 * row_nsq[r];
+    s_c += c2;
+    const acc_t a = c < acc_t(0) ? -c : c;
+    if (a > bv) {  // rows in increasing order: strict > keeps the smallest on ties
+      bv = a;
+      bi = r0 + r;
     }
   }
   const int64_t jg = col0 + j;
-  col_sq[jg] += sq;
-  col_sqcos[jg] += sc;
+  col_sq[jg] += s_sq;
+  col_sqcos[jg] += s_c;
   // Earlier row blocks hold smaller rows: they keep a tie.
   if (bi >= 0 && static_cast<double>(bv) > col_max[jg]) {
     col_max[jg] = static_cast<double>(bv);
@@ -268,36 +239,22 @@ bool is_16bit(const at::Tensor& X) { return X.scalar_type() == at::kHalf || X.sc
 
 // keep16: multiply 16-bit rows as they are (false: make them unit float32 rows like any other).
 Rows prepare_rows(const at::Tensor& X, at::ScalarType compute, bool keep16) {
-  // Row chunks of kPrepElems, so the float64 temporaries stay bounded (a whole float64 copy
-  // of a million 4096-d rows would be 32 GiB).
-  const int64_t n = X.size(0), m = X.size(1);
-  const bool sixteen = keep16 && is_16bit(X);
-  const bool scale_rows = sixteen && X.scalar_type() == at::kBFloat16;  // fp16 cannot overflow
-  Rows out;
-  out.norm = at::empty({n}, X.options().dtype(at::kDouble));
-  out.mat = sixteen && !scale_rows ? X.contiguous() : at::empty({n, m}, X.options().dtype(sixteen ? X.scalar_type() : compute));
-  at::Tensor nrm_s = sixteen ? at::empty({n}, X.options().dtype(at::kDouble)) : at::Tensor();
-  const int64_t step = std::max<int64_t>(1, kPrepElems / std::max<int64_t>(1, m));
-  for (int64_t a = 0; a < n; a += step) {
-    const int64_t len = std::min(step, n - a);
-    const at::Tensor x64 = X.narrow(0, a, len).to(at::kDouble);
-    const at::Tensor nrm = x64.pow(2).sum(1).sqrt();
-    out.norm.narrow(0, a, len).copy_(nrm);
-    if (!sixteen) {
-      const at::Tensor inv = at::where(nrm.gt(0), nrm.reciprocal(), at::zeros_like(nrm));
-      out.mat.narrow(0, a, len).copy_(x64.mul(inv.unsqueeze(1)));
-    } else if (scale_rows) {
-      // |x| up to 3e38 would overflow a float32 product: scale by 2^-e (exact) so the largest
-      // entry of the row lies in [0.5, 1).
-      const at::Tensor scale = std::get<1>(x64.abs().amax(1).frexp()).to(at::kDouble).neg().exp2();
-      out.mat.narrow(0, a, len).copy_(x64.mul(scale.unsqueeze(1)));
-      nrm_s.narrow(0, a, len).copy_(nrm.mul(scale));
-    } else {
-      nrm_s.narrow(0, a, len).copy_(nrm);
+  const at::Tensor X64 = X.to(at::kDouble);
+  at::Tensor nrm = X64.pow(2).sum(1).sqrt();
+  if (keep16 && is_16bit(X)) {
+    at::Tensor mat = X.contiguous(), nrm_s = nrm;
+    if (X.scalar_type() == at::kBFloat16 && X.numel() > 0) {
+      // |x| up to 3e38 would overflow a float32 product; fp16 (|x| <= 65504) cannot.
+      const at::Tensor amax = X64.abs().amax(1);
+      const at::Tensor scale = std::get<1>(amax.frexp()).to(at::kDouble).neg().exp2();
+      mat = X64.mul(scale.unsqueeze(1)).to(at::kBFloat16).contiguous();
+      nrm_s = nrm.mul(scale);
     }
+    at::Tensor inv = at::where(nrm_s.gt(0), nrm_s.reciprocal(), at::zeros_like(nrm_s)).to(at::kFloat);
+    return {nrm, mat, inv};
   }
-  if (sixteen) out.inv = at::where(nrm_s.gt(0), nrm_s.reciprocal(), at::zeros_like(nrm_s)).to(at::kFloat);
-  return out;
+  at::Tensor inv = at::where(nrm.gt(0), nrm.reciprocal(), at::zeros_like(nrm));
+  return {nrm, X64.mul(inv.unsqueeze(1)).to(compute).contiguous(), at::Tensor()};
 }
 
 // G = A B^T into the float `out` (a float32 tile from 16-bit A and B: cuBLAS's tensor-core
@@ -335,7 +292,7 @@ void launch_cols(const at::Tensor& Gt, int64_t R, int64_t ld, int64_t j_begin, i
                  const at::Tensor& w_nsq, const at::Tensor& w_inv, at::Tensor& col_sq, at::Tensor& col_sqcos,
                  at::Tensor& col_max, at::Tensor& col_arg) {
   if (j_begin >= ld) return;
-  const auto grid = static_cast<unsigned>((ld - j_begin + kColLanes - 1) / kColLanes);
+  const auto grid = static_cast<unsigned>((ld - j_begin + kThreads - 1) / kThreads);
   _interference_cols_kernel<acc_t><<<grid, kThreads, 0, at::cuda::getCurrentCUDAStream()>>>(
       col_sq.data_ptr<double>(), col_sqcos.data_ptr<double>(), col_max.data_ptr<double>(),
       col_arg.data_ptr<int64_t>(), Gt.data_ptr<acc_t>(), w_nsq.data_ptr<double>() + r0,
