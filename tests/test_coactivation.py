@@ -29,6 +29,20 @@ def test_dense_counts_exact(backend_device, T, n):
     assert c.n_tokens == T
 
 
+@pytest.mark.parametrize("int8", ["0", "1"], ids=["float32-gemm", "int8-gemm"])
+def test_cpu_dense_gemm_paths_agree(monkeypatch, int8):
+    """The C++ backend forms B^T B as an int8 GEMM where the CPU has int8 dot products and as
+    a float32 GEMM elsewhere; SUPANALYSIS_CPU_INT8_GEMM forces either: both are exact."""
+    monkeypatch.setenv("SUPANALYSIS_CPU_INT8_GEMM", int8)
+    g = torch.Generator().manual_seed(5)
+    x = torch.randn(129, 70, generator=g).to(torch.bfloat16)
+    x[7, 3], x[8, 4] = float("inf"), float("nan")
+    c = sa.CoActivation(70, threshold=0.1, backend="cpp")
+    c.update(x)
+    xd = x.double().numpy()
+    np.testing.assert_array_equal(c.counts().numpy(), numpy_counts(np.isfinite(xd) & (xd > 0.1)))
+
+
 @pytest.mark.parametrize("T,k,n", [(0, 2, 5), (1, 1, 1), (60, 4, 97), (200, 8, 33)])
 def test_sparse_counts_exact(backend_device, T, k, n):
     backend, device = backend_device

@@ -5,7 +5,10 @@
 // Row maxima are owned by the thread that owns the row; column maxima are kept per thread
 // and merged in thread order, preferring the smaller row index on ties, so the answer is
 // the first maximum in index order whatever the thread count. The sweep is blocked by
-// columns so each block's column state stays in L1, and the hot loop is branch-free.
+// columns so each block's column state stays in L1, and the hot loop is branch-free. Rows go
+// four at a time, so the column state is loaded and stored once per four rows (one row at a
+// time, its loads and stores outnumber the reads of C). A row's argmax is found afterwards,
+// only when its block maximum beats its running one, by recomputing the same expression.
 #include <ATen/Parallel.h>
 
 #include <algorithm>
@@ -28,17 +31,58 @@ constexpr double kNone = -std::numeric_limits<double>::infinity();
 constexpr int64_t kColBlock = 512;
 constexpr int64_t kAhead = 2;  // rows of prefetch distance
 
-// One row: r_j = clamp(c_j * si * pb_j) + bmask_j; column maxima (strict >, so an
-// earlier row keeps a tie) and the row maximum. Built for AVX2 and for the baseline ISA;
-// the loader picks the one the CPU supports (the wheel stays portable).
+// The correlation as every pass computes it (bit for bit the same, so a rescan finds the
+// maximum by equality): clamp(c * si * pb_j) + bmask_j + rmask (rmask -inf for a constant row).
+static inline __attribute__((always_inline)) double corr_at(double c, double si, double pb, double bm, double rm) {
+  return std::min(std::max(c * si * pb, -1.0), 1.0) + bm + rm;
+}
+
+// Four rows i0..i0+3 against one column block: column maxima (strict >, rows in order, so
+// the earliest row keeps a tie) and each row's maximum. Built for AVX2 and for the baseline
+// ISA; the loader picks the one the CPU supports (the wheel stays portable).
 SUPANALYSIS_TARGET_CLONES
-double row_pass(const double* ci, double si, const double* pb, const double* bmask, int64_t nb,
-                int64_t i, double* r, double* cm, int64_t* ca) {
+void rows4_pass(const double* c0, const double* c1, const double* c2, const double* c3, const double* s,
+                const double* rm, const double* pb, const double* bmask, int64_t nb, int64_t i0, double* cm,
+                int64_t* ca, double* best) {
+  double b0 = kNone, b1 = kNone, b2 = kNone, b3 = kNone;
+#pragma omp simd reduction(max : b0, b1, b2, b3)
+  for (int64_t j = 0; j < nb; ++j) {
+    const double v0 = corr_at(c0[j], s[0], pb[j], bmask[j], rm[0]);
+    const double v1 = corr_at(c1[j], s[1], pb[j], bmask[j], rm[1]);
+    const double v2 = corr_at(c2[j], s[2], pb[j], bmask[j], rm[2]);
+    const double v3 = corr_at(c3[j], s[3], pb[j], bmask[j], rm[3]);
+    double m = cm[j];
+    int64_t a = ca[j];
+    const bool u0 = v0 > m;
+    m = u0 ? v0 : m;
+    a = u0 ? i0 : a;
+    const bool u1 = v1 > m;
+    m = u1 ? v1 : m;
+    a = u1 ? i0 + 1 : a;
+    const bool u2 = v2 > m;
+    m = u2 ? v2 : m;
+    a = u2 ? i0 + 2 : a;
+    const bool u3 = v3 > m;
+    m = u3 ? v3 : m;
+    a = u3 ? i0 + 3 : a;
+    cm[j] = m;
+    ca[j] = a;
+    b0 = std::max(b0, v0);
+    b1 = std::max(b1, v1);
+    b2 = std::max(b2, v2);
+    b3 = std::max(b3, v3);
+  }
+  best[0] = b0, best[1] = b1, best[2] = b2, best[3] = b3;
+}
+
+// One row (the last rows of a thread's range): the same, for a single row.
+SUPANALYSIS_TARGET_CLONES
+double row_pass(const double* ci, double si, double rm, const double* pb, const double* bmask, int64_t nb, int64_t i,
+                double* cm, int64_t* ca) {
   double best = kNone;
 #pragma omp simd reduction(max : best)
   for (int64_t j = 0; j < nb; ++j) {
-    const double v = std::min(std::max(ci[j] * si * pb[j], -1.0), 1.0) + bmask[j];
-    r[j] = v;
+    const double v = corr_at(ci[j], si, pb[j], bmask[j], rm);
     const bool up = v > cm[j];
     cm[j] = up ? v : cm[j];
     ca[j] = up ? i : ca[j];
@@ -91,34 +135,49 @@ std::vector<at::Tensor> best_match_cpu(const at::Tensor& comoment, const at::Ten
 #endif
     double* cm = colmax.data() + tid * nb;
     int64_t* ca = colarg.data() + tid * nb;
-    double r[kColBlock];
     const int64_t r_begin = std::min(na, tid * rows_per), r_end = std::min(na, r_begin + rows_per);
     for (int64_t i = r_begin; i < r_end; ++i) {
       ma[i] = kNone;
       aa[i] = -1;
     }
+    // A row's block maximum that beats its running maximum: find its first column.
+    auto take = [&](int64_t i, int64_t j0, int64_t w, double best, double rm) {
+      if (!(best > ma[i])) return;  // strict: an earlier block keeps a tie
+      const double* ci = c + i * nb + j0;
+      for (int64_t j = 0; j < w; ++j)
+        if (corr_at(ci[j], pa[i], pb[j0 + j], bmask[j0 + j], rm) == best) {
+          ma[i] = best;
+          aa[i] = j0 + j;
+          return;
+        }
+    };
     // Column blocks outermost: the block's column state (maxima, arguments, inv_std, mask)
     // stays in L1 while the rows stream past; each row keeps its running maximum.
     for (int64_t j0 = 0; j0 < nb; j0 += kColBlock) {
       const int64_t w = std::min(kColBlock, nb - j0);
-      for (int64_t i = r_begin; i < r_end; ++i) {
+      int64_t i = r_begin;
+      for (; i + 4 <= r_end; i += 4) {
         // Each row segment is its own page (the rows are n_b * 8 bytes apart), where the
-        // hardware's stream prefetcher stops: fetch the segment kAhead rows down now.
-        if (i + kAhead < r_end) {
-          const double* ahead = c + (i + kAhead) * nb + j0;
+        // hardware's stream prefetcher stops: fetch the next four rows' segments now.
+        for (int64_t k = 4; k < 4 + kAhead * 2 && i + k < r_end; ++k) {
+          const double* ahead = c + (i + k) * nb + j0;
           for (int64_t j = 0; j < w; j += 8) __builtin_prefetch(ahead + j);
         }
+        double s[4], rm[4], best[4];
+        for (int k = 0; k < 4; ++k) {
+          s[k] = pa[i + k];
+          rm[k] = s[k] == 0.0 ? kNone : 0.0;  // a constant row is nobody's match
+        }
+        if (s[0] == 0.0 && s[1] == 0.0 && s[2] == 0.0 && s[3] == 0.0) continue;
+        const double* ci = c + i * nb + j0;
+        rows4_pass(ci, ci + nb, ci + 2 * nb, ci + 3 * nb, s, rm, pb + j0, bmask + j0, w, i, cm + j0, ca + j0, best);
+        for (int k = 0; k < 4; ++k)
+          if (s[k] != 0.0) take(i + k, j0, w, best[k], rm[k]);
+      }
+      for (; i < r_end; ++i) {
         const double si = pa[i];
         if (si == 0.0) continue;
-        const double best = row_pass(c + i * nb + j0, si, pb + j0, bmask + j0, w, i, r, cm + j0, ca + j0);
-        if (best > ma[i]) {  // strict: an earlier block keeps a tie
-          for (int64_t j = 0; j < w; ++j)
-            if (r[j] == best) {
-              ma[i] = best;
-              aa[i] = j0 + j;
-              break;
-            }
-        }
+        take(i, j0, w, row_pass(c + i * nb + j0, si, 0.0, pb + j0, bmask + j0, w, i, cm + j0, ca + j0), 0.0);
       }
     }
     for (int64_t i = r_begin; i < r_end; ++i)
