@@ -99,3 +99,13 @@ def test_info_cli_prints_backends(capsys):
     assert main(["info"]) == 0
     out = capsys.readouterr().out
     assert "torch" in out and "cpp" in out and "reference" in out
+
+
+def test_triton_unavailable_without_the_kernels_package(monkeypatch):
+    """A source tree on PYTHONPATH (not pip-installed) has no supanalysis.kernels: Triton must
+    say so, not claim to be available and fail at the first call (as it would have on a GPU)."""
+    if _backend._triton_version() is None:
+        pytest.skip("triton is not installed")
+    monkeypatch.setattr(_backend, "_kernels_importable", lambda: False)
+    st = _backend.backend_status()["triton"]
+    assert not st.available and "supanalysis.kernels is not importable" in st.reason
