@@ -404,10 +404,10 @@ def run(args: argparse.Namespace, progress: Progress | None = None) -> tuple[dic
     device = torch.device(args.device)
     cfg = make_config(device, args.quick, args.budget)
     if args.cases:  # (op, dtype) pairs as given; an op with a fixed dtype keeps it
-        plan_ = [(cases.OPS[o], cases.OPS[o].dtype or d or args.dtype[0]) for o, d in args.cases]
+        todo = [(cases.OPS[o], cases.OPS[o].dtype or d or args.dtype[0]) for o, d in args.cases]
     else:
-        plan_ = [(op, d) for op in (cases.OPS[o] for o in args.ops) for d in ([op.dtype] if op.dtype else args.dtype)]
-    flop_dtypes = {d for op, d in plan_ if op.unit == "FLOP"}
+        todo = [(op, d) for op in (cases.OPS[o] for o in args.ops) for d in ([op.dtype] if op.dtype else args.dtype)]
+    flop_dtypes = {d for op, d in todo if op.unit == "FLOP"}
     if flop_dtypes & set(SIXTEEN_BIT):
         flop_dtypes.add(torch.float32)
     h = header(cfg, args)
@@ -418,7 +418,7 @@ def run(args: argparse.Namespace, progress: Progress | None = None) -> tuple[dic
     if progress:
         progress(h, rows, notes)
     deadline = args.deadline
-    for op, dtype in plan_:
+    for op, dtype in todo:
         dims = op.shapes[cfg.mode]
         if deadline is not None and time.monotonic() - t0 > deadline:
             why = f"not run: the --deadline of {deadline:g} s had passed"

@@ -42,6 +42,11 @@ inline int num_sms() { return at::cuda::getCurrentDeviceProperties()->multiProce
 
 inline int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
 
+// float16 or bfloat16: the dtypes the tensor cores multiply into a float32 result.
+inline bool is_16bit(const at::Tensor& X) {
+  return X.scalar_type() == at::kHalf || X.scalar_type() == at::kBFloat16;
+}
+
 // Blocks for a grid-stride loop over `work` items with `threads` threads per block.
 inline unsigned int grid_for(int64_t work, int threads) {
   return static_cast<unsigned int>(std::max<int64_t>(1, std::min(ceil_div(work, threads), kMaxGridX)));

@@ -106,11 +106,8 @@ std::vector<at::Tensor> cross_moments_update_cuda(at::Tensor& comoment, int64_t 
   if (na == 0 || nb == 0) return {mean_a, m2_a, mean_b, m2_b};
 
   const bool wide = xa.scalar_type() == at::kDouble || xb.scalar_type() == at::kDouble;
-  const auto is16 = [](const at::Tensor& t) {
-    return t.scalar_type() == at::kHalf || t.scalar_type() == at::kBFloat16;
-  };
   at::Tensor G;
-  if (bf16_dot && is16(xa) && is16(xb)) {
+  if (bf16_dot && is_16bit(xa) && is_16bit(xb)) {
     const at::Tensor ca = center<at::BFloat16>(xa, mean_a);
     const at::Tensor cb = center<at::BFloat16>(xb, mean_b);
     G = at::mm(ca.t(), cb, at::kFloat).contiguous();  // bf16 x bf16 -> float32 [na, nb]

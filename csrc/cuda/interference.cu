@@ -235,8 +235,6 @@ struct Rows {
   at::Tensor inv;   // [n] float32 for 16-bit input, else undefined
 };
 
-bool is_16bit(const at::Tensor& X) { return X.scalar_type() == at::kHalf || X.scalar_type() == at::kBFloat16; }
-
 // keep16: multiply 16-bit rows as they are (false: make them unit float32 rows like any other).
 Rows prepare_rows(const at::Tensor& X, at::ScalarType compute, bool keep16) {
   const at::Tensor X64 = X.to(at::kDouble);
