@@ -24,7 +24,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         "indices [T, k], values [T, k], n, threshold");
   m.def("interference_cpu", &sa::interference_cpu, "W [n, m], V [k, m] or None, topk, block");
   m.def("cross_moments_update_cpu", &sa::cross_moments_update_cpu,
-        "comoment (in place), n_prev, mean_a_prev, mean_b_prev, xa, xb");
+        "comoment (in place), n_prev, mean_a_prev, mean_b_prev, xa, xb, bf16 (precision 'bf16')");
   m.def("sparse_outer_update_cpu", &sa::sparse_outer_update_cpu,
         "out (in place), indices_a, values_a, indices_b, values_b");
   m.def("best_match_cpu", &sa::best_match_cpu, "comoment, inv_std_a, inv_std_b");
@@ -37,7 +37,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("interference_cuda", &sa::interference_cuda,
         "W [n, m], V [k, m] or None, topk, block, symmetric (-1 auto, 0 off, 1 on)");
   m.def("cross_moments_update_cuda", &sa::cross_moments_update_cuda,
-        "comoment (in place), n_prev, mean_a_prev, mean_b_prev, xa, xb, bf16_dot (opt-in, 16-bit inputs)");
+        "comoment (in place), n_prev, mean_a_prev, mean_b_prev, xa, xb, bf16 (precision 'bf16')");
   m.def("best_match_cuda", &sa::best_match_cuda);
   m.def("sparse_outer_update_cuda", &sa::sparse_outer_update_cuda);
   m.def("coactivation_update_cuda", &sa::coactivation_update_cuda);

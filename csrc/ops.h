@@ -49,11 +49,12 @@ std::vector<at::Tensor> interference_cpu(const at::Tensor& W, const std::optiona
 
 // comoment [na, nb] f64 (updated in place with Chan's formula), n_prev tokens already in it,
 // mean_a_prev [na] f64, mean_b_prev [nb] f64, xa [T, na], xb [T, nb]
-// -> {mean_a, m2_a, mean_b, m2_b} of this batch (f64).
+// -> {mean_a, m2_a, mean_b, m2_b} of this batch (f64). bf16: centred values rounded to
+// bfloat16 before the product (precision "bf16"; 16/32-bit batches only).
 std::vector<at::Tensor> cross_moments_update_cpu(at::Tensor& comoment, int64_t n_prev,
                                                  const at::Tensor& mean_a_prev,
                                                  const at::Tensor& mean_b_prev,
-                                                 const at::Tensor& xa, const at::Tensor& xb);
+                                                 const at::Tensor& xa, const at::Tensor& xb, bool bf16);
 // out [na, nb] f64 += sum over tokens t and slots p, q of va[t,p] * vb[t,q] at
 // (ia[t,p], ib[t,q]); index -1 is padding. The raw cross-product of two sets of top-k codes.
 void sparse_outer_update_cpu(at::Tensor& out, const at::Tensor& ia, const at::Tensor& va,

@@ -16,7 +16,11 @@ in torch with ties going to the smallest index.
 
 Precision: float16/bfloat16/float32 batches are widened to float32 and multiplied with the
 full-precision dot (``input_precision="ieee"``: TF32 would cost 13 bits on centred data);
-float64 batches are computed in float64. best_match runs in float64 (the co-moment is).
+float64 batches are computed in float64. Opt-in ``precision="bf16"``: the centred values are
+rounded to bfloat16 and multiplied on the tensor cores (exact products, float32 sums); the
+interpreter, which has no bfloat16 arithmetic, rounds the float32 bits the same way and
+runs the full-precision dot on the rounded values (the same products). best_match runs in
+float64 (the co-moment is).
 """
 
 from __future__ import annotations
@@ -101,12 +105,22 @@ def _column_moments(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 @triton.jit
+def _round_to_bf16(x):
+    """float32 -> the nearest bfloat16 value (ties to even), kept in float32; finite x."""
+    bits = x.to(tl.uint32, bitcast=True)
+    bits = (bits + 0x7FFF + ((bits >> 16) & 1)) & 0xFFFF0000
+    return bits.to(tl.float32, bitcast=True)
+
+
+@triton.jit
 def _cross_moments_update_kernel(
     c_ptr,  # [na, nb] float64 co-moment, updated in place
     xa_ptr,  # [T, na]
     xb_ptr,  # [T, nb]
-    ma_ptr,  # [na] batch mean of xa, compute dtype (the centring shift)
+    ma_ptr,  # [na] batch mean of xa, compute dtype (the centring shift) ...
     mb_ptr,  # [nb]
+    ma_lo_ptr,  # [na] ... and what the compute dtype dropped of it (float64 mean = ma + ma_lo)
+    mb_lo_ptr,  # [nb]
     da_ptr,  # [na] float64 coef * (batch mean a - previous mean a)
     db_ptr,  # [nb] float64 batch mean b - previous mean b
     T,
@@ -124,6 +138,7 @@ def _cross_moments_update_kernel(
     BLOCK_T: tl.constexpr,
     MERGE_T: tl.constexpr,
     BF16_DOT: tl.constexpr,  # opt-in: centred values rounded to bfloat16 for the tensor cores
+    BF16_ROUND: tl.constexpr,  # the same rounding by bits, then the full-precision dot (interpreter)
 ):
     pid_a = tl.program_id(0).to(tl.int64)
     pid_b = tl.program_id(1).to(tl.int64)
@@ -133,6 +148,8 @@ def _cross_moments_update_kernel(
     mask_b = rb < nb
     ma = tl.load(ma_ptr + ra, mask=mask_a, other=0.0)
     mb = tl.load(mb_ptr + rb, mask=mask_b, other=0.0)
+    ma_lo = tl.load(ma_lo_ptr + ra, mask=mask_a, other=0.0)
+    mb_lo = tl.load(mb_lo_ptr + rb, mask=mask_b, other=0.0)
     acc64 = tl.zeros([BLOCK_A, BLOCK_B], dtype=tl.float64)
     for t1 in range(0, T, MERGE_T):
         acc = tl.zeros([BLOCK_A, BLOCK_B], dtype=ACC)
@@ -144,11 +161,18 @@ def _cross_moments_update_kernel(
             kb = mt[:, None] & mask_b[None, :]
             a = tl.load(xa_ptr + ts[:, None] * stride_at + ra[None, :] * stride_an, mask=ka, other=0.0)
             b = tl.load(xb_ptr + ts[:, None] * stride_bt + rb[None, :] * stride_bn, mask=kb, other=0.0)
-            # Centre in registers; padded rows/columns must contribute exactly 0.
-            a = tl.where(ka, a.to(ACC) - ma[None, :], 0.0)
-            b = tl.where(kb, b.to(ACC) - mb[None, :], 0.0)
+            # Centre in registers about the float64 mean carried as two float32 parts: x - hi
+            # is exact for x within a factor 2 of the mean, so the centred value is rounded
+            # once, as the other backends round it (and the "bf16" rounding agrees with theirs).
+            # Padded rows/columns must contribute exactly 0.
+            a = tl.where(ka, (a.to(ACC) - ma[None, :]) - ma_lo[None, :], 0.0)
+            b = tl.where(kb, (b.to(ACC) - mb[None, :]) - mb_lo[None, :], 0.0)
             if BF16_DOT:
                 acc = tl.dot(tl.trans(a.to(tl.bfloat16)), b.to(tl.bfloat16), acc, out_dtype=ACC)
+            elif BF16_ROUND:
+                a = _round_to_bf16(a)
+                b = _round_to_bf16(b)
+                acc = tl.dot(tl.trans(a), b, acc, input_precision="ieee", out_dtype=ACC)
             else:
                 acc = tl.dot(tl.trans(a), b, acc, input_precision="ieee", out_dtype=ACC)
         acc64 += acc.to(tl.float64)
@@ -172,13 +196,14 @@ def cross_moments_update_triton(
     """comoment: (n_a, n_b) float64, updated in place; xa: (T, n_a); xb: (T, n_b), finite.
 
     Returns the batch's [mean_a, m2_a, mean_b, m2_b] (float64).
-    precision "bf16" (opt-in, float16/bfloat16 inputs on a GPU; an experiment the benchmark
-    times): the centred values are rounded to bfloat16 (relative error 2^-9 each) and
-    multiplied on the tensor cores, float32 accumulation; larger tiles. Default "ieee": the
-    centred values stay float32 and the dot is full precision.
+    precision "bf16" (16/32-bit inputs): the centred values are rounded to bfloat16 (relative
+    error <= 2^-9 each) and multiplied on the tensor cores, float32 accumulation; larger
+    tiles. Default "ieee": the centred values stay float32 and the dot is full precision.
     """
     if precision not in ("ieee", "bf16"):
-        raise ValueError(f"precision must be 'ieee' or 'bf16', got {precision!r}")
+        raise ValueError(f"precision must be one of ('ieee', 'bf16'), got {precision!r}")
+    if precision == "bf16" and torch.float64 in (xa.dtype, xb.dtype):
+        raise ValueError("precision='bf16' takes 16/32-bit batches; float64 ones are multiplied in float64")
     T, na = xa.shape
     nb = xb.shape[1]
     device = xa.device
@@ -203,17 +228,23 @@ def cross_moments_update_triton(
     coef = float(n_prev) * T / (float(n_prev) + T)
     da = (coef * (ma - mean_a_prev.to(torch.float64))).contiguous()
     db = (mb - mean_b_prev.to(torch.float64)).contiguous()
-    bf16 = precision == "bf16" and xa.dtype in (torch.float16, torch.bfloat16) and not interpreting()
+    bf16 = precision == "bf16" and not interpreting()
+    bf16_round = precision == "bf16" and interpreting()
     edge = 128 if bf16 else 64
     BLOCK_A = edge if na >= edge else max(16, triton.next_power_of_2(na))
     BLOCK_B = edge if nb >= edge else max(16, triton.next_power_of_2(nb))
-    BLOCK_T = 64 if bf16 or interpreting() else 32
+    # 64-token float32 tiles in three stages would take 192 KiB of shared memory: float32
+    # inputs on the bf16 path load 32 tokens per step.
+    wide_in = xa.dtype == torch.float32 or xb.dtype == torch.float32
+    BLOCK_T = 64 if (bf16 and not wide_in) or interpreting() else 32
     launch = {"num_warps": 8, "num_stages": 3} if bf16 else {}
+    ma_hi, mb_hi = ma.to(acc_torch), mb.to(acc_torch)
+    ma_lo, mb_lo = (ma - ma_hi.double()).to(acc_torch), (mb - mb_hi.double()).to(acc_torch)
     _cross_moments_update_kernel[(triton.cdiv(na, BLOCK_A), triton.cdiv(nb, BLOCK_B))](
-        comoment, xa, xb, ma.to(acc_torch), mb.to(acc_torch), da, db, T, na, nb,
+        comoment, xa, xb, ma_hi, mb_hi, ma_lo, mb_lo, da, db, T, na, nb,
         xa.stride(0), xa.stride(1), xb.stride(0), xb.stride(1),
         comoment.stride(0), comoment.stride(1),
-        ACC=acc, BLOCK_A=BLOCK_A, BLOCK_B=BLOCK_B, BLOCK_T=BLOCK_T, MERGE_T=4096, BF16_DOT=bf16,
+        ACC=acc, BLOCK_A=BLOCK_A, BLOCK_B=BLOCK_B, BLOCK_T=BLOCK_T, MERGE_T=4096, BF16_DOT=bf16, BF16_ROUND=bf16_round,
         **launch,
     )  # fmt: skip
     return [ma, m2a, mb, m2b]

@@ -116,6 +116,10 @@ class TestConfig:
         the baselines included). When all of them fit, one streaming pass holds them all
         ("dense"); beyond it the match tokens' codes are kept and each pair's best match is
         computed in row blocks of this size, one pass over the kept codes per block ("tiled").
+    match_precision: how dense activations are multiplied in the cross-model co-moments:
+        "ieee" (exact float32 products) or "bf16" (centred values rounded to bfloat16: the
+        GPU's tensor-core GEMM, several times faster; ~2^-9 relative per value, see
+        :class:`~supanalysis.CrossCorrelation`). Sparse codes are multiplied exactly either way.
     activation_threshold: a latent fires when its code is above this.
     sae: settings for dictionaries that are trained.
     thresholds: analysis thresholds (see :class:`Thresholds`).
@@ -138,6 +142,7 @@ class TestConfig:
     match_tokens: int = 50_000
     any_layer: bool = True
     match_max_bytes: int = 8 << 30
+    match_precision: str = "ieee"
     activation_threshold: float = 0.0
     sae: SAETraining = field(default_factory=SAETraining)
     thresholds: Thresholds = field(default_factory=Thresholds)
@@ -161,6 +166,10 @@ class TestConfig:
 
         if self.backend is not None and self.backend not in ("auto", *BACKENDS):
             raise ValueError(f"backend must be one of {('auto', *BACKENDS)} or None, got {self.backend!r}")
+        from .ops.correlation import PRECISIONS
+
+        if self.match_precision not in PRECISIONS:
+            raise ValueError(f"match_precision must be one of {PRECISIONS}, got {self.match_precision!r}")
         if self.token_dtype is not None and self.token_dtype not in TOKEN_DTYPES:
             raise ValueError(f"token_dtype must be one of {sorted(TOKEN_DTYPES)} or None, got {self.token_dtype!r}")
         if self.device is not None:

@@ -512,8 +512,9 @@ def measure(
 
     def corr(i: int, j: int) -> CrossCorrelation:
         return CrossCorrelation(
-            a.sites[i].stats.n_features, b.sites[j].stats.n_features, device=dev, backend=cfg.backend
-        )
+            a.sites[i].stats.n_features, b.sites[j].stats.n_features, device=dev, backend=cfg.backend,
+            precision=cfg.match_precision,
+        )  # fmt: skip
 
     # Dense mode holds every co-moment; beyond match_max_bytes the match tokens' codes are
     # kept instead and each pair is matched in row blocks afterwards (tiled mode).
@@ -646,6 +647,7 @@ def _match_tiled(
             nb,
             max_bytes=cfg.match_max_bytes,
             backend=cfg.backend,
+            precision=cfg.match_precision,
             progress=progress,
             device=_device(cfg),
             distributed=distributed,

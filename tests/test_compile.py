@@ -13,23 +13,28 @@ def _ops_and_args():
     idx = torch.stack([torch.randperm(7)[:3] for _ in range(33)])
     W = torch.randn(20, 5)
     com = torch.zeros(7, 4, dtype=torch.float64)
+    xb = torch.randn(33, 4)
     return [
         (torch.ops.supanalysis.activation_stats.default, (x, 0.0, "")),
         (torch.ops.supanalysis.activation_stats_sparse.default, (idx, torch.rand(33, 3), 7, 0.0, "")),
         (torch.ops.supanalysis.interference.default, (W, None, 2, 0, "", "ieee")),
         (torch.ops.supanalysis.interference.default, (W, torch.randn(6, 5), 2, 0, "", "tf32")),
-        (
-            torch.ops.supanalysis.cross_moments_update.default,
+        *[
             (
-                com,
-                10,
-                torch.zeros(7, dtype=torch.float64),
-                torch.zeros(4, dtype=torch.float64),
-                x,
-                torch.randn(33, 4),
-                "",
-            ),
-        ),
+                torch.ops.supanalysis.cross_moments_update.default,
+                (
+                    com.clone(),
+                    10,
+                    torch.zeros(7, dtype=torch.float64),
+                    torch.zeros(4, dtype=torch.float64),
+                    x,
+                    xb,
+                    "",
+                    p,
+                ),
+            )
+            for p in ("ieee", "bf16")
+        ],
         (
             torch.ops.supanalysis.best_match.default,
             (

@@ -73,6 +73,22 @@ def test_identical_models_match_perfectly(workspace):
     json.dumps(rep, allow_nan=False)  # the schema forbids NaN
 
 
+def test_bf16_match_precision_end_to_end(workspace):
+    """match_precision="bf16" reaches the co-moments (dense and tiled) and the report's config:
+    the same model on both sides still matches itself, correlations within bfloat16 rounding."""
+    cfg = config(workspace, model_b=ModelSpec(path=str(workspace / "A"), name="A copy"), match_precision="bf16")
+    rep = run_test(cfg, progress=False).data
+    (pair,) = rep["pairs"]
+    assert rep["config"]["match_precision"] == "bf16"
+    assert pair["matched_fraction_a"] == 1.0 and pair["matched_fraction_b"] == 1.0
+    assert pair["mean_max_corr_a"] == pytest.approx(1.0, abs=4 * 2**-9)
+    # Rounded (measured 1 - 4.8e-5), not the float32 result (1 to ~1e-7); tiled agrees with dense.
+    assert pair["mean_max_corr_a"] != pytest.approx(1.0, abs=2e-6)
+    tiled, _ = analyse(measure(replace(cfg, match_max_bytes=8 * 16 * 3), progress=False))  # row blocks of 3
+    assert tiled["pairs"][0]["match_mode"] == "tiled"
+    assert tiled["pairs"][0]["mean_max_corr_a"] == pytest.approx(pair["mean_max_corr_a"], abs=5e-7)
+
+
 def test_measure_once_analyse_many(workspace):
     meas = measure(config(workspace), progress=False)
     r1, arrays = analyse(meas)

@@ -7,7 +7,10 @@
 // float64 for fp64) and accumulates the batch's M2 in float64 on the way, so the inputs
 // are read twice and written once in total. The product runs through ATen's BLAS; the
 // merge C += G + (n_prev * T / (n_prev + T)) * da db^T reads G in its own precision, one
-// fused pass over the float64 state.
+// fused pass over the float64 state. Opt-in bf16 (precision "bf16"): each centred float32
+// value is rounded to the nearest bfloat16 as it is written, so the float32 GEMM multiplies
+// exactly the values the GPU's tensor cores multiply (products of two bfloat16 values are
+// exact in float32): the same numbers on every backend, no faster here.
 #include <ATen/Parallel.h>
 
 #include <ATen/ATen.h>
@@ -16,6 +19,8 @@
 #include <c10/util/Half.h>
 
 #include <algorithm>
+#include <cstdint>
+#include <cstring>
 #include <vector>
 
 #include "ops.h"
@@ -52,8 +57,20 @@ void reduce_rows(int64_t T, int64_t n, double* out, F body) {
   }
 }
 
+// The nearest bfloat16 of a finite float (ties to even), as a float: c10::BFloat16's
+// rounding, written with plain integer arithmetic so the centring loop stays vectorised.
+inline float round_to_bf16(float v) {
+  uint32_t bits;
+  std::memcpy(&bits, &v, sizeof bits);
+  bits = (bits + 0x7FFFu + ((bits >> 16) & 1u)) & 0xFFFF0000u;
+  float r;
+  std::memcpy(&r, &bits, sizeof r);
+  return r;
+}
+
 // x [T, n] contiguous -> centred copy [T, n] in out_t, batch mean [n] and M2 [n] (float64).
-template <typename in_t, typename out_t>
+// kRound: the copy holds bfloat16-rounded values (out_t float).
+template <typename in_t, typename out_t, bool kRound = false>
 void center_columns(const in_t* x, int64_t T, int64_t n, out_t* out, double* mean, double* m2) {
   reduce_rows(T, n, mean, [&](int64_t t0, int64_t t1, double* acc) {
     for (int64_t t = t0; t < t1; ++t) {
@@ -70,7 +87,10 @@ void center_columns(const in_t* x, int64_t T, int64_t n, out_t* out, double* mea
 #pragma omp simd
       for (int64_t j = 0; j < n; ++j) {
         const double v = widen(row[j]) - mean[j];
-        orow[j] = static_cast<out_t>(v);
+        if constexpr (kRound)
+          orow[j] = round_to_bf16(static_cast<float>(v));
+        else
+          orow[j] = static_cast<out_t>(v);
         acc[j] += v * v;
       }
     }
@@ -78,7 +98,8 @@ void center_columns(const in_t* x, int64_t T, int64_t n, out_t* out, double* mea
 }
 
 // Centre x into a new tensor of dtype `compute`; fill mean and m2 (float64, [n]).
-at::Tensor centered(const at::Tensor& x_in, at::ScalarType compute, at::Tensor& mean, at::Tensor& m2) {
+// bf16: round the (float32) centred values to bfloat16.
+at::Tensor centered(const at::Tensor& x_in, at::ScalarType compute, at::Tensor& mean, at::Tensor& m2, bool bf16) {
   const at::Tensor x = x_in.contiguous();
   const int64_t T = x.size(0), n = x.size(1);
   at::Tensor out = at::empty({T, n}, x.options().dtype(compute));
@@ -91,15 +112,22 @@ at::Tensor centered(const at::Tensor& x_in, at::ScalarType compute, at::Tensor& 
     return out;
   }
   float* o = out.data_ptr<float>();
+  auto run = [&](auto tag) {
+    using in_t = decltype(tag);
+    if (bf16)
+      center_columns<in_t, float, true>(x.data_ptr<in_t>(), T, n, o, mu, s2);
+    else
+      center_columns<in_t, float>(x.data_ptr<in_t>(), T, n, o, mu, s2);
+  };
   switch (x.scalar_type()) {
     case at::kFloat:
-      center_columns<float, float>(x.data_ptr<float>(), T, n, o, mu, s2);
+      run(float{});
       break;
     case at::kHalf:
-      center_columns<c10::Half, float>(x.data_ptr<c10::Half>(), T, n, o, mu, s2);
+      run(c10::Half{});
       break;
     case at::kBFloat16:
-      center_columns<c10::BFloat16, float>(x.data_ptr<c10::BFloat16>(), T, n, o, mu, s2);
+      run(c10::BFloat16{});
       break;
     default:
       TORCH_CHECK(false, "cross_moments_update: unsupported dtype ", x.scalar_type());
@@ -126,7 +154,7 @@ void merge_into(double* c, const g_t* g, const double* da, const double* db, dou
 std::vector<at::Tensor> cross_moments_update_cpu(at::Tensor& comoment, int64_t n_prev,
                                                  const at::Tensor& mean_a_prev,
                                                  const at::Tensor& mean_b_prev,
-                                                 const at::Tensor& xa, const at::Tensor& xb) {
+                                                 const at::Tensor& xa, const at::Tensor& xb, bool bf16) {
   TORCH_CHECK(xa.device().is_cpu() && xb.device().is_cpu() && comoment.device().is_cpu(),
               "xa, xb and comoment must be CPU tensors");
   TORCH_CHECK(xa.dim() == 2 && xb.dim() == 2 && xa.size(0) == xb.size(0),
@@ -142,8 +170,10 @@ std::vector<at::Tensor> cross_moments_update_cpu(at::Tensor& comoment, int64_t n
 
   const auto compute =
       (xa.scalar_type() == at::kDouble || xb.scalar_type() == at::kDouble) ? at::kDouble : at::kFloat;
-  const at::Tensor ca = centered(xa, compute, mean_a, m2_a);
-  const at::Tensor cb = centered(xb, compute, mean_b, m2_b);
+  TORCH_CHECK(!(bf16 && compute == at::kDouble),
+              "precision 'bf16' takes 16/32-bit batches; float64 ones are multiplied in float64");
+  const at::Tensor ca = centered(xa, compute, mean_a, m2_a, bf16);
+  const at::Tensor cb = centered(xb, compute, mean_b, m2_b, bf16);
   const at::Tensor G = at::mm(ca.t(), cb).contiguous();
   const double coef = static_cast<double>(n_prev) * static_cast<double>(T) /
                       static_cast<double>(n_prev + T);

@@ -7,9 +7,10 @@
 //    the compute precision (float32 for fp16/bf16/fp32 inputs, float64 when either input
 //    is float64): the GEMM sees the data's spread, not its offset, which is what keeps
 //    the product accurate (E[xy] - E[x]E[y] on raw sums is what we avoid).
-// 3. cuBLAS forms G = ca^T cb. Opt-in bf16_dot (float16/bfloat16 inputs): the centred
-//    values are rounded to bfloat16 instead (2^-9 relative each) and cuBLAS multiplies them
-//    on the tensor cores into a float32 G: several times faster, bfloat16-grade products.
+// 3. cuBLAS forms G = ca^T cb. Opt-in bf16_dot (precision "bf16", 16/32-bit inputs): the
+//    centred values are rounded to bfloat16 instead (2^-9 relative each) and cuBLAS
+//    multiplies them on the tensor cores into a float32 G: several times faster; the
+//    products are exact, so the CPU backend (which rounds the same way) gives the same G.
 // 4. _cross_moments_epilogue_kernel adds G + coef * da_i * db_j into the float64 state in
 //    place, one pass (coef = n_prev * T / (n_prev + T)).
 #include "common.cuh"
@@ -107,7 +108,8 @@ std::vector<at::Tensor> cross_moments_update_cuda(at::Tensor& comoment, int64_t 
 
   const bool wide = xa.scalar_type() == at::kDouble || xb.scalar_type() == at::kDouble;
   at::Tensor G;
-  if (bf16_dot && is_16bit(xa) && is_16bit(xb)) {
+  TORCH_CHECK(!(bf16_dot && wide), "precision 'bf16' takes 16/32-bit batches; float64 ones are multiplied in float64");
+  if (bf16_dot) {
     const at::Tensor ca = center<at::BFloat16>(xa, mean_a);
     const at::Tensor cb = center<at::BFloat16>(xb, mean_b);
     G = at::mm(ca.t(), cb, at::kFloat).contiguous();  // bf16 x bf16 -> float32 [na, nb]

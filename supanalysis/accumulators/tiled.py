@@ -18,6 +18,7 @@ from dataclasses import dataclass
 import torch
 from tqdm.auto import tqdm
 
+from ..ops.correlation import check_precision
 from .correlation import BestMatch, CrossCorrelation
 
 Batch = tuple[torch.Tensor, torch.Tensor] | tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]
@@ -60,6 +61,7 @@ def best_match_tiled(
     progress: bool = True,
     distributed: bool = False,
     group=None,
+    precision: str = "ieee",
 ) -> TiledBestMatch:
     """Best match of A's features against B's over the tokens ``stream()`` yields.
 
@@ -70,10 +72,12 @@ def best_match_tiled(
     distributed: every rank of ``group`` streams its own tokens; each block is all-reduced
         (exactly) before its best match, so every rank returns the result over all tokens.
         A collective: every rank must call it with the same n_a, n_b and max_bytes.
+    precision: how dense batches are multiplied (see :class:`CrossCorrelation`).
     """
     for name, v in (("n_a", n_a), ("n_b", n_b), ("max_bytes", max_bytes)):
         if not isinstance(v, int) or v < 1:
             raise ValueError(f"{name} must be a positive int, got {v!r}")
+    check_precision(precision)
     row_bytes = 8 * n_b
     if row_bytes > max_bytes:
         raise MemoryError(
@@ -89,7 +93,7 @@ def best_match_tiled(
     bar = tqdm(total=passes, desc="best match (tiled)", unit="pass", disable=not progress or passes == 1)
     for r0 in range(0, n_a, block):
         r1 = min(n_a, r0 + block)
-        cc = CrossCorrelation(r1 - r0, n_b, device=device, backend=backend, max_bytes=max_bytes)
+        cc = CrossCorrelation(r1 - r0, n_b, device=device, backend=backend, max_bytes=max_bytes, precision=precision)
         for batch in stream():
             part = _block_of(batch, r0, r1)
             if len(part) == 2:
