@@ -233,11 +233,16 @@ def cross_moments_update_triton(
     edge = 128 if bf16 else 64
     BLOCK_A = edge if na >= edge else max(16, triton.next_power_of_2(na))
     BLOCK_B = edge if nb >= edge else max(16, triton.next_power_of_2(nb))
-    # 64-token float32 tiles in three stages would take 192 KiB of shared memory: float32
-    # inputs on the bf16 path load 32 tokens per step.
+    # Shared memory per pipeline stage on the bf16 path: two BLOCK_T x 128 input tiles, 32 KiB
+    # for 64 16-bit tokens (the tile measured on the H200) or 32 float32 tokens (64 float32
+    # tokens in three stages would take 192 KiB). Three stages where the card offers the
+    # H100/H200's ~227 KiB per block, two on smaller ones (~99 KiB on sm_86/sm_89).
     wide_in = xa.dtype == torch.float32 or xb.dtype == torch.float32
     BLOCK_T = 64 if (bf16 and not wide_in) or interpreting() else 32
-    launch = {"num_warps": 8, "num_stages": 3} if bf16 else {}
+    launch = {}
+    if bf16:
+        smem = getattr(torch.cuda.get_device_properties(device), "shared_memory_per_block_optin", 0)
+        launch = {"num_warps": 8, "num_stages": 3 if smem >= 160 * 1024 else 2}
     ma_hi, mb_hi = ma.to(acc_torch), mb.to(acc_torch)
     ma_lo, mb_lo = (ma - ma_hi.double()).to(acc_torch), (mb - mb_hi.double()).to(acc_torch)
     _cross_moments_update_kernel[(triton.cdiv(na, BLOCK_A), triton.cdiv(nb, BLOCK_B))](

@@ -28,6 +28,9 @@ from .config import TestConfig
 KIND = "supanalysis.MeasureCheckpoint"
 FINGERPRINT_FILE = "fingerprint.json"
 ANALYSIS_ONLY = ("thresholds", "bootstrap", "device")  # changing these never changes a measurement
+# Fields added after checkpoints were first written, with the value every older run had:
+# left out of the fingerprint at that value, so older checkpoints still resume.
+ADDED_WITH_DEFAULT = {"match_precision": "ieee"}
 
 
 class CheckpointMismatch(ValueError):
@@ -61,7 +64,11 @@ def token_file_hash(path: str | os.PathLike, tokens: np.ndarray) -> str:
 
 def run_fingerprint(cfg: TestConfig, tokens: np.ndarray, models: Iterable[nn.Module], world: int) -> dict[str, str]:
     """Component hashes naming one measurement run (see the module docstring)."""
-    conf = {k: v for k, v in cfg.to_dict().items() if k not in ANALYSIS_ONLY}
+    conf = {
+        k: v
+        for k, v in cfg.to_dict().items()
+        if k not in ANALYSIS_ONLY and not (k in ADDED_WITH_DEFAULT and v == ADDED_WITH_DEFAULT[k])
+    }
     a, b = list(models)
     return {
         "config": hashlib.sha256(json.dumps(conf, sort_keys=True, default=str).encode()).hexdigest(),

@@ -118,7 +118,7 @@ class TestConfig:
         computed in row blocks of this size, one pass over the kept codes per block ("tiled").
     match_precision: how dense activations are multiplied in the cross-model co-moments:
         "ieee" (exact float32 products) or "bf16" (centred values rounded to bfloat16: the
-        GPU's tensor-core GEMM, several times faster; ~2^-9 relative per value, see
+        GPU's tensor-core GEMM; <= 2^-9 relative per value, see
         :class:`~supanalysis.CrossCorrelation`). Sparse codes are multiplied exactly either way.
     activation_threshold: a latent fires when its code is above this.
     sae: settings for dictionaries that are trained.

@@ -253,16 +253,19 @@ def _bf16_case(seed: int, dtype: torch.dtype, T: int = 700, na: int = 37, nb: in
     return xa.to(dtype), xb.to(dtype)
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
-def test_bf16_precision_multiplies_the_rounded_values(backend_device, dtype):
+@pytest.mark.parametrize(
+    "dtype,T,na,nb",
+    [(torch.float32, 700, 37, 19), (torch.float16, 700, 37, 19), (torch.float32, 4500, 150, 70)],
+    ids=["fp32", "fp16", "fp32-tiles"],  # the last: several 64/128-wide tiles, T > one float32 run
+)
+def test_bf16_precision_multiplies_the_rounded_values(backend_device, dtype, T, na, nb):
     """Every backend's "bf16" update multiplies exactly the bfloat16-rounded centred values:
     it matches the float64 product of those values to float32 summation error, and it is
     measurably not the "ieee" update (the test fails if the rounding is skipped)."""
     from supanalysis.ops.correlation import UPDATE_IMPLS, cross_moments_update_reference
 
     backend, device = backend_device
-    xa, xb = _bf16_case(11, dtype)
-    na, nb = xa.shape[1], xb.shape[1]
+    xa, xb = _bf16_case(11, dtype, T, na, nb)
     z = lambda n: torch.zeros(n, dtype=torch.float64)  # noqa: E731
     want = torch.zeros(na, nb, dtype=torch.float64)
     exact = torch.zeros(na, nb, dtype=torch.float64)
@@ -317,12 +320,20 @@ def test_precision_bad_values_refused_and_state_kept(tmp_path):
     with pytest.raises(ValueError, match="float64"):
         cross_moments_update(C, 0, z, z[:2], torch.randn(4, 3).double(), torch.randn(4, 2), precision="bf16")
     assert not C.any()
-    # The precision travels with a saved accumulator; accumulators of different precision do not mix.
+    # The precision travels with a saved accumulator; a file from before the option loads as "ieee".
     cc.update(torch.randn(6, 3), torch.randn(6, 2))
     cc.save(tmp_path / "cc.safetensors")
     back = sa.CrossCorrelation.load(tmp_path / "cc.safetensors")
     assert back.precision == "bf16" and torch.equal(back.comoment, cc.comoment)
+    from supanalysis.accumulators._state import FORMAT_VERSION, atomic_save
+
+    meta = {"kind": "CrossCorrelation", "version": FORMAT_VERSION, "n_a": 3, "n_b": 2}
+    atomic_save(cc.state_dict(), meta, tmp_path / "old.safetensors")
+    old = sa.CrossCorrelation.load(tmp_path / "old.safetensors")
+    assert old.precision == "ieee" and torch.equal(old.comoment, cc.comoment)
+    meta["precision"] = "fp8"
+    atomic_save(cc.state_dict(), meta, tmp_path / "bad.safetensors")
     with pytest.raises(ValueError, match="precision"):
-        sa.CrossCorrelation(3, 2).merge(cc)
+        sa.CrossCorrelation.load(tmp_path / "bad.safetensors")
     with pytest.raises(ValueError, match="match_precision"):
         sa.TestConfig(match_precision="half")

@@ -168,3 +168,21 @@ def test_sigkill_mid_pass_then_resume_gives_the_same_report(workspace, tmp_path)
     assert main(["test", "--config", str(cfg_path), "--out", str(whole), "--no-progress"]) == 0
     uninterrupted = json.loads((whole / "report.json").read_text())
     assert _without_time(resumed) == _without_time(uninterrupted)
+
+
+def test_fingerprint_of_a_field_added_later_keeps_older_checkpoints_valid():
+    """match_precision joined TestConfig after checkpoints existed: at its default ("ieee") it
+    is left out of the run fingerprint (older checkpoints, written without it, still resume);
+    any other value changes the fingerprint (a bf16 run never resumes an ieee one)."""
+    import hashlib
+
+    from supanalysis.checkpoint import ANALYSIS_ONLY, run_fingerprint
+
+    cfg = TestConfig(tokens="t.npy")
+    tokens = np.arange(100, dtype=np.uint16)
+    models = [torch.nn.Linear(2, 2), torch.nn.Linear(2, 3)]
+    old = {k: v for k, v in cfg.to_dict().items() if k not in (*ANALYSIS_ONLY, "match_precision")}
+    old_hash = hashlib.sha256(json.dumps(old, sort_keys=True, default=str).encode()).hexdigest()
+    assert run_fingerprint(cfg, tokens, models, 1)["config"] == old_hash
+    bf16 = TestConfig(tokens="t.npy", match_precision="bf16")
+    assert run_fingerprint(bf16, tokens, models, 1)["config"] != old_hash

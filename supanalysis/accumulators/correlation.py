@@ -67,11 +67,14 @@ class CrossCorrelation:
     precision: how :meth:`update` multiplies the centred batch. "ieee" (default): float32
     (float64 for float64 batches), exact products. "bf16": each centred value rounded to
     bfloat16 (relative error <= 2^-9), exact products summed in float32: the tensor-core GEMM
-    on a GPU, several times faster there; the same numbers on every backend. It perturbs
-    each correlation by about 2^-9 of Σ|ca||cb| / (|ca| |cb|) (typically ~1e-3 or less),
-    enough for best-match at the usual thresholds, not for telling 0.999 from 0.998.
-    Only the co-moment carries it (means and variances are exact), and only dense
-    updates: :meth:`update_sparse` multiplies its codes exactly in float64.
+    on a GPU (Triton on an H200, bf16 batches: 0.79 s against 3.8 s); every backend forms
+    the same products, the sums agree to float32 summation (~5e-8 relative). A correlation
+    moves by at most (1 + 2^-9)^2 - 1 ≈ 3.9e-3 (times Σ|ca||cb| / (|ca| |cb|) <= 1), far
+    less in practice as the roundings average out: enough for best-match at the usual
+    thresholds, not for telling 0.999 from 0.998. Only the co-moment carries it (means and
+    variances are exact), and only dense updates: :meth:`update_sparse` multiplies its codes
+    exactly in float64. The precision belongs to the updates, not to the state: accumulators
+    of either precision merge and all-reduce (the result mixes both roundings).
     """
 
     KIND = "CrossCorrelation"
@@ -220,10 +223,6 @@ class CrossCorrelation:
             raise TypeError(f"other must be a CrossCorrelation, got {type(other).__name__}")
         if (other.n_a, other.n_b) != (self.n_a, self.n_b):
             raise ValueError(f"cannot merge CrossCorrelation{(other.n_a, other.n_b)} into {(self.n_a, self.n_b)}")
-        if other.precision != self.precision:
-            raise ValueError(
-                f"cannot merge a precision={other.precision!r} CrossCorrelation into a precision={self.precision!r} one"
-            )
         dev = self._com.device
         na, nb = self._n, other._n
         n = na + nb

@@ -14,8 +14,8 @@ Two ops, each with the full anatomy:
   "ieee" (default) keeps them in the compute precision (float32 for 16/32-bit batches,
   float64 for float64 ones) with exact float32 products; "bf16" (16/32-bit batches) rounds
   each centred value to bfloat16 (relative error <= 2^-9) and accumulates the exact
-  products in float32: the GPU's tensor-core GEMM, several times faster there, the same
-  numbers on every backend (the CPU rounds too, at no gain in speed). The per-feature
+  products in float32: the GPU's tensor-core GEMM; every backend forms the same products
+  (the CPU rounds too, at no gain in speed) and the sums agree to float32 summation. The per-feature
   means and M2 are exact either way; only the co-moment carries the rounding.
 
 ``sparse_outer_update`` (``supanalysis::sparse_outer_update``, mutates ``out``)
