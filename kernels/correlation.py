@@ -167,12 +167,11 @@ def _cross_moments_update_kernel(
             # Padded rows/columns must contribute exactly 0.
             a = tl.where(ka, (a.to(ACC) - ma[None, :]) - ma_lo[None, :], 0.0)
             b = tl.where(kb, (b.to(ACC) - mb[None, :]) - mb_lo[None, :], 0.0)
-            if BF16_DOT:
-                acc = tl.dot(tl.trans(a.to(tl.bfloat16)), b.to(tl.bfloat16), acc, out_dtype=ACC)
-            elif BF16_ROUND:
+            if BF16_ROUND:
                 a = _round_to_bf16(a)
                 b = _round_to_bf16(b)
-                acc = tl.dot(tl.trans(a), b, acc, input_precision="ieee", out_dtype=ACC)
+            if BF16_DOT:
+                acc = tl.dot(tl.trans(a.to(tl.bfloat16)), b.to(tl.bfloat16), acc, out_dtype=ACC)
             else:
                 acc = tl.dot(tl.trans(a), b, acc, input_precision="ieee", out_dtype=ACC)
         acc64 += acc.to(tl.float64)

@@ -120,11 +120,7 @@ class CrossCorrelation:
         """Add the same tokens seen by both sides. xa: (..., n_a), xb: (..., n_b)."""
         check_float("xa", xa)
         check_float("xb", xb)
-        if self.precision != "ieee" and torch.float64 in (xa.dtype, xb.dtype):
-            raise ValueError(
-                f"this CrossCorrelation has precision={self.precision!r}, which rounds float32 centred values; "
-                f"got a float64 batch (xa {xa.dtype}, xb {xb.dtype}): cast it to float32 or use precision='ieee'"
-            )
+        check_precision(self.precision, xa.dtype, xb.dtype)  # before any state changes
         # Before flatten_tokens, which indexes shape[-1]: a 0-d input raised IndexError there.
         for name, x, field, n in (("xa", xa, "n_a", self.n_a), ("xb", xb, "n_b", self.n_b)):
             if x.dim() == 0:
