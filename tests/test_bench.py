@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 import math
+import os
+import subprocess
 import sys
 from pathlib import Path
 
@@ -106,3 +108,23 @@ def test_cases_run_exactly_the_pairs_given_in_order():
     assert {r.dtype for r in rows if r.op == "best_match"} == {"float64"}  # the op's own dtype
     with pytest.raises(SystemExit):
         runner.parse_args(["--cases", "stats:int13"])
+
+
+def test_sass_counts_the_dense_stats_kernel():
+    """bench.sass compiles the Triton stats kernel for sm_90 without a GPU. Its token loop
+    must keep reductions inside threads: (almost) no warp shuffles, and well under the ~110
+    instructions per element of the earlier tile layout (a static count, not a timing)."""
+    triton = pytest.importorskip("triton")
+    if not (Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "cuobjdump").exists():
+        pytest.skip("this Triton has no NVIDIA tools")
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}  # compiled, not interpreted
+    out = subprocess.run(
+        [sys.executable, "-m", "bench.sass", "--json"], cwd=ROOT, env=env, capture_output=True, text=True, timeout=600
+    )
+    assert out.returncode == 0, out.stderr[-2000:]
+    for row in json.loads(out.stdout):
+        assert row["registers"] > 0 and row["loops"], row
+        fast = row["loops"][0]
+        shuffles = fast["ops"].get("SHFL", 0) / row["elements_per_step"]  # earlier layout: 10-16
+        assert fast["ops"].get("LDG", 0) > 0 and shuffles < 0.5, (row["dtype"], fast)
+        assert fast["per_element"] < 30, (row["dtype"], fast["per_element"])

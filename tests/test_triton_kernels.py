@@ -118,6 +118,23 @@ def test_activation_stats_large_offset():
     check_list(got, ref, same_dtype_stats(x, 0.0), atol_rel=1e-7, names=STATS)
 
 
+@pytest.mark.parametrize("splits", [1, 3])
+@pytest.mark.parametrize("n", [1024, 1000])  # whole feature blocks (float32: 512 wide) and a ragged last block
+def test_activation_stats_careful_chunk_mid_stream(n, splits):
+    """Full 32-token chunks take the fast path; one with a non-finite entry is redone by the
+    careful path between fast ones (its L0 rows rewritten: +inf never fires), and the
+    running-mean shift carries on after it. Offsets of 1e3 make a wrong shift visible."""
+    x = torch.randn(200, n, generator=gen(n + splits)) * 0.1 + 1000
+    x[:, ::7] -= 1000  # features centred on 0, some of them firing
+    x[100, 5] = float("nan")
+    x[64, 9] = float("inf")
+    x[131, -1] = float("-inf")
+    ref = activation_stats_reference(x, 0.05)
+    got = activation_stats_triton(x.to(DEVICE), 0.05, splits=splits)
+    check_list(got, ref, same_dtype_stats(x, 0.05), atol_rel=1e-7, names=STATS)
+    assert got[7][64].item() == ref[7][64].item()
+
+
 def random_codes(T, n, k, seed):
     g = gen(seed)
     if T == 0:
