@@ -106,6 +106,29 @@ def test_random_float32_against_reference(backend_device, T, n):
             assert_tolerance_rule(g_, r, same[name], atol=1e-6 * scale, what=name)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize("n", [1024, 1000])  # vector loads throughout, and a ragged last group
+def test_chunked_pass_with_non_finite_entries_mid_stream(backend_device, n, dtype):
+    """600 tokens: several token splits on a GPU, whole 32-token chunks on the fast paths
+    (no per-entry finiteness tests), chunks with NaN/+-inf between them redone carefully
+    (+inf never fires in L0), a short tail; features offset by 1e3 expose a wrong shift."""
+    backend, device = backend_device
+    g = torch.Generator().manual_seed(n)
+    x = torch.randn(600, n, generator=g) * 0.5 + 1000
+    x[:, ::7] -= 1000  # features centred on 0, firing about half the time
+    x[100, 5], x[64, 9], x[131, -1], x[599, 3] = float("nan"), float("inf"), float("-inf"), float("inf")
+    x = x.to(dtype)
+    got = sa.activation_stats(x.to(device), 0.05, backend=backend)
+    ref = activation_stats_reference(x.double(), 0.05)
+    same = same_dtype_stats(x, 0.05)
+    for name, g_, r in zip(FIELDS, got, ref):
+        if name in ("finite_count", "fire_count", "l0", "max", "min"):
+            assert torch.equal(g_.cpu().to(r.dtype), r.cpu()), name
+        else:
+            scale = {"mean": 1e3, "m2": 600.0, "active_sum": 600e3}[name]
+            assert_tolerance_rule(g_, r, same[name], atol=1e-6 * scale, what=f"{dtype} {name}")
+
+
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float64])
 def test_dtypes(backend_device, dtype):
     backend, device = backend_device
