@@ -1,12 +1,14 @@
-"""Static SASS statistics of the Triton kernels for a GPU this machine does not have.
+"""Static SASS statistics of GPU kernels, for a GPU this machine does not have.
 
-``python -m bench.sass [--arch 90]`` compiles the dense activation-stats kernel for sm_90
-(bfloat16 and float32 inputs, the issue 5 benchmark's shape) with Triton's own ptxas, and
-prints its registers, local-memory stack and, for every innermost loop, the instructions it
-issues per input element and the mix. No GPU is needed: it measures what a GPU would be
-asked to execute, not how fast it runs (memory latency, occupancy and issue stalls are left
-to `python -m bench` on a GPU). Every non-constexpr argument is compiled as 16-divisible,
-as the launcher sees it for aligned tensors (pointers and the bench's strides and sizes).
+``python -m bench.sass [--arch 90]`` compiles the Triton dense activation-stats kernel for
+sm_90 (bfloat16 and float32 inputs, the issue 5 benchmark's shape) with Triton's own
+ptxas, and prints its registers, local-memory stack and, for every innermost loop, the
+instructions it issues per input element and the mix. ``--object FILE --function REGEX``
+does the same for compiled CUDA kernels (a cubin, or an nvcc object file of the build).
+No GPU is needed: it measures what a GPU would be asked to execute, not how fast it runs
+(memory latency, occupancy and issue stalls are left to `python -m bench` on a GPU). Every
+non-constexpr Triton argument is compiled as 16-divisible, as the launcher sees it for
+aligned tensors (pointers and the bench's strides and sizes).
 """
 
 from __future__ import annotations
@@ -60,17 +62,12 @@ def compile_cubin(fn, signature: dict, constexprs: dict, num_warps: int, arch: i
     return triton.compile(src, target=GPUTarget("cuda", arch, 32), options={"num_warps": num_warps}).asm["cubin"]
 
 
-def analyse(cubin: bytes) -> Sass:
-    with tempfile.TemporaryDirectory() as tmp:
-        path = Path(tmp) / "k.cubin"
-        path.write_bytes(cubin)
-        sass = subprocess.run([_binary("cuobjdump"), "-sass", str(path)], capture_output=True, text=True, check=True)
-        res = subprocess.run([_binary("cuobjdump"), "-res-usage", str(path)], capture_output=True, text=True)
-    ins = [(int(m.group(1), 16), m.group(2)) for m in map(_INSTRUCTION.match, sass.stdout.splitlines()) if m]
+def _loops(ins: list[tuple[int, str]]) -> list[Loop]:
+    """Innermost loops (a backward branch closes one), in code order, with their opcodes."""
     spans = []
     for addr, text in ins:
         m = _BRANCH.search(text)
-        if m and int(m.group(1), 16) < addr:  # a backward branch closes a loop
+        if m and int(m.group(1), 16) < addr:
             spans.append((int(m.group(1), 16), addr))
     innermost = [s for s in spans if not any(o != s and s[0] <= o[0] and o[1] <= s[1] for o in spans)]
     loops = []
@@ -82,9 +79,34 @@ def analyse(cubin: bytes) -> Sass:
                 op = words[1] if words[0].startswith("@") else words[0]
                 ops[op.split(".")[0]] += 1
         loops.append(Loop(lo, hi, ops))
-    reg = re.search(r"REG:(\d+)", res.stdout)
-    stack = re.search(r"STACK:(\d+)", res.stdout)
-    return Sass(int(reg.group(1)) if reg else -1, int(stack.group(1)) if stack else -1, loops)
+    return loops
+
+
+def analyse_file(path: str | Path, function: str = "") -> dict[str, Sass]:
+    """Every kernel in a cubin, or in a host object carrying one (nvcc's .o), whose
+    mangled name matches the regular expression ``function``."""
+    sass = subprocess.run([_binary("cuobjdump"), "-sass", str(path)], capture_output=True, text=True, check=True)
+    res = subprocess.run([_binary("cuobjdump"), "-res-usage", str(path)], capture_output=True, text=True).stdout
+    out = {}
+    for body in re.split(r"\n\s*Function : ", sass.stdout)[1:]:
+        name = body.split("\n", 1)[0].strip()
+        if not re.search(function, name):
+            continue
+        ins = [(int(m.group(1), 16), m.group(2)) for m in map(_INSTRUCTION.match, body.splitlines()) if m]
+        usage = re.search(r"Function " + re.escape(name) + r":\s*REG:(\d+) STACK:(\d+)", res)
+        regs, stack = (int(usage.group(1)), int(usage.group(2))) if usage else (-1, -1)
+        out[name] = Sass(regs, stack, _loops(ins))
+    return out
+
+
+def analyse(cubin: bytes) -> Sass:
+    """The one kernel of a Triton-compiled cubin."""
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / "k.cubin"
+        path.write_bytes(cubin)
+        kernels = analyse_file(path)
+    assert len(kernels) == 1, list(kernels)
+    return next(iter(kernels.values()))
 
 
 def _stats_case(dtype: str, arch: int) -> tuple[Sass, int]:
@@ -113,7 +135,16 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m bench.sass", description=__doc__.split("\n\n")[0])
     p.add_argument("--arch", type=int, default=90, help="compute capability x 10 (default 90: H100/H200)")
     p.add_argument("--json", action="store_true", help="print the counts as JSON")
+    p.add_argument("--object", help="instead: every kernel in this cubin or nvcc object (e.g. the CUDA build's .o)")
+    p.add_argument("--function", default="", help="with --object: kernels whose mangled name matches this regex")
     args = p.parse_args(argv)
+    if args.object:
+        for name, sass in analyse_file(args.object, args.function).items():
+            print(f"{name}: {sass.registers} registers, {sass.stack_bytes} B stack")
+            for i, loop in enumerate(sass.loops):
+                mix = ", ".join(f"{op} {c}" for op, c in loop.ops.most_common(10))
+                print(f"  loop {i} [{loop.start:#x}, {loop.end:#x}]: {loop.size} instructions; {mix}")
+        return 0
     if os.environ.get("TRITON_INTERPRET", "0") == "1":
         p.error("unset TRITON_INTERPRET: the interpreter's kernels cannot be compiled for a GPU")
     rows = []
