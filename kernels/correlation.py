@@ -2,12 +2,16 @@
 
 Contract: ``supanalysis/ops/correlation.py``.
 
-cross_moments_update: a reduction kernel gives the batch's column means and M2 (per token
-split, merged in float64); a tl.dot kernel over (n_a, n_b) tiles then multiplies the
-*centred* batch (x - batch mean, formed in registers, never stored) and adds, in its
-epilogue, the tile plus Chan's rank-one correction coef * da_i * db_j into the float64
+cross_moments_update: the batch's column means (float64 sums) and M2 (the fused stats
+kernel); then a tl.dot kernel over (n_a, n_b) tiles multiplies the *centred* batch and adds,
+in its epilogue, the tile plus Chan's rank-one correction coef * da_i * db_j into the float64
 co-moment in place. Centred products in float32 accumulate over at most MERGE_T tokens
-before they are moved into a float64 accumulator.
+before they are moved into a float64 accumulator. Default precision: the centred values
+(x - batch mean) are formed in registers, never stored. precision="bf16": a centring kernel
+writes them once per batch as bfloat16 (in token chunks within CENTRED_BYTES), and the GEMM
+reads them straight from memory into the tensor cores: centring inside the GEMM loop cost
+2.2x the tensor-core time per 64-token step at sm_90 (612 instructions per thread against 4
+wgmma), which is why it ran at 26% of `torch.mm` on the H200.
 
 best_match: one read of the co-moment. A (row group, column group) grid: each program
 sweeps its row tiles and, inside, its column tiles, keeping row maxima in registers and
@@ -29,79 +33,29 @@ import torch
 import triton
 import triton.language as tl
 
-from ._utils import chan_merge_splits, compute_dtype, interpreting, num_sms
+from ._utils import compute_dtype, interpreting, num_sms
+from .activation_stats import activation_stats_triton
 
 # Larger than any index: the neutral element of the index argmin (a constexpr, so
 # kernels may read it as a global).
 _NO_INDEX = tl.constexpr(2**62)
-
-
-@triton.jit
-def _column_moments_kernel(
-    mean_ptr,  # [S, n] float64 per-split mean
-    m2_ptr,  # [S, n] float64 per-split centred M2
-    x_ptr,  # [T, n], finite
-    T,
-    n,
-    tokens_per_split,
-    stride_t,
-    stride_n,
-    ACC: tl.constexpr,
-    BLOCK_T: tl.constexpr,
-    BLOCK_N: tl.constexpr,
-):
-    pid_n = tl.program_id(0).to(tl.int64)
-    pid_s = tl.program_id(1).to(tl.int64)
-    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    mask_n = offs_n < n
-    t_start = pid_s * tokens_per_split
-    t_end = tl.minimum(t_start + tokens_per_split, T)
-    run_cnt = tl.zeros([BLOCK_N], dtype=tl.float64)
-    run_mean = tl.zeros([BLOCK_N], dtype=tl.float64)
-    run_m2 = tl.zeros([BLOCK_N], dtype=tl.float64)
-    for t0 in range(t_start, t_end, BLOCK_T):
-        offs_t = t0 + tl.arange(0, BLOCK_T).to(tl.int64)
-        mask_t = offs_t < t_end
-        mask = mask_t[:, None] & mask_n[None, :]
-        v = tl.load(x_ptr + offs_t[:, None] * stride_t + offs_n[None, :] * stride_n, mask=mask, other=0.0).to(ACC)
-        # Corrected two-pass mean in registers (see activation_stats): tile-mean accuracy
-        # scales with the spread, not with |mean|.
-        c = tl.sum(mask_t.to(ACC), axis=0)
-        shift = tl.sum(v, axis=0) / c
-        d0 = tl.where(mask, v - shift[None, :], 0.0)
-        tmean_d = tl.sum(d0, axis=0) / c
-        d = tl.where(mask, d0 - tmean_d[None, :], 0.0)
-        tm2 = tl.sum(d * d, axis=0)
-        # Chan merge of the tile (c tokens) into the float64 state.
-        nab = run_cnt + c.to(tl.float64)
-        w = c.to(tl.float64) / nab
-        delta = shift.to(tl.float64) + tmean_d.to(tl.float64) - run_mean
-        run_mean += delta * w
-        run_m2 += tm2.to(tl.float64) + delta * delta * run_cnt * w
-        run_cnt = nab
-    tl.store(mean_ptr + pid_s * n + offs_n, run_mean, mask=mask_n)
-    tl.store(m2_ptr + pid_s * n + offs_n, run_m2, mask=mask_n)
+# Bytes the "bf16" update may spend on its centred bfloat16 copies of a batch (tokens go in
+# chunks beyond it; each chunk re-reads and re-writes the float64 co-moment once).
+CENTRED_BYTES = 2 << 30
 
 
 def _column_moments(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Column mean and centred M2 of a finite x (T >= 1, n >= 1), float64."""
-    T, n = x.shape
-    BLOCK_N = 64 if n >= 64 else max(16, triton.next_power_of_2(n))
-    BLOCK_T = 32  # short float32 tiles before each float64 merge: see activation_stats
-    n_blocks = triton.cdiv(n, BLOCK_N)
-    t_tiles = triton.cdiv(T, BLOCK_T)
-    splits = max(1, min(t_tiles, (4 * num_sms(x.device)) // n_blocks))
-    tokens_per_split = triton.cdiv(t_tiles, splits) * BLOCK_T
-    splits = triton.cdiv(T, tokens_per_split)
-    mean = torch.empty(splits, n, dtype=torch.float64, device=x.device)
-    m2 = torch.empty_like(mean)
-    _column_moments_kernel[(n_blocks, splits)](
-        mean, m2, x, T, n, tokens_per_split, x.stride(0), x.stride(1),
-        ACC=compute_dtype(x.dtype), BLOCK_T=BLOCK_T, BLOCK_N=BLOCK_N,
-    )  # fmt: skip
-    counts = torch.clamp(T - torch.arange(splits, device=x.device) * tokens_per_split, max=tokens_per_split)
-    _, mu, m2_tot = chan_merge_splits(counts[:, None].expand(splits, n), mean, m2)
-    return mu, m2_tot
+    """Column means and centred M2 of a finite batch, float64. The means are float64 sums
+    (torch accumulates in float64 on the fly, no float64 copy): every backend centres about
+    the same float64 mean, so the "bf16" rounding of the centred values agrees across them
+    (the stats kernel's mean, ~1e-9 of a standard deviation off, flips about one rounding in
+    10^6 values). M2 comes from the fused stats kernel."""
+    if x.shape[1] == 0:
+        return torch.zeros(0, dtype=torch.float64, device=x.device), torch.zeros(
+            0, dtype=torch.float64, device=x.device
+        )
+    mean = x.sum(0, dtype=torch.float64) / x.shape[0]
+    return mean, activation_stats_triton(x, 0.0)[3]
 
 
 @triton.jit
@@ -110,6 +64,34 @@ def _round_to_bf16(x):
     bits = x.to(tl.uint32, bitcast=True)
     bits = (bits + 0x7FFF + ((bits >> 16) & 1)) & 0xFFFF0000
     return bits.to(tl.float32, bitcast=True)
+
+
+@triton.jit
+def _centre_kernel(
+    out_ptr,  # [T, n] contiguous: bfloat16, or float32 holding bfloat16 values (ROUND_BF16)
+    x_ptr,  # [T, n]
+    m_ptr,  # [n] float32 mean (the float64 mean's leading part) ...
+    m_lo_ptr,  # [n] ... and its float32 remainder
+    T,
+    n,
+    stride_t,
+    stride_n,
+    ROUND_BF16: tl.constexpr,
+    BLOCK_T: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+):
+    """x - mean, rounded once to float32 and then once to bfloat16 (nearest, ties to even),
+    as every backend's "bf16" precision rounds it."""
+    ts = tl.program_id(0).to(tl.int64) * BLOCK_T + tl.arange(0, BLOCK_T)
+    fs = tl.program_id(1).to(tl.int64) * BLOCK_N + tl.arange(0, BLOCK_N)
+    mask = (ts < T)[:, None] & (fs < n)[None, :]
+    x = tl.load(x_ptr + ts[:, None] * stride_t + fs[None, :] * stride_n, mask=mask, other=0.0)
+    m = tl.load(m_ptr + fs, mask=fs < n, other=0.0)
+    m_lo = tl.load(m_lo_ptr + fs, mask=fs < n, other=0.0)
+    c = (x.to(tl.float32) - m[None, :]) - m_lo[None, :]
+    if ROUND_BF16:
+        c = _round_to_bf16(c)
+    tl.store(out_ptr + ts[:, None] * n + fs[None, :], c.to(out_ptr.dtype.element_ty), mask=mask)
 
 
 @triton.jit
@@ -137,8 +119,8 @@ def _cross_moments_update_kernel(
     BLOCK_B: tl.constexpr,
     BLOCK_T: tl.constexpr,
     MERGE_T: tl.constexpr,
-    BF16_DOT: tl.constexpr,  # opt-in: centred values rounded to bfloat16 for the tensor cores
-    BF16_ROUND: tl.constexpr,  # the same rounding by bits, then the full-precision dot (interpreter)
+    CENTRED: tl.constexpr,  # xa, xb are already centred (the "bf16" path: _centre_kernel)
+    CORRECT: tl.constexpr,  # add Chan's rank-one correction (once per update)
 ):
     pid_a = tl.program_id(0).to(tl.int64)
     pid_b = tl.program_id(1).to(tl.int64)
@@ -146,10 +128,11 @@ def _cross_moments_update_kernel(
     rb = pid_b * BLOCK_B + tl.arange(0, BLOCK_B)
     mask_a = ra < na
     mask_b = rb < nb
-    ma = tl.load(ma_ptr + ra, mask=mask_a, other=0.0)
-    mb = tl.load(mb_ptr + rb, mask=mask_b, other=0.0)
-    ma_lo = tl.load(ma_lo_ptr + ra, mask=mask_a, other=0.0)
-    mb_lo = tl.load(mb_lo_ptr + rb, mask=mask_b, other=0.0)
+    if not CENTRED:
+        ma = tl.load(ma_ptr + ra, mask=mask_a, other=0.0)
+        mb = tl.load(mb_ptr + rb, mask=mask_b, other=0.0)
+        ma_lo = tl.load(ma_lo_ptr + ra, mask=mask_a, other=0.0)
+        mb_lo = tl.load(mb_lo_ptr + rb, mask=mask_b, other=0.0)
     acc64 = tl.zeros([BLOCK_A, BLOCK_B], dtype=tl.float64)
     for t1 in range(0, T, MERGE_T):
         acc = tl.zeros([BLOCK_A, BLOCK_B], dtype=ACC)
@@ -161,26 +144,25 @@ def _cross_moments_update_kernel(
             kb = mt[:, None] & mask_b[None, :]
             a = tl.load(xa_ptr + ts[:, None] * stride_at + ra[None, :] * stride_an, mask=ka, other=0.0)
             b = tl.load(xb_ptr + ts[:, None] * stride_bt + rb[None, :] * stride_bn, mask=kb, other=0.0)
-            # Centre in registers about the float64 mean carried as two float32 parts: x - hi
-            # is exact for x within a factor 2 of the mean, so the centred value is rounded
-            # once, as the other backends round it (and the "bf16" rounding agrees with theirs).
-            # Padded rows/columns must contribute exactly 0.
-            a = tl.where(ka, (a.to(ACC) - ma[None, :]) - ma_lo[None, :], 0.0)
-            b = tl.where(kb, (b.to(ACC) - mb[None, :]) - mb_lo[None, :], 0.0)
-            if BF16_ROUND:
-                a = _round_to_bf16(a)
-                b = _round_to_bf16(b)
-            if BF16_DOT:
-                acc = tl.dot(tl.trans(a.to(tl.bfloat16)), b.to(tl.bfloat16), acc, out_dtype=ACC)
-            else:
-                acc = tl.dot(tl.trans(a), b, acc, input_precision="ieee", out_dtype=ACC)
+            if not CENTRED:
+                # Centre in registers about the float64 mean carried as two float32 parts:
+                # x - hi is exact for x within a factor 2 of the mean, so the centred value
+                # is rounded once, as the other backends round it. Padded rows/columns must
+                # contribute exactly 0.
+                a = tl.where(ka, (a.to(ACC) - ma[None, :]) - ma_lo[None, :], 0.0)
+                b = tl.where(kb, (b.to(ACC) - mb[None, :]) - mb_lo[None, :], 0.0)
+            # Centred bfloat16 operands go to the tensor cores straight from memory (so
+            # Triton can pipeline their loads); float32 ones take the full-precision dot.
+            acc = tl.dot(tl.trans(a), b, acc, input_precision="ieee", out_dtype=ACC)
         acc64 += acc.to(tl.float64)
-    da = tl.load(da_ptr + ra, mask=mask_a, other=0.0)
-    db = tl.load(db_ptr + rb, mask=mask_b, other=0.0)
     mask = mask_a[:, None] & mask_b[None, :]
     ptrs = c_ptr + ra[:, None] * stride_cm + rb[None, :] * stride_cn
-    c = tl.load(ptrs, mask=mask, other=0.0)
-    tl.store(ptrs, c + acc64 + da[:, None] * db[None, :], mask=mask)
+    c = tl.load(ptrs, mask=mask, other=0.0) + acc64
+    if CORRECT:
+        da = tl.load(da_ptr + ra, mask=mask_a, other=0.0)
+        db = tl.load(db_ptr + rb, mask=mask_b, other=0.0)
+        c += da[:, None] * db[None, :]
+    tl.store(ptrs, c, mask=mask)
 
 
 def cross_moments_update_triton(
@@ -191,13 +173,17 @@ def cross_moments_update_triton(
     xa: torch.Tensor,
     xb: torch.Tensor,
     precision: str = "ieee",
+    *,
+    centred_bytes: int = CENTRED_BYTES,
 ) -> list[torch.Tensor]:
     """comoment: (n_a, n_b) float64, updated in place; xa: (T, n_a); xb: (T, n_b), finite.
 
     Returns the batch's [mean_a, m2_a, mean_b, m2_b] (float64).
     precision "bf16" (16/32-bit inputs): the centred values are rounded to bfloat16 (relative
-    error <= 2^-9 each) and multiplied on the tensor cores, float32 accumulation; larger
-    tiles. Default "ieee": the centred values stay float32 and the dot is full precision.
+    error <= 2^-9 each), written once per batch by a centring kernel, and multiplied on the
+    tensor cores straight from memory, float32 accumulation; the centred copies take at
+    most ``centred_bytes`` (tokens go in chunks beyond it). Default "ieee": the centred
+    values stay float32, formed in registers, and the dot is full precision.
     """
     if precision not in ("ieee", "bf16"):
         raise ValueError(f"precision must be one of ('ieee', 'bf16'), got {precision!r}")
@@ -206,20 +192,14 @@ def cross_moments_update_triton(
     T, na = xa.shape
     nb = xb.shape[1]
     device = xa.device
+    z = lambda k: torch.zeros(k, dtype=torch.float64, device=device)
     if T == 0:
-        z = lambda k: torch.zeros(k, dtype=torch.float64, device=device)
         return [z(na), z(na), z(nb), z(nb)]
     if xa.dtype != xb.dtype:
         common = torch.promote_types(xa.dtype, xb.dtype)
         xa, xb = xa.to(common), xb.to(common)
-    ma = torch.zeros(na, dtype=torch.float64, device=device)
-    m2a = torch.zeros_like(ma)
-    mb = torch.zeros(nb, dtype=torch.float64, device=device)
-    m2b = torch.zeros_like(mb)
-    if na > 0:
-        ma, m2a = _column_moments(xa)
-    if nb > 0:
-        mb, m2b = _column_moments(xb)
+    ma, m2a = _column_moments(xa)
+    mb, m2b = _column_moments(xb)
     if na == 0 or nb == 0:
         return [ma, m2a, mb, m2b]
     acc = compute_dtype(xa.dtype)
@@ -227,30 +207,59 @@ def cross_moments_update_triton(
     coef = float(n_prev) * T / (float(n_prev) + T)
     da = (coef * (ma - mean_a_prev.to(torch.float64))).contiguous()
     db = (mb - mean_b_prev.to(torch.float64)).contiguous()
-    bf16 = precision == "bf16" and not interpreting()
-    bf16_round = precision == "bf16" and interpreting()
-    edge = 128 if bf16 else 64
-    BLOCK_A = edge if na >= edge else max(16, triton.next_power_of_2(na))
-    BLOCK_B = edge if nb >= edge else max(16, triton.next_power_of_2(nb))
-    # Shared memory per pipeline stage on the bf16 path: two BLOCK_T x 128 input tiles, 32 KiB
-    # for 64 16-bit tokens (the tile measured on the H200) or 32 float32 tokens (64 float32
-    # tokens in three stages would take 192 KiB). Three stages where the card offers the
-    # H100/H200's ~227 KiB per block, two on smaller ones (~99 KiB on sm_86/sm_89).
-    wide_in = xa.dtype == torch.float32 or xb.dtype == torch.float32
-    BLOCK_T = 64 if (bf16 and not wide_in) or interpreting() else 32
-    launch = {}
-    if bf16:
-        smem = getattr(torch.cuda.get_device_properties(device), "shared_memory_per_block_optin", 0)
-        launch = {"num_warps": 8, "num_stages": 3 if smem >= 160 * 1024 else 2}
     ma_hi, mb_hi = ma.to(acc_torch), mb.to(acc_torch)
     ma_lo, mb_lo = (ma - ma_hi.double()).to(acc_torch), (mb - mb_hi.double()).to(acc_torch)
-    _cross_moments_update_kernel[(triton.cdiv(na, BLOCK_A), triton.cdiv(nb, BLOCK_B))](
-        comoment, xa, xb, ma_hi, mb_hi, ma_lo, mb_lo, da, db, T, na, nb,
-        xa.stride(0), xa.stride(1), xb.stride(0), xb.stride(1),
-        comoment.stride(0), comoment.stride(1),
-        ACC=acc, BLOCK_A=BLOCK_A, BLOCK_B=BLOCK_B, BLOCK_T=BLOCK_T, MERGE_T=4096, BF16_DOT=bf16, BF16_ROUND=bf16_round,
-        **launch,
-    )  # fmt: skip
+    strides_c = (comoment.stride(0), comoment.stride(1))
+
+    if precision == "ieee":
+        BLOCK_A = 64 if na >= 64 else max(16, triton.next_power_of_2(na))
+        BLOCK_B = 64 if nb >= 64 else max(16, triton.next_power_of_2(nb))
+        _cross_moments_update_kernel[(triton.cdiv(na, BLOCK_A), triton.cdiv(nb, BLOCK_B))](
+            comoment, xa, xb, ma_hi, mb_hi, ma_lo, mb_lo, da, db, T, na, nb,
+            xa.stride(0), xa.stride(1), xb.stride(0), xb.stride(1), *strides_c,
+            ACC=acc, BLOCK_A=BLOCK_A, BLOCK_B=BLOCK_B, BLOCK_T=64 if interpreting() else 32, MERGE_T=4096,
+            CENTRED=False, CORRECT=True,
+        )  # fmt: skip
+        return [ma, m2a, mb, m2b]
+
+    # "bf16": centre each chunk of tokens into bfloat16 copies (the interpreter, which has no
+    # bfloat16 arithmetic, keeps the same bfloat16 values in float32 and multiplies them with
+    # the full-precision dot: the same exact products), then a plain tiled GEMM over them.
+    gpu = not interpreting()
+    cdtype = torch.bfloat16 if gpu else torch.float32
+    itemsize = 2 if gpu else 4
+    BLOCK_T = 64
+    chunk = max(BLOCK_T, centred_bytes // ((na + nb) * itemsize) // BLOCK_T * BLOCK_T)
+    chunk = min(chunk, triton.cdiv(T, BLOCK_T) * BLOCK_T)
+    ca = torch.empty(min(chunk, T), na, dtype=cdtype, device=device)
+    cb = torch.empty(min(chunk, T), nb, dtype=cdtype, device=device)
+    edge = 128 if gpu else 64
+    BLOCK_A = edge if na >= edge else max(16, triton.next_power_of_2(na))
+    BLOCK_B = edge if nb >= edge else max(16, triton.next_power_of_2(nb))
+    launch = {}
+    if gpu:
+        # Shared memory per pipeline stage: two 64 x 128 bfloat16 tiles, 32 KiB. Four stages
+        # where the card offers the H100/H200's ~227 KiB per block, two on smaller ones.
+        smem = getattr(torch.cuda.get_device_properties(device), "shared_memory_per_block_optin", 0)
+        launch = {"num_warps": 8, "num_stages": 4 if smem >= 160 * 1024 else 2}
+    CB_T, CB_N = 32, 128
+    for t0 in range(0, T, chunk):
+        rows = min(chunk, T - t0)
+        pa, pb = ca[:rows], cb[:rows]
+        for out, x, hi, lo, nx in (
+            (pa, xa[t0 : t0 + rows], ma_hi, ma_lo, na),
+            (pb, xb[t0 : t0 + rows], mb_hi, mb_lo, nb),
+        ):
+            _centre_kernel[(triton.cdiv(rows, CB_T), triton.cdiv(nx, CB_N))](
+                out, x, hi, lo, rows, nx, x.stride(0), x.stride(1),
+                ROUND_BF16=not gpu, BLOCK_T=CB_T, BLOCK_N=CB_N,
+            )  # fmt: skip
+        _cross_moments_update_kernel[(triton.cdiv(na, BLOCK_A), triton.cdiv(nb, BLOCK_B))](
+            comoment, pa, pb, ma_hi, mb_hi, ma_lo, mb_lo, da, db, rows, na, nb,
+            pa.stride(0), pa.stride(1), pb.stride(0), pb.stride(1), *strides_c,
+            ACC=tl.float32, BLOCK_A=BLOCK_A, BLOCK_B=BLOCK_B, BLOCK_T=BLOCK_T, MERGE_T=4096,
+            CENTRED=True, CORRECT=t0 == 0, **launch,
+        )  # fmt: skip
     return [ma, m2a, mb, m2b]
 
 

@@ -328,6 +328,29 @@ def test_cross_moments_streaming_equals_one_shot():
     assert_tolerance_rule(C, C_one, C_same, atol=1e-6 * C_one.abs().max().item(), what="streamed C")
 
 
+@pytest.mark.parametrize("centred_bytes", [1 << 30, 64 * (37 + 19) * 4])  # one chunk; 64-token chunks
+def test_cross_moments_bf16_centred_chunks(centred_bytes):
+    """precision="bf16" centres each chunk of tokens into a buffer and runs the GEMM over it:
+    the chunks add up to the one-shot bf16 reference (products of the same rounded values),
+    Chan's correction is added exactly once, and the batch means are the float64 ones."""
+    T, na, nb = 300, 37, 19
+    xa = torch.randn(T, na, generator=gen(5)) * 2 + 5
+    xb = torch.randn(T, nb, generator=gen(6)) - 3
+    C0 = torch.randn(na, nb, generator=gen(7), dtype=torch.float64)
+    pa = torch.randn(na, generator=gen(8), dtype=torch.float64)
+    pb = torch.randn(nb, generator=gen(9), dtype=torch.float64)
+    C_ref = C0.clone()
+    ref = cross_moments_update_reference(C_ref, 50, pa, pb, xa, xb, "bf16")
+    C_got = C0.to(DEVICE)
+    got = cross_moments_update_triton(
+        C_got, 50, pa.to(DEVICE), pb.to(DEVICE), xa.to(DEVICE), xb.to(DEVICE), "bf16", centred_bytes=centred_bytes
+    )
+    scale = (xa.double() - xa.double().mean(0)).abs().T @ (xb.double() - xb.double().mean(0)).abs()
+    assert ((C_got.cpu() - C_ref).abs() / scale).max().item() < 2e-6
+    for g, r, rtol in zip(got, ref, (1e-12, 1e-6, 1e-12, 1e-6)):  # means: float64 sums; M2: float32 chunks
+        torch.testing.assert_close(g.cpu(), r, rtol=rtol, atol=0.0)
+
+
 @pytest.mark.parametrize("na,nb", [(1, 1), (0, 3), (97, 130), (33, 5), (70, 200)])
 def test_best_match(na, nb):
     C = torch.randn(na, nb, generator=gen(na + nb), dtype=torch.float64) * 3
