@@ -118,6 +118,8 @@ def build_interference(d: Dims, dtype, device) -> Calls:
         calls["triton tf32"] = partial(IF.IMPLS["triton"], W, None, k, 0, "tf32")
     if device.type == "cuda" and not k:  # symmetric tiles (the default here) against row sweeps
         calls["triton rows"] = partial(IF.IMPLS["triton"], W, None, k, 0, "ieee", False)
+        if dtype in (torch.float16, torch.bfloat16):  # the default 128-wide tiles against 64
+            calls["triton 64"] = partial(IF.IMPLS["triton"], W, None, k, 64)
         calls["cuda rows"] = partial(IF.IMPLS["cuda"], W, None, k, 0, "ieee", False)
     if k:  # the cost of top-k: the same op without it is the bare row
         best = "cuda" if device.type == "cuda" else "cpp"

@@ -35,7 +35,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._utils import compute_dtype
+from ._utils import compute_dtype, interpreting
 
 # Larger than any index: the neutral element of the index argmin (a constexpr, so
 # kernels may read it as a global).
@@ -413,7 +413,8 @@ def interference_triton(
     precision: str = "ieee",
     symmetric: bool | None = None,
 ) -> list[torch.Tensor]:
-    """W: (n, m); V: (k, m) or None; topk >= 0; block: tile edge hint (0 = default 64).
+    """W: (n, m); V: (k, m) or None; topk >= 0; block: tile edge hint (0: 128 for 16-bit
+    symmetric tiles on a GPU, else 64).
 
     precision "tf32" multiplies float32 inputs on TF32 tensor cores and rescores the
     partners exactly (see the module docstring); other dtypes ignore it.
@@ -443,7 +444,19 @@ def interference_triton(
     maxabs = torch.zeros(n, **f64)
     argmax = torch.full((n,), -1, **i64)
     tf32 = precision == "tf32" and W.dtype == torch.float32
-    edge = 64 if block <= 0 else max(16, min(128, triton.next_power_of_2(int(block))))
+    sixteen = W.dtype in (torch.float16, torch.bfloat16)
+    wide_tiles = block <= 0 and sixteen and V is None and topk == 0 and symmetric is not False and not interpreting()
+    if block > 0:
+        edge = max(16, min(128, triton.next_power_of_2(int(block))))
+    elif wide_tiles:
+        # 16-bit symmetric tiles on a GPU: 128 x 128 with 8 warps. At sm_90 both sizes issue
+        # ~100 instructions per 64-wide K step around 4 wgmma (python -m bench.sass style
+        # counts), but a 64 x 64 tile reads two 64-row panels of W per 4,096 outputs: ~550 GB
+        # from L2 over the upper triangle at n = 65,536, m = 4,096, which fits the H200's
+        # 78.9 ms (1.57x torch.mm) as L2-bound; 128 x 128 halves the traffic. Unmeasured.
+        edge = 128
+    else:
+        edge = 64
     BLOCK_K = max(16, min(64, triton.next_power_of_2(max(m, 1))))
     can_sym = V is None and topk == 0 and not tf32 and W.dtype != torch.float64 and triton.cdiv(n, edge) <= 65535
     if symmetric is None:
@@ -456,7 +469,7 @@ def interference_triton(
             blocks = triton.cdiv(n, edge)
             _interference_sym_kernel[(blocks, blocks)](
                 sq, sqcos, key, Wn, w_inv.to(torch.float32), nrm * nrm, n, m,
-                Wn.stride(0), Wn.stride(1), BLOCK=edge, BLOCK_K=BLOCK_K,
+                Wn.stride(0), Wn.stride(1), BLOCK=edge, BLOCK_K=BLOCK_K, num_warps=8 if edge == 128 else 4,
             )  # fmt: skip
         maxabs, argmax = _unpack_keys(key)
         nsq = nrm * nrm
