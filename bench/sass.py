@@ -64,11 +64,13 @@ def compile_cubin(fn, signature: dict, constexprs: dict, num_warps: int, arch: i
 
 def _loops(ins: list[tuple[int, str]]) -> list[Loop]:
     """Innermost loops (a backward branch closes one), in code order, with their opcodes."""
-    spans = []
+    ends: dict[int, int] = {}  # loop head -> its last backward branch (a `continue` adds more)
     for addr, text in ins:
         m = _BRANCH.search(text)
         if m and int(m.group(1), 16) < addr:
-            spans.append((int(m.group(1), 16), addr))
+            head = int(m.group(1), 16)
+            ends[head] = max(addr, ends.get(head, addr))
+    spans = list(ends.items())
     innermost = [s for s in spans if not any(o != s and s[0] <= o[0] and o[1] <= s[1] for o in spans)]
     loops = []
     for lo, hi in sorted(innermost):
@@ -115,9 +117,17 @@ def _stats_case(dtype: str, arch: int) -> tuple[Sass, int]:
 
     itemsize = {"bf16": 2, "fp16": 2, "fp32": 4}[dtype]
     cfg = mod.dense_config(131_072, itemsize)
-    ptrs = ["*i64", "*i64", "*fp64", "*fp64", "*fp64", "*fp64", "*fp64", "*i32", f"*{dtype}", "*fp32"]
+    types = {
+        **dict.fromkeys(["cnt_ptr", "fire_ptr"], "*i64"),
+        **dict.fromkeys(["mean_ptr", "m2_ptr", "max_ptr", "min_ptr", "act_ptr"], "*fp64"),
+        "l0_ptr": "*i32",
+        "x_ptr": f"*{dtype}",
+        "thr_ptr": "*fp32",
+        **dict.fromkeys(["T", "n", "tokens_per_split", "stride_t"], "i32"),
+    }
     names = mod._activation_stats_kernel.arg_names
-    signature = dict(zip(names, ptrs + ["i32"] * 4 + ["constexpr"] * 6))
+    signature = {name: types.get(name, "constexpr") for name in names}
+    assert set(signature) - set(types) == {"stride_n", "ACC", "ROWS", "CHUNK", "BLOCK_N", "EVEN_N"}, signature
     constexprs = {
         "stride_n": 1,
         "ACC": tl.float32,

@@ -33,11 +33,13 @@ def _chan_merge(run_cnt, run_mean, run_m2, c, inv_c, shift, s, q, ACC: tl.conste
     """Merge a chunk, given as count c (inv_c = 1/max(c, 1) in float64), shift,
     s = Σ(v - shift) and q = Σ(v - shift)^2, into the float64 (count, mean, M2) state.
     The chunk's own M2 is q - s^2/c: exact when the shift is the chunk mean, and within a
-    few ulp of it while the shift is within a few standard deviations of that mean (the
-    running mean of earlier chunks, or a sample value)."""
+    few ulp of it while the shift is within a few standard deviations of that mean. The
+    callers guarantee that: the shift is the running mean of earlier chunks, a finite value
+    of the feature, or the chunk's own mean (the careful path); a feature with none of
+    these yet has a NaN shift and never passes the fast path. Clamped at 0 against rounding."""
     sd = s.to(tl.float64)
     tmean = shift.to(tl.float64) + sd * inv_c
-    tm2 = q.to(tl.float64) - sd * sd * inv_c
+    tm2 = tl.maximum(q.to(tl.float64) - sd * sd * inv_c, 0.0)
     nab = run_cnt + c
     # The merge weight in the compute type: a float32 rounding of w perturbs only the
     # correction terms (relative 6e-8 of them); float64 inputs keep float64 weights.
@@ -124,9 +126,11 @@ def _activation_stats_kernel(
     BLOCK_N: tl.constexpr,
     EVEN_N: tl.constexpr,
 ):
-    # Layout: BLOCK_N is num_warps x 32 threads x one vector load wide, so each thread owns a
-    # few features for the whole program and every reduction over tokens stays inside a
-    # thread (no shuffles, no barriers). Only the per-token L0 crosses threads.
+    # Layout: for n >= BLOCK_N, BLOCK_N is num_warps x 32 threads x one 16-byte load wide, so
+    # each thread owns a few features for the whole program and every reduction over tokens
+    # stays inside the thread. The per-token L0 is the reduction that crosses threads (one
+    # REDUX per warp and row, then a shared-memory step with a barrier), and so is the
+    # per-chunk finiteness test.
     pid_n = tl.program_id(0).to(tl.int64)
     pid_s = tl.program_id(1).to(tl.int64)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -144,9 +148,12 @@ def _activation_stats_kernel(
     run_act = tl.zeros([BLOCK_N], dtype=tl.float64)
     run_max = tl.full([BLOCK_N], float("-inf"), dtype=ACC)
     run_min = tl.full([BLOCK_N], float("inf"), dtype=ACC)
-    # Deviations are taken from a shift: the first token's value, then the running mean.
+    # Deviations are taken from a shift: the first token's value, then the running mean. A
+    # feature whose first value is not finite gets a NaN shift, so its fast sums are NaN and
+    # its chunks take the careful path until one has counted a finite value of it (a
+    # made-up shift of 0 far from the mean would cancel catastrophically in q - s^2/c).
     first = tl.load(x_ptr + t_start * stride_t + offs_n * stride_n, mask=mask_n, other=0.0).to(ACC)
-    shift = tl.where(tl.abs(first) < float("inf"), first, 0.0)
+    shift = tl.where(tl.abs(first) < float("inf"), first, float("nan"))
 
     # Full chunks take the fast path; the last partial chunk (if any) the careful one.
     t_fast = t_start + (t_end - t_start) // CHUNK * CHUNK
@@ -180,7 +187,7 @@ def _activation_stats_kernel(
             tl.store(l0_row + r0 + rows, tl.sum(fire.to(tl.int32), axis=1))
         ok = (tl.abs(s) < float("inf")) & (tl.abs(q) < float("inf"))
         c = tl.full([BLOCK_N], CHUNK, dtype=tl.int32)
-        inv_c = tl.full([BLOCK_N], 1.0 / CHUNK, dtype=tl.float64)  # no division on the fast path
+        inv_c = tl.full([BLOCK_N], 1.0 / CHUNK, dtype=tl.float64)  # no float64 division here
         shift_c = shift
         if tl.sum((~ok).to(tl.int32), axis=0) > 0:
             c, shift_c, s, q, mx, mn, f, a = _careful_chunk(
@@ -265,8 +272,9 @@ def activation_stats_triton(x: torch.Tensor, threshold: float, *, splits: int | 
     t_chunks = triton.cdiv(T, cfg.chunk)
     n_blocks = triton.cdiv(n, cfg.block_n)
     if splits is None:
-        # About eight programs per SM: enough loads in flight to cover memory latency,
-        # while each program still streams hundreds of tokens per partial it writes.
+        # About eight programs' worth of work per SM (two are resident at a time at 255
+        # registers; the rest start as they finish), while each program still streams
+        # hundreds of tokens per partial it writes.
         splits = triton.cdiv(8 * num_sms(device), n_blocks)
     splits = max(1, min(int(splits), t_chunks))
     tokens_per_split = triton.cdiv(t_chunks, splits) * cfg.chunk

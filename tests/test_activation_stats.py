@@ -129,6 +129,26 @@ def test_chunked_pass_with_non_finite_entries_mid_stream(backend_device, n, dtyp
             assert_tolerance_rule(g_, r, same[name], atol=1e-6 * scale, what=f"{dtype} {name}")
 
 
+@pytest.mark.parametrize("lead", [32, 45])  # one whole chunk, and past a chunk boundary
+def test_leading_non_finite_rows_then_offset_values(backend_device, lead):
+    """Features whose first rows are all NaN (left padding) and whose values then sit 1e4
+    from 0 with unit spread, over enough tokens that a token split holds several chunks: a
+    kernel must not take deviations from a made-up shift of 0 (that cancelled to a negative
+    M2). And a constant feature's M2 is exactly 0, never negative."""
+    backend, device = backend_device
+    g = torch.Generator().manual_seed(lead)
+    x = (1e4 + torch.randn(1000, 20, generator=g, dtype=torch.float64)).float()
+    x[:lead] = float("nan")
+    got = sa.activation_stats(x.to(device), 0.0, backend=backend)
+    ref = activation_stats_reference(x.double(), 0.0)
+    same = same_dtype_stats(x, 0.0)
+    assert_tolerance_rule(got.m2, ref[3], same["m2"], atol=1e-6 * 1000, what="m2")
+    assert_tolerance_rule(got.mean, ref[2], same["mean"], atol=1e-6 * 1e4, what="mean")
+    for T in (75, 77, 91, 200):
+        const = sa.activation_stats(torch.full((T, 8), 0.3).to(device), 0.0, backend=backend)
+        assert const.m2.cpu().tolist() == [0.0] * 8, (T, const.m2)
+
+
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float64])
 def test_dtypes(backend_device, dtype):
     backend, device = backend_device

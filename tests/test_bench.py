@@ -124,7 +124,7 @@ def test_sass_counts_the_dense_stats_kernel():
     assert out.returncode == 0, out.stderr[-2000:]
     for row in json.loads(out.stdout):
         assert row["registers"] > 0 and row["loops"], row
-        fast = row["loops"][0]
+        fast = row["loops"][0]  # code order: the fast token loop comes before the careful ones
         shuffles = fast["ops"].get("SHFL", 0) / row["elements_per_step"]  # earlier layout: 10-16
         assert fast["ops"].get("LDG", 0) > 0 and shuffles < 0.5, (row["dtype"], fast)
         assert fast["per_element"] < 30, (row["dtype"], fast["per_element"])

@@ -397,7 +397,8 @@ void stats_kernel(const scalar_t* __restrict__ x, int64_t T, int64_t n, int64_t 
           const double dev = static_cast<double>(acc.lane(acc.dev, j));
           const double inv = nb ? 1.0 / static_cast<double>(nb) : 0.0;
           const double mb = nb ? static_cast<double>(acc.lane(acc.shift, j)) + dev * inv : 0.0;
-          const double m2b = static_cast<double>(acc.lane(acc.m2, j)) - dev * dev * inv;
+          // Clamped: for a constant feature m2 and dev^2 / n are both ~0 and may round apart.
+          const double m2b = std::max(0.0, static_cast<double>(acc.lane(acc.m2, j)) - dev * dev * inv);
           st.merge(f0 + j, nb, mb, m2b, static_cast<double>(acc.lane(acc.mx, j)),
                    static_cast<double>(acc.lane(acc.mn, j)), static_cast<int64_t>(acc.lane(acc.fire, j)),
                    static_cast<double>(acc.lane(acc.act, j)));
