@@ -34,7 +34,7 @@ import triton
 import triton.language as tl
 
 from ._utils import compute_dtype, interpreting, num_sms
-from .activation_stats import activation_stats_triton
+from .activation_stats import activation_stats_triton, dense_config
 
 # Larger than any index: the neutral element of the index argmin (a constexpr, so
 # kernels may read it as a global).
@@ -44,18 +44,57 @@ _NO_INDEX = tl.constexpr(2**62)
 CENTRED_BYTES = 2 << 30
 
 
+@triton.jit
+def _column_sum64_kernel(
+    out_ptr,  # [S, n] float64 per-split column sums
+    x_ptr,  # [T, n]
+    T,
+    n,
+    tokens_per_split,
+    stride_t,
+    stride_n,
+    ROWS: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+):
+    """Column sums in float64, one read of x (the stats kernel's layout: reductions over
+    tokens stay inside a thread)."""
+    pid_n = tl.program_id(0).to(tl.int64)
+    pid_s = tl.program_id(1).to(tl.int64)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    mask_n = offs_n < n
+    t_start = pid_s * tokens_per_split
+    t_end = tl.minimum(t_start + tokens_per_split, T)
+    acc = tl.zeros([BLOCK_N], dtype=tl.float64)
+    for t0 in range(t_start, t_end, ROWS):
+        offs_t = t0 + tl.arange(0, ROWS).to(tl.int64)
+        m = (offs_t < t_end)[:, None] & mask_n[None, :]
+        v = tl.load(x_ptr + offs_t[:, None] * stride_t + offs_n[None, :] * stride_n, mask=m, other=0.0)
+        acc += tl.sum(v.to(tl.float64), axis=0)
+    tl.store(out_ptr + pid_s * n + offs_n, acc, mask=mask_n)
+
+
 def _column_moments(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Column means and centred M2 of a finite batch, float64. The means are float64 sums
-    (torch accumulates in float64 on the fly, no float64 copy): every backend centres about
-    the same float64 mean, so the "bf16" rounding of the centred values agrees across them
-    (the stats kernel's mean, ~1e-9 of a standard deviation off, flips about one rounding in
-    10^6 values). M2 comes from the fused stats kernel."""
-    if x.shape[1] == 0:
-        return torch.zeros(0, dtype=torch.float64, device=x.device), torch.zeros(
-            0, dtype=torch.float64, device=x.device
-        )
-    mean = x.sum(0, dtype=torch.float64) / x.shape[0]
-    return mean, activation_stats_triton(x, 0.0)[3]
+    """Column means (float64 sums: exact to float64 rounding) and centred M2 (the fused
+    stats kernel) of a finite batch, float64. Centring about a float64-exact mean is what
+    makes the "bf16" rounding of the centred values the same on every backend: the stats
+    kernel's own mean, ~1e-9 of a standard deviation off, flips about one rounding in 10^6
+    values, and one flipped product moves its co-moment by up to 2^-8 of that term."""
+    T, n = x.shape
+    if n == 0:
+        empty = torch.zeros(0, dtype=torch.float64, device=x.device)
+        return empty, empty.clone()
+    cfg = dense_config(n, x.element_size())
+    n_blocks = triton.cdiv(n, cfg.block_n)
+    rows = cfg.rows * 32  # tokens per program step group: a split is a multiple of it
+    splits = max(1, min(triton.cdiv(T, rows), triton.cdiv(8 * num_sms(x.device), n_blocks)))
+    tokens_per_split = triton.cdiv(triton.cdiv(T, rows), splits) * rows
+    splits = triton.cdiv(T, tokens_per_split)
+    part = torch.empty(splits, n, dtype=torch.float64, device=x.device)
+    _column_sum64_kernel[(n_blocks, splits)](
+        part, x, T, n, tokens_per_split, x.stride(0), x.stride(1),
+        ROWS=cfg.rows, BLOCK_N=cfg.block_n, num_warps=cfg.num_warps,
+    )  # fmt: skip
+    return part.sum(0) / T, activation_stats_triton(x, 0.0)[3]
 
 
 @triton.jit
@@ -182,7 +221,7 @@ def cross_moments_update_triton(
     precision "bf16" (16/32-bit inputs): the centred values are rounded to bfloat16 (relative
     error <= 2^-9 each), written once per batch by a centring kernel, and multiplied on the
     tensor cores straight from memory, float32 accumulation; the centred copies take at
-    most ``centred_bytes`` (tokens go in chunks beyond it). Default "ieee": the centred
+    most ``centred_bytes`` (tokens go in chunks beyond it, of at least 64 tokens). Default "ieee": the centred
     values stay float32, formed in registers, and the dot is full precision.
     """
     if precision not in ("ieee", "bf16"):

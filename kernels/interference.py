@@ -445,7 +445,18 @@ def interference_triton(
     argmax = torch.full((n,), -1, **i64)
     tf32 = precision == "tf32" and W.dtype == torch.float32
     sixteen = W.dtype in (torch.float16, torch.bfloat16)
-    wide_tiles = block <= 0 and sixteen and V is None and topk == 0 and symmetric is not False and not interpreting()
+    wide_tiles = (
+        block <= 0
+        and sixteen
+        and V is None
+        and topk == 0
+        and symmetric is not False
+        and not interpreting()
+        and triton.cdiv(n, 128) <= 65535
+        # Three pipeline stages of two 128 x 64 16-bit panels (96 KiB) plus the epilogue's
+        # scratch: cards with the H100/H200's (or A100's) shared memory per block only.
+        and getattr(torch.cuda.get_device_properties(device), "shared_memory_per_block_optin", 0) >= 160 * 1024
+    )
     if block > 0:
         edge = max(16, min(128, triton.next_power_of_2(int(block))))
     elif wide_tiles:

@@ -244,7 +244,7 @@ def test_interference_orthonormal_and_all_zero():
     assert out[0].shape == (0,) and out[3].shape == (0,) and out[6].shape == (0, 2)
 
 
-@pytest.mark.parametrize("n,m,block", [(1, 5, 0), (2, 3, 16), (37, 19, 16), (130, 33, 32), (97, 64, 0)])
+@pytest.mark.parametrize("n,m,block", [(1, 5, 0), (2, 3, 16), (37, 19, 16), (130, 33, 32), (97, 64, 0), (300, 40, 128)])
 @pytest.mark.parametrize("dtype", [torch.float32, *LOW])
 def test_interference_symmetric_tiles_match_row_sweeps(n, m, block, dtype):
     """Upper-triangle tiles merged by atomics == the row-sweeping kernel == the reference."""
@@ -328,7 +328,7 @@ def test_cross_moments_streaming_equals_one_shot():
     assert_tolerance_rule(C, C_one, C_same, atol=1e-6 * C_one.abs().max().item(), what="streamed C")
 
 
-@pytest.mark.parametrize("centred_bytes", [1 << 30, 64 * (37 + 19) * 4])  # one chunk; 64-token chunks
+@pytest.mark.parametrize("centred_bytes", [1 << 30, 64 * (37 + 19) * 4])  # one chunk; 64 tokens (float32 copies)
 def test_cross_moments_bf16_centred_chunks(centred_bytes):
     """precision="bf16" centres each chunk of tokens into a buffer and runs the GEMM over it:
     the chunks add up to the one-shot bf16 reference (products of the same rounded values),
