@@ -151,7 +151,9 @@ def _activation_stats_kernel(
     # Deviations are taken from a shift: the first token's value, then the running mean. A
     # feature whose first value is not finite gets a NaN shift, so its fast sums are NaN and
     # its chunks take the careful path until one has counted a finite value of it (a
-    # made-up shift of 0 far from the mean would cancel catastrophically in q - s^2/c).
+    # made-up shift of 0 far from the mean would cancel catastrophically in q - s^2/c). The
+    # path is chosen per program, so a feature that is never finite keeps its whole block
+    # of features on the careful path (correct, about twice the work for that block).
     first = tl.load(x_ptr + t_start * stride_t + offs_n * stride_n, mask=mask_n, other=0.0).to(ACC)
     shift = tl.where(tl.abs(first) < float("inf"), first, float("nan"))
 
