@@ -2,8 +2,8 @@
 
 Contract: ``supanalysis/ops/correlation.py``.
 
-cross_moments_update: the batch's column means (float64 sums) and M2 (the fused stats
-kernel); then a tl.dot kernel over (n_a, n_b) tiles multiplies the *centred* batch and adds,
+cross_moments_update: the batch's column means and M2 (one read, float64 deviations
+from a sample value); then a tl.dot kernel over (n_a, n_b) tiles multiplies the *centred* batch and adds,
 in its epilogue, the tile plus Chan's rank-one correction coef * da_i * db_j into the float64
 co-moment in place. Centred products in float32 accumulate over at most MERGE_T tokens
 before they are moved into a float64 accumulator. Default precision: the centred values
@@ -33,8 +33,8 @@ import torch
 import triton
 import triton.language as tl
 
-from ._utils import compute_dtype, interpreting, num_sms
-from .activation_stats import activation_stats_triton, dense_config
+from ._utils import chan_merge_splits, compute_dtype, interpreting, num_sms
+from .activation_stats import dense_config
 
 # Larger than any index: the neutral element of the index argmin (a constexpr, so
 # kernels may read it as a global).
@@ -45,9 +45,11 @@ CENTRED_BYTES = 2 << 30
 
 
 @triton.jit
-def _column_sum64_kernel(
-    out_ptr,  # [S, n] float64 per-split column sums
-    x_ptr,  # [T, n]
+def _column_moments_kernel(
+    shift_ptr,  # [S, n] float64: each split's first row (finite batches)
+    sum_ptr,  # [S, n] float64 Σ (x - shift)
+    sq_ptr,  # [S, n] float64 Σ (x - shift)^2
+    x_ptr,  # [T, n], finite
     T,
     n,
     tokens_per_split,
@@ -56,45 +58,59 @@ def _column_sum64_kernel(
     ROWS: tl.constexpr,
     BLOCK_N: tl.constexpr,
 ):
-    """Column sums in float64, one read of x (the stats kernel's layout: reductions over
-    tokens stay inside a thread)."""
+    """One read of x, float64 arithmetic, the stats kernel's layout (reductions over tokens
+    stay inside a thread): sums of deviations from a sample value of each column."""
     pid_n = tl.program_id(0).to(tl.int64)
     pid_s = tl.program_id(1).to(tl.int64)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     mask_n = offs_n < n
     t_start = pid_s * tokens_per_split
     t_end = tl.minimum(t_start + tokens_per_split, T)
-    acc = tl.zeros([BLOCK_N], dtype=tl.float64)
+    shift = tl.load(x_ptr + t_start * stride_t + offs_n * stride_n, mask=mask_n, other=0.0).to(tl.float64)
+    acc_s = tl.zeros([BLOCK_N], dtype=tl.float64)
+    acc_q = tl.zeros([BLOCK_N], dtype=tl.float64)
     for t0 in range(t_start, t_end, ROWS):
         offs_t = t0 + tl.arange(0, ROWS).to(tl.int64)
         m = (offs_t < t_end)[:, None] & mask_n[None, :]
         v = tl.load(x_ptr + offs_t[:, None] * stride_t + offs_n[None, :] * stride_n, mask=m, other=0.0)
-        acc += tl.sum(v.to(tl.float64), axis=0)
-    tl.store(out_ptr + pid_s * n + offs_n, acc, mask=mask_n)
+        d = tl.where(m, v.to(tl.float64) - shift[None, :], 0.0)
+        acc_s += tl.sum(d, axis=0)
+        acc_q += tl.sum(d * d, axis=0)
+    out = pid_s * n + offs_n
+    tl.store(shift_ptr + out, shift, mask=mask_n)
+    tl.store(sum_ptr + out, acc_s, mask=mask_n)
+    tl.store(sq_ptr + out, acc_q, mask=mask_n)
 
 
 def _column_moments(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Column means (float64 sums: exact to float64 rounding) and centred M2 (the fused
-    stats kernel) of a finite batch, float64. Centring about a float64-exact mean is what
-    makes the "bf16" rounding of the centred values the same on every backend: the stats
-    kernel's own mean, ~1e-9 of a standard deviation off, flips about one rounding in 10^6
-    values, and one flipped product moves its co-moment by up to 2^-8 of that term."""
+    """Column means and centred M2 of a finite batch (T >= 1), float64, in one read.
+
+    Every split sums float64 deviations from its first row, so the mean (shift + S/c) is
+    exact to float64 rounding and M2 (Q - S^2/c) loses only the digits the shift's distance
+    from the mean costs, of sixteen. A float64-exact mean is what makes the "bf16" rounding
+    of the centred values the same on every backend: a mean ~1e-9 of a standard deviation
+    off (float32 chunk sums) flips about one rounding in 10^6 values, and one flipped
+    product moves its co-moment by up to 2^-8 of that term.
+    """
     T, n = x.shape
     if n == 0:
         empty = torch.zeros(0, dtype=torch.float64, device=x.device)
         return empty, empty.clone()
     cfg = dense_config(n, x.element_size())
     n_blocks = triton.cdiv(n, cfg.block_n)
-    rows = cfg.rows * 32  # tokens per program step group: a split is a multiple of it
-    splits = max(1, min(triton.cdiv(T, rows), triton.cdiv(8 * num_sms(x.device), n_blocks)))
-    tokens_per_split = triton.cdiv(triton.cdiv(T, rows), splits) * rows
+    splits = max(1, min(triton.cdiv(T, cfg.chunk), triton.cdiv(8 * num_sms(x.device), n_blocks)))
+    tokens_per_split = triton.cdiv(triton.cdiv(T, cfg.chunk), splits) * cfg.chunk
     splits = triton.cdiv(T, tokens_per_split)
-    part = torch.empty(splits, n, dtype=torch.float64, device=x.device)
-    _column_sum64_kernel[(n_blocks, splits)](
-        part, x, T, n, tokens_per_split, x.stride(0), x.stride(1),
+    shift, s, q = (torch.empty(splits, n, dtype=torch.float64, device=x.device) for _ in range(3))
+    _column_moments_kernel[(n_blocks, splits)](
+        shift, s, q, x, T, n, tokens_per_split, x.stride(0), x.stride(1),
         ROWS=cfg.rows, BLOCK_N=cfg.block_n, num_warps=cfg.num_warps,
     )  # fmt: skip
-    return part.sum(0) / T, activation_stats_triton(x, 0.0)[3]
+    counts = torch.clamp(T - torch.arange(splits, device=x.device) * tokens_per_split, max=tokens_per_split)
+    c = counts.to(torch.float64)[:, None]
+    m2 = torch.clamp_min(q - s * s / c, 0.0)
+    _, mean, m2 = chan_merge_splits(counts[:, None].expand(splits, n), shift + s / c, m2)
+    return mean, m2
 
 
 @triton.jit
