@@ -107,7 +107,8 @@ def test_random_float32_against_reference(backend_device, T, n):
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
-@pytest.mark.parametrize("n", [1024, 1000])  # vector loads throughout, and a ragged last group
+# Vector loads throughout; a ragged last group (GPU); a last feature in the C++ scalar tail.
+@pytest.mark.parametrize("n", [1024, 1000, 1001])
 def test_chunked_pass_with_non_finite_entries_mid_stream(backend_device, n, dtype):
     """600 tokens: several token splits on a GPU, whole 32-token chunks on the fast paths
     (no per-entry finiteness tests), chunks with NaN/+-inf between them redone carefully

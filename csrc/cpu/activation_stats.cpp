@@ -2,14 +2,17 @@
 //
 // Work split: threads own contiguous ranges of tokens, so x streams through memory in
 // order. Each thread walks its range a tile of kTile rows at a time and, within the tile,
-// kChunk features at a time: the 128 x 128 sub-tile (64 KiB in float32) stays in L2 for the
-// second, centred pass that gives the sub-tile's M2. A sub-tile's (count, mean, M2, ...)
-// is merged into the thread's float64 state with Chan's formula, and the threads' states
-// are merged in thread order at the end. Accumulating a sub-tile in float32 and merging in
-// float64 keeps the inner loop vectorisable without the cancellation of raw sums.
-// Pass 1 first runs a lean step that assumes every value is finite (no masks, plain
-// max/min); the tile's own sums verify the assumption, and a tile holding a NaN or an
-// infinity is redone with the checked step, so the result is the same either way.
+// kChunk features at a time (a 128 x 128 sub-tile, 64 KiB in float32). A sub-tile's
+// (count, mean, M2, ...) is merged into the thread's float64 state with Chan's formula, and
+// the threads' states are merged in thread order at the end. Accumulating a sub-tile in
+// float32 and merging in float64 keeps the inner loop vectorisable without the
+// cancellation of raw sums.
+// The common sub-tile is one pass: deviations from the feature's running mean (which the
+// thread already holds) and their squares give the corrected moments. A thread's first
+// sub-tile of a chunk, which has no running mean yet, takes two: its own mean, then the
+// deviations from that mean, from cache. Either fast pass assumes every value is finite
+// (no masks, plain max/min); the tile's own sums verify the assumption, and a tile holding
+// a NaN or an infinity is redone with the checked step, so the result is the same either way.
 #include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
 #include <c10/util/BFloat16.h>
@@ -61,9 +64,9 @@ struct Lanes<double> {
 // compute precision T): dev = sum of (v - shift), m2 = sum of (v - shift)^2.
 template <typename T>
 struct TileAcc {
-  static constexpr int NV = kChunk / Lanes<T>::L;
+  static constexpr int L = Lanes<T>::L;
+  static constexpr int NV = kChunk / L;
   typename Lanes<T>::vec cnt[NV], sum[NV], mx[NV], mn[NV], fire[NV], act[NV], m2[NV], shift[NV], dev[NV];
-  T lane(const typename Lanes<T>::vec* v, int64_t j) const { return v[j / Lanes<T>::L][j % Lanes<T>::L]; }
 };
 
 template <typename T>
@@ -77,7 +80,7 @@ static inline __attribute__((always_inline)) typename Lanes<T>::vec load(const T
 template <typename T>
 static inline __attribute__((always_inline)) void tile_body(const T* __restrict__ x, int64_t rows, int64_t stride,
                                                             int64_t w, T thr, TileAcc<T>* __restrict__ acc,
-                                                            int32_t* __restrict__ l0, const T* next) {
+                                                            int32_t* __restrict__ l0, const T* next, bool shifted) {
   using V = typename Lanes<T>::vec;
   constexpr int L = Lanes<T>::L;
   const int64_t nfull = w / L;        // whole vectors
@@ -88,11 +91,13 @@ static inline __attribute__((always_inline)) void tile_body(const T* __restrict_
   for (int64_t k = 0; k < nv; ++k) {
     acc->cnt[k] = zero, acc->sum[k] = zero, acc->fire[k] = zero, acc->act[k] = zero, acc->m2[k] = zero;
     acc->mx[k] = -inf, acc->mn[k] = inf;
+    if (!shifted) acc->shift[k] = zero;
   }
   // Pass 1 (the only read from memory): counts, sums, extrema, firing. Rows go four at a
   // time so each accumulator vector is loaded and stored once per four rows: with one row
   // at a time the loop is bound by accumulator stores, not by reading x.
-  auto step = [&](const V v, V& c, V& s, V& hi, V& lo, V& fi, V& a, V& fired) __attribute__((always_inline)) {
+  auto step = [&](const V v, const V, V& c, V& s, V&, V& hi, V& lo, V& fi, V& a, V& fired)
+                  __attribute__((always_inline)) {
     // v - v is 0 exactly for finite v and NaN for NaN and +-Inf: two ops, no abs.
     const auto fin = (v - v) == zero;
     const auto fire = fin & (v > th);
@@ -107,7 +112,9 @@ static inline __attribute__((always_inline)) void tile_body(const T* __restrict_
     a += fire ? v : zero;
     fired += ff;
   };
-  auto tail = [&](const T* row) __attribute__((always_inline)) {  // at most L-1 features, last chunk only
+  // At most L-1 features, last chunk only. `shifted`: the fast one-pass step's sums (every
+  // value finite, else the tile is redone), deviations from the shift and their squares.
+  auto tail = [&](const T* row, bool shifted) __attribute__((always_inline)) {
     T nfired = 0;
     for (int64_t j = nfull * L; j < w; ++j) {
       const T v = row[j];
@@ -115,7 +122,13 @@ static inline __attribute__((always_inline)) void tile_body(const T* __restrict_
       const bool fin = std::abs(v) <= std::numeric_limits<T>::max();
       const bool fire = fin && v > thr;
       acc->cnt[k][q] += fin;
-      acc->sum[k][q] += fin ? v : T(0);
+      if (shifted) {
+        const T d = fin ? v - acc->shift[k][q] : T(0);
+        acc->sum[k][q] += d;
+        acc->m2[k][q] += d * d;
+      } else {
+        acc->sum[k][q] += fin ? v : T(0);
+      }
       if (fin && v > acc->mx[k][q]) acc->mx[k][q] = v;
       if (fin && v < acc->mn[k][q]) acc->mn[k][q] = v;
       acc->fire[k][q] += fire;
@@ -130,7 +143,7 @@ static inline __attribute__((always_inline)) void tile_body(const T* __restrict_
     return t;
   };
   const bool prefetch = next != nullptr;  // next: the sub-tile after this one (same stride)
-  auto pass1 = [&](auto&& st, int32_t* __restrict__ l0o) __attribute__((always_inline)) {
+  auto pass1 = [&](auto&& st, int32_t* __restrict__ l0o, bool sh) __attribute__((always_inline)) {
     int64_t r = 0;
     for (; r + 4 <= rows; r += 4) {
       const T* r0 = x + r * stride;
@@ -146,33 +159,43 @@ static inline __attribute__((always_inline)) void tile_body(const T* __restrict_
           __builtin_prefetch(p0 + 2 * stride + k * L);
           __builtin_prefetch(p0 + 3 * stride + k * L);
         }
-        V c = acc->cnt[k], s = acc->sum[k], hi = acc->mx[k], lo = acc->mn[k], fi = acc->fire[k], a = acc->act[k];
-        st(load(r0 + k * L), c, s, hi, lo, fi, a, f0);
-        st(load(r1 + k * L), c, s, hi, lo, fi, a, f1);
-        st(load(r2 + k * L), c, s, hi, lo, fi, a, f2);
-        st(load(r3 + k * L), c, s, hi, lo, fi, a, f3);
-        acc->cnt[k] = c, acc->sum[k] = s, acc->mx[k] = hi, acc->mn[k] = lo, acc->fire[k] = fi, acc->act[k] = a;
+        V c = acc->cnt[k], s = acc->sum[k], q = acc->m2[k], hi = acc->mx[k], lo = acc->mn[k], fi = acc->fire[k],
+          a = acc->act[k];
+        const V m = acc->shift[k];
+        st(load(r0 + k * L), m, c, s, q, hi, lo, fi, a, f0);
+        st(load(r1 + k * L), m, c, s, q, hi, lo, fi, a, f1);
+        st(load(r2 + k * L), m, c, s, q, hi, lo, fi, a, f2);
+        st(load(r3 + k * L), m, c, s, q, hi, lo, fi, a, f3);
+        acc->cnt[k] = c, acc->sum[k] = s, acc->m2[k] = q, acc->mx[k] = hi, acc->mn[k] = lo, acc->fire[k] = fi,
+        acc->act[k] = a;
       }
-      l0o[r] += static_cast<int32_t>(hsum(f0) + tail(r0));
-      l0o[r + 1] += static_cast<int32_t>(hsum(f1) + tail(r1));
-      l0o[r + 2] += static_cast<int32_t>(hsum(f2) + tail(r2));
-      l0o[r + 3] += static_cast<int32_t>(hsum(f3) + tail(r3));
+      l0o[r] += static_cast<int32_t>(hsum(f0) + tail(r0, sh));
+      l0o[r + 1] += static_cast<int32_t>(hsum(f1) + tail(r1, sh));
+      l0o[r + 2] += static_cast<int32_t>(hsum(f2) + tail(r2, sh));
+      l0o[r + 3] += static_cast<int32_t>(hsum(f3) + tail(r3, sh));
     }
     for (; r < rows; ++r) {
       const T* row = x + r * stride;
       V fired = zero;
       for (int64_t k = 0; k < nfull; ++k) {
-        V c = acc->cnt[k], s = acc->sum[k], hi = acc->mx[k], lo = acc->mn[k], fi = acc->fire[k], a = acc->act[k];
-        st(load(row + k * L), c, s, hi, lo, fi, a, fired);
-        acc->cnt[k] = c, acc->sum[k] = s, acc->mx[k] = hi, acc->mn[k] = lo, acc->fire[k] = fi, acc->act[k] = a;
+        V c = acc->cnt[k], s = acc->sum[k], q = acc->m2[k], hi = acc->mx[k], lo = acc->mn[k], fi = acc->fire[k],
+          a = acc->act[k];
+        st(load(row + k * L), acc->shift[k], c, s, q, hi, lo, fi, a, fired);
+        acc->cnt[k] = c, acc->sum[k] = s, acc->m2[k] = q, acc->mx[k] = hi, acc->mn[k] = lo, acc->fire[k] = fi,
+        acc->act[k] = a;
       }
-      l0o[r] += static_cast<int32_t>(hsum(fired) + tail(row));
+      l0o[r] += static_cast<int32_t>(hsum(fired) + tail(row, sh));
     }
   };
   // Fast pass 1 assumes every value is finite (the common case): no finiteness masks, and
   // the extrema are plain max/min. The tile's sums then prove it: a NaN or an infinity
   // anywhere makes its lane's sum non-finite, and the tile is redone with the checked step.
-  auto fast = [&](const V v, V&, V& s, V& hi, V& lo, V& fi, V& a, V& fired) __attribute__((always_inline)) {
+  // With `shifted` it is the whole tile in one pass: deviations from the caller's shift (the
+  // feature's running mean, within a few standard deviations of this tile's mean) and their
+  // squares, so M2 = sum d^2 - (sum d)^2 / n loses nothing to cancellation; without it,
+  // plain sums and pass 2 below.
+  auto fast = [&](const V v, const V, V&, V& s, V&, V& hi, V& lo, V& fi, V& a, V& fired)
+                  __attribute__((always_inline)) {
     const auto fire = v > th;
     const V ff = fire ? one : zero;
     s += v;
@@ -182,8 +205,24 @@ static inline __attribute__((always_inline)) void tile_body(const T* __restrict_
     a += fire ? v : zero;
     fired += ff;
   };
+  auto fast_shifted = [&](const V v, const V m, V&, V& s, V& q, V& hi, V& lo, V& fi, V& a, V& fired)
+                          __attribute__((always_inline)) {
+    const auto fire = v > th;
+    const V ff = fire ? one : zero;
+    const V d = v - m;
+    s += d;
+    q += d * d;
+    hi = hi > v ? hi : v;
+    lo = lo < v ? lo : v;
+    fi += ff;
+    a += fire ? v : zero;
+    fired += ff;
+  };
   int32_t l0_fast[kTile] = {};
-  pass1(fast, l0_fast);
+  if (shifted)
+    pass1(fast_shifted, l0_fast, true);
+  else
+    pass1(fast, l0_fast, false);
   bool finite = true;
   for (int64_t k = 0; k < nfull; ++k) {
     const auto ok = (acc->sum[k] - acc->sum[k]) == zero;
@@ -192,12 +231,16 @@ static inline __attribute__((always_inline)) void tile_body(const T* __restrict_
   if (finite) {
     for (int64_t k = 0; k < nfull; ++k) acc->cnt[k] = zero + static_cast<T>(rows);
     for (int64_t r = 0; r < rows; ++r) l0[r] += l0_fast[r];
+    if (shifted) {  // the tail lanes' counts come from `tail`, which ran exactly
+      for (int64_t k = 0; k < nv; ++k) acc->dev[k] = acc->sum[k];
+      return;
+    }
   } else {
     for (int64_t k = 0; k < nv; ++k) {
       acc->cnt[k] = zero, acc->sum[k] = zero, acc->fire[k] = zero, acc->act[k] = zero, acc->m2[k] = zero;
       acc->mx[k] = -inf, acc->mn[k] = inf;
     }
-    pass1(step, l0);
+    pass1(step, l0, false);
   }
   // Pass 2 (from cache): deviations from the pass-1 mean. Their sum corrects that mean,
   // whose float32 rounding (up to ~kTile ulp of |mean|) would otherwise pass into every
@@ -234,23 +277,23 @@ static inline __attribute__((always_inline)) void tile_body(const T* __restrict_
 
 SUPANALYSIS_TARGET_CLONES void tile_f32(const float* x, int64_t rows, int64_t stride,
                                                                  int64_t w, float thr, TileAcc<float>* acc,
-                                                                 int32_t* l0, const float* next) {
-  tile_body<float>(x, rows, stride, w, thr, acc, l0, next);
+                                                                 int32_t* l0, const float* next, bool shifted) {
+  tile_body<float>(x, rows, stride, w, thr, acc, l0, next, shifted);
 }
 
 SUPANALYSIS_TARGET_CLONES void tile_f64(const double* x, int64_t rows, int64_t stride,
                                                                  int64_t w, double thr, TileAcc<double>* acc,
-                                                                 int32_t* l0, const double* next) {
-  tile_body<double>(x, rows, stride, w, thr, acc, l0, next);
+                                                                 int32_t* l0, const double* next, bool shifted) {
+  tile_body<double>(x, rows, stride, w, thr, acc, l0, next, shifted);
 }
 
 inline void run_tile(const float* x, int64_t rows, int64_t stride, int64_t w, double thr, TileAcc<float>* acc,
-                     int32_t* l0, float*, const float* next) {
-  tile_f32(x, rows, stride, w, threshold_f32(thr), acc, l0, next);
+                     int32_t* l0, float*, const float* next, bool shifted) {
+  tile_f32(x, rows, stride, w, threshold_f32(thr), acc, l0, next, shifted);
 }
 inline void run_tile(const double* x, int64_t rows, int64_t stride, int64_t w, double thr, TileAcc<double>* acc,
-                     int32_t* l0, float*, const double* next) {
-  tile_f64(x, rows, stride, w, thr, acc, l0, next);
+                     int32_t* l0, float*, const double* next, bool shifted) {
+  tile_f64(x, rows, stride, w, thr, acc, l0, next, shifted);
 }
 // Half and bfloat16: widen the tile once into a float buffer (eight values per step, by
 // bit arithmetic, so it vectorises on any ISA), then the float path.
@@ -312,40 +355,84 @@ SUPANALYSIS_TARGET_CLONES void widen_f16(const c10::Half* x, int64_t rows, int64
 
 template <typename H>
 inline void run_tile(const H* x, int64_t rows, int64_t stride, int64_t w, double thr, TileAcc<float>* acc,
-                     int32_t* l0, float* buf, const H* next) {
+                     int32_t* l0, float* buf, const H* next, bool shifted) {
   if constexpr (std::is_same_v<H, c10::BFloat16>)
     widen_bf16(x, rows, stride, w, buf, next);
   else
     widen_f16(x, rows, stride, w, buf, next);
-  tile_f32(buf, rows, kChunk, w, threshold_f32(thr), acc, l0, nullptr);
+  tile_f32(buf, rows, kChunk, w, threshold_f32(thr), acc, l0, nullptr, shifted);
 }
 
 template <typename scalar_t>
 using acc_type_t = std::conditional_t<std::is_same_v<scalar_t, double>, double, float>;
 
 // Running float64 state of one thread for every feature; merged across threads at the end.
+// Counts are float64 too (exact below 2^53) so that the merge below is one vector loop.
 struct State {
-  std::vector<int64_t> cnt, fire;
-  std::vector<double> mean, m2, mx, mn, act;
+  std::vector<double> cnt, fire, mean, m2, mx, mn, act;
   explicit State(int64_t n)
-      : cnt(n, 0), fire(n, 0), mean(n, 0.0), m2(n, 0.0), mx(n, -INFINITY), mn(n, INFINITY), act(n, 0.0) {}
-
-  // Chan merge of (nb, mean_b, m2_b, ...) into feature f.
-  inline void merge(int64_t f, int64_t nb, double mb, double m2b, double hi, double lo, int64_t fb, double ab) {
-    if (nb > 0) {
-      const int64_t na = cnt[f];
-      const double nab = static_cast<double>(na + nb);
-      const double delta = mb - mean[f];
-      mean[f] += delta * (static_cast<double>(nb) / nab);
-      m2[f] += m2b + delta * delta * (static_cast<double>(na) * static_cast<double>(nb) / nab);
-      cnt[f] = na + nb;
-      mx[f] = std::max(mx[f], hi);
-      mn[f] = std::min(mn[f], lo);
-    }
-    fire[f] += fb;
-    act[f] += ab;
-  }
+      : cnt(n, 0.0), fire(n, 0.0), mean(n, 0.0), m2(n, 0.0), mx(n, -INFINITY), mn(n, INFINITY), act(n, 0.0) {}
 };
+
+// Chan merge of w features' partial moments into st[f0, f0 + w), branch-free so that it
+// vectorises (it runs once per sub-tile: as a scalar loop it cost ~10% of the kernel). With
+// `Corrected` the partials are a tile's corrected two-pass sums (mean = shift + dev / n,
+// M2 = m2 - dev^2 / n); without, another state's mean and M2.
+template <bool Corrected, typename S>
+static inline __attribute__((always_inline)) void merge_body(State& st, int64_t f0, int64_t w, const S* cnt,
+                                                             const S* mean, const S* dev, const S* m2, const S* mx,
+                                                             const S* mn, const S* fire, const S* act) {
+  double* __restrict__ c = st.cnt.data() + f0;
+  double* __restrict__ mu = st.mean.data() + f0;
+  double* __restrict__ q = st.m2.data() + f0;
+  double* __restrict__ hi = st.mx.data() + f0;
+  double* __restrict__ lo = st.mn.data() + f0;
+  double* __restrict__ fi = st.fire.data() + f0;
+  double* __restrict__ ac = st.act.data() + f0;
+  for (int64_t j = 0; j < w; ++j) {
+    const double nb = static_cast<double>(cnt[j]);
+    const bool live = nb > 0.0;
+    double mb = static_cast<double>(mean[j]), m2b = static_cast<double>(m2[j]);
+    if constexpr (Corrected) {
+      const double d = static_cast<double>(dev[j]);
+      const double inv = 1.0 / (live ? nb : 1.0);
+      mb += d * inv;
+      // Clamped: for a constant feature m2 and dev^2 / n are both ~0 and may round apart.
+      m2b = std::max(0.0, m2b - d * d * inv);
+    }
+    const double na = c[j], nab = na + nb;
+    const double wb = nb / (live ? nab : 1.0);
+    const double delta = mb - mu[j];
+    mu[j] = live ? mu[j] + delta * wb : mu[j];
+    q[j] = live ? q[j] + m2b + delta * delta * na * wb : q[j];
+    c[j] = nab;
+    hi[j] = std::max(hi[j], static_cast<double>(mx[j]));
+    lo[j] = std::min(lo[j], static_cast<double>(mn[j]));
+    fi[j] += static_cast<double>(fire[j]);
+    ac[j] += static_cast<double>(act[j]);
+  }
+}
+template <typename T>
+static inline const T* lanes(const typename Lanes<T>::vec* v) {
+  return reinterpret_cast<const T*>(v);  // a vector is an array of its lanes
+}
+template <typename T>
+static inline __attribute__((always_inline)) void merge_tile_body(State& st, int64_t f0, int64_t w,
+                                                                  const TileAcc<T>& a) {
+  merge_body<true>(st, f0, w, lanes<T>(a.cnt), lanes<T>(a.shift), lanes<T>(a.dev), lanes<T>(a.m2), lanes<T>(a.mx),
+                   lanes<T>(a.mn), lanes<T>(a.fire), lanes<T>(a.act));
+}
+SUPANALYSIS_TARGET_CLONES void merge_tile(State& st, int64_t f0, int64_t w, const TileAcc<float>& a) {
+  merge_tile_body(st, f0, w, a);
+}
+SUPANALYSIS_TARGET_CLONES void merge_tile(State& st, int64_t f0, int64_t w, const TileAcc<double>& a) {
+  merge_tile_body(st, f0, w, a);
+}
+SUPANALYSIS_TARGET_CLONES void merge_state(State& st, const State& o) {
+  merge_body<false>(st, 0, static_cast<int64_t>(st.cnt.size()), o.cnt.data(), o.mean.data(),
+                    static_cast<const double*>(nullptr), o.m2.data(), o.mx.data(), o.mn.data(), o.fire.data(),
+                    o.act.data());
+}
 
 template <typename scalar_t>
 void stats_kernel(const scalar_t* __restrict__ x, int64_t T, int64_t n, int64_t row_stride, double threshold,
@@ -390,29 +477,27 @@ void stats_kernel(const scalar_t* __restrict__ x, int64_t T, int64_t n, int64_t 
         const scalar_t* next = !last_chunk             ? x + t0 * row_stride + f0 + kChunk
                                : t0 + kTile + rows <= T ? x + (t0 + kTile) * row_stride
                                                         : nullptr;
-        run_tile(x + t0 * row_stride + f0, rows, row_stride, w, threshold, &acc, l0 + t0, buf.data(), next);
-        for (int64_t j = 0; j < w; ++j) {
-          const int64_t nb = static_cast<int64_t>(acc.lane(acc.cnt, j));
-          // Corrected two-pass: mean = shift + dev / n, M2 = m2 - dev^2 / n, in float64.
-          const double dev = static_cast<double>(acc.lane(acc.dev, j));
-          const double inv = nb ? 1.0 / static_cast<double>(nb) : 0.0;
-          const double mb = nb ? static_cast<double>(acc.lane(acc.shift, j)) + dev * inv : 0.0;
-          // Clamped: for a constant feature m2 and dev^2 / n are both ~0 and may round apart.
-          const double m2b = std::max(0.0, static_cast<double>(acc.lane(acc.m2, j)) - dev * dev * inv);
-          st.merge(f0 + j, nb, mb, m2b, static_cast<double>(acc.lane(acc.mx, j)),
-                   static_cast<double>(acc.lane(acc.mn, j)), static_cast<int64_t>(acc.lane(acc.fire, j)),
-                   static_cast<double>(acc.lane(acc.act, j)));
-        }
+        // One pass about the feature's running mean once the thread has seen a finite value
+        // of every feature in the chunk (rounded to the compute precision, an exact shift);
+        // before that, the tile's own two-pass mean. A tile whose mean sits a distance D from
+        // the running mean loses float32 digits of its own M2 as (D / spread)^2, but the merge
+        // adds ~rows * D^2 to the feature's M2 for that same distance, so the error stays at
+        // float32 rounding of the total (drifting features included).
+        bool shifted = true;
+        for (int64_t j = 0; j < w; ++j) shifted &= st.cnt[f0 + j] > 0;
+        if (shifted)
+          for (int64_t j = 0; j < w; ++j)
+            acc.shift[j / TileAcc<acc_t>::L][j % TileAcc<acc_t>::L] = static_cast<acc_t>(st.mean[f0 + j]);
+        run_tile(x + t0 * row_stride + f0, rows, row_stride, w, threshold, &acc, l0 + t0, buf.data(), next, shifted);
+        merge_tile(st, f0, w, acc);
       }
     }
   }
   State& out = states[0];
-  for (int p = 1; p < P; ++p) {
-    const State& o = states[p];
-    for (int64_t f = 0; f < n; ++f) out.merge(f, o.cnt[f], o.mean[f], o.m2[f], o.mx[f], o.mn[f], o.fire[f], o.act[f]);
-  }
-  std::copy(out.cnt.begin(), out.cnt.end(), finite_count);
-  std::copy(out.fire.begin(), out.fire.end(), fire_count);
+  for (int p = 1; p < P; ++p) merge_state(out, states[p]);
+  auto to_count = [](double v) { return static_cast<int64_t>(v); };
+  std::transform(out.cnt.begin(), out.cnt.end(), finite_count, to_count);
+  std::transform(out.fire.begin(), out.fire.end(), fire_count, to_count);
   std::copy(out.mean.begin(), out.mean.end(), mean);
   std::copy(out.m2.begin(), out.m2.end(), m2);
   std::copy(out.mx.begin(), out.mx.end(), vmax);
