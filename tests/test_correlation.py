@@ -85,6 +85,30 @@ def test_best_match_ops_agree_on_ties(backend_device):
     assert got[3].tolist() == [0, 0, 0]
 
 
+# (9, 16389): three of the C++ sweep's 8,192-column blocks, the tied column in the last one.
+@pytest.mark.parametrize("na,nb", [(97, 1025), (513, 77), (6, 3), (9, 16389)])
+def test_best_match_equals_reference_with_constant_features_and_ties(backend_device, na, nb):
+    """Constant rows and columns scattered (so groups of rows mix live and constant ones),
+    duplicated rows and columns (exact ties: the first index wins), every output exactly the
+    float64 reference's, which computes the same products."""
+    backend, device = backend_device
+    from supanalysis.ops.correlation import best_match, best_match_reference
+
+    if interpreting(backend, device):
+        na, nb = min(na, 40), min(nb, 70)
+    g = torch.Generator().manual_seed(na * nb)
+    C = torch.randn(na, nb, generator=g, dtype=torch.float64)
+    ia = torch.rand(na, generator=g, dtype=torch.float64) + 0.5
+    ib = torch.rand(nb, generator=g, dtype=torch.float64) + 0.5
+    ia[1::5], ib[2::3] = 0.0, 0.0
+    C[:, -1], ib[-1] = C[:, 0], ib[0]  # a later column equal to the first: row ties
+    C[-1], ia[-1] = C[0], ia[0]  # a later row equal to the first: column ties
+    got = best_match(C.to(device), ia.to(device), ib.to(device), backend=backend)
+    ref = best_match_reference(C, ia, ib)
+    for name, g_, r in zip(("max_a", "arg_a", "max_b", "arg_b"), got, ref):
+        assert torch.equal(g_.cpu(), r), name
+
+
 def test_large_offset_precision():
     # 10^6 tokens around a common offset of 1e6: raw-sum E[xy] - E[x]E[y] in float64 loses
     # ~1e-16 * 1e12 per term of a unit covariance; the centred Chan state keeps ~1e-9.
