@@ -78,6 +78,10 @@ def build_stats(d: Dims, dtype, device) -> Calls:
     x = torch.randn(d["T"], d["n"], device=device).to(dtype)
     calls: Calls = {b: partial(f, x, 0.0) for b, f in AS.IMPLS.items()}
     calls["user"] = partial(stats_user, x)
+    # One read of the same tensor, timed right beside the backends (after the eager
+    # baseline, as they are): the ratio, without the drift between this case and
+    # the run's limit row.
+    calls["bare x.sum()"] = x.sum
     return calls
 
 

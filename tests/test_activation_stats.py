@@ -130,6 +130,70 @@ def test_chunked_pass_with_non_finite_entries_mid_stream(backend_device, n, dtyp
             assert_tolerance_rule(g_, r, same[name], atol=1e-6 * scale, what=f"{dtype} {name}")
 
 
+def test_features_that_jump_or_drift_far_from_their_early_values(backend_device):
+    """Kernels that take deviations from a running mean must stay at float32 rounding of the
+    total M2 when a feature leaves its early values far behind: zeros, then values 1e4 above
+    them; and a steady drift of 3e3 over the batch (the mean lags the values throughout)."""
+    backend, device = backend_device
+    g = torch.Generator().manual_seed(7)
+    T = 2000
+    x = torch.randn(T, 16, generator=g, dtype=torch.float64)
+    x[:700, :8] = 0.0
+    x[700:, :8] += 1e4
+    x[:, 8:] += torch.linspace(0, 3e3, T, dtype=torch.float64)[:, None]
+    x = x.float()
+    got = sa.activation_stats(x.to(device), 0.0, backend=backend)
+    ref = activation_stats_reference(x.double(), 0.0)
+    same = same_dtype_stats(x, 0.0)
+    for cols, what in ((slice(0, 8), "jump"), (slice(8, 16), "drift")):
+        m2 = ref[3][cols]
+        assert_tolerance_rule(got.m2[cols], m2, same["m2"][cols], atol=1e-7 * m2.max().item(), what=f"{what} m2")
+        assert_tolerance_rule(got.mean[cols], ref[2][cols], same["mean"][cols], atol=1e-3, what=f"{what} mean")
+
+
+@pytest.mark.parametrize("threads", [1, 2])
+def test_a_far_shift_falls_back_to_the_two_pass(backend_device, threads):
+    """One-pass kernels (deviations from an earlier mean, then M2 = sum d^2 - (sum d)^2 / n)
+    must notice when a tile's mean is far from that shift and take deviations from the
+    tile's own mean instead: a jump of 1e4 at a tile boundary, and a feature whose only
+    early finite value is an outlier (its first mean is that value). Both cancelled in
+    float32 to ~10x the error of a float32 two-pass before the check existed."""
+    backend, device = backend_device
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        g = torch.Generator().manual_seed(threads)
+        jump = torch.randn(1024, 8, generator=g)
+        jump[128:] += 1e4
+        outlier = torch.randn(1024, 8, generator=g)
+        outlier[:128, 0] = float("nan")
+        outlier[0, 0] = 1000.0
+        for x, what in ((jump, "jump"), (outlier, "outlier first")):
+            got = sa.activation_stats(x.to(device), 0.5, backend=backend)
+            ref = activation_stats_reference(x.double(), 0.5)
+            same = same_dtype_stats(x, 0.5)
+            assert_tolerance_rule(got.m2, ref[3], same["m2"], atol=1e-6 * 16 * 1024, what=f"{what} m2")
+            assert_tolerance_rule(got.mean, ref[2], same["mean"], atol=4e-6, what=f"{what} mean")
+    finally:
+        torch.set_num_threads(before)
+
+
+def test_large_values_keep_finite_moments(backend_device):
+    """Deviations whose squares overflow float32 over a tile (values near 2e18 after zeros,
+    0.1% apart) are redone about the tile's mean, where they are ~2e15; a float64 constant
+    of 1e200 has M2 0, not NaN (0 * inf in the merge into an empty state)."""
+    backend, device = backend_device
+    x = torch.zeros(256, 1)
+    x[128:] = 2e18 * (1 + 1e-3 * torch.randn(128, 1, generator=torch.Generator().manual_seed(0)))
+    got = sa.activation_stats(x.to(device), 0.5, backend=backend)
+    ref = activation_stats_reference(x.double(), 0.5)
+    assert torch.isfinite(got.m2).all(), got.m2
+    assert got.m2.cpu().double().sub(ref[3]).abs().item() <= 1e-6 * ref[3].item()
+    if backend != "triton" or device != "cpu":  # no float64 arithmetic change under the interpreter
+        big = sa.activation_stats(torch.full((10, 3), 1e200, dtype=torch.float64).to(device), 0.0, backend=backend)
+        assert big.m2.cpu().tolist() == [0.0] * 3 and big.mean.cpu().tolist() == [1e200] * 3
+
+
 @pytest.mark.parametrize("lead", [32, 45])  # one whole chunk, and past a chunk boundary
 def test_leading_non_finite_rows_then_offset_values(backend_device, lead):
     """Features whose first rows are all NaN (left padding) and whose values then sit 1e4

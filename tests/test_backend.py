@@ -24,6 +24,31 @@ def test_cpp_extension_loaded_when_required():
         assert ext.with_openmp
 
 
+_SMALL_TEAM = """
+import torch
+from supanalysis.ops.activation_stats import activation_stats_cpu
+from supanalysis.ops.correlation import best_match_cpu, best_match_reference
+torch.set_num_threads(2)
+assert activation_stats_cpu(torch.randn(512, 4), 0.0)[0].tolist() == [512] * 4
+C, ones = torch.randn(8, 5, dtype=torch.float64), torch.ones(8, dtype=torch.float64)
+got, want = best_match_cpu(C, ones, ones[:5]), best_match_reference(C, ones, ones[:5])
+assert all(torch.equal(g, w) for g, w in zip(got, want)), (got, want)
+"""
+
+
+@pytest.mark.skipif(_backend.native() is None, reason="needs the C++ extension")
+def test_cpp_kernels_split_work_over_the_team_they_get():
+    """OpenMP may run a parallel region with fewer threads than asked for (here a thread limit
+    of 1 under 2 requested): the dense stats and best_match kernels split their work over the
+    threads that exist, so nothing is skipped (they once counted half the tokens)."""
+    import subprocess
+    import sys
+
+    env = {**os.environ, "OMP_THREAD_LIMIT": "1"}
+    out = subprocess.run([sys.executable, "-c", _SMALL_TEAM], env=env, capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-2000:]
+
+
 def test_backends_reports_every_backend():
     st = sa.backends()
     assert set(st) == set(sa.BACKENDS)

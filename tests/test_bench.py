@@ -55,6 +55,8 @@ def test_quick_table_has_limits_and_every_requested_op(tmp_path):
         assert math.isclose(timed["user"]["vs_user"], 1)
     gram = [r for r in rows if r["op"] == "interference" and r["backend"] in ("bare W@W.T", "cpp")]
     assert len(gram) == 2 and all(finite_positive(r["vs_bare"]) for r in gram)  # vs the bare Gram
+    reads = [r for r in rows if r["op"] == "stats" and r["backend"] in ("bare x.sum()", "cpp")]
+    assert len(reads) == 2 and all(finite_positive(r["vs_bare"]) for r in reads)  # vs one read of x
 
     text = md.read_text()
     assert "| limit |" in text and "| stats |" in text and "| interference |" in text

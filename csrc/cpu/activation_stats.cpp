@@ -7,12 +7,16 @@
 // the threads' states are merged in thread order at the end. Accumulating a sub-tile in
 // float32 and merging in float64 keeps the inner loop vectorisable without the
 // cancellation of raw sums.
-// The common sub-tile is one pass: deviations from the feature's running mean (which the
-// thread already holds) and their squares give the corrected moments. A thread's first
-// sub-tile of a chunk, which has no running mean yet, takes two: its own mean, then the
-// deviations from that mean, from cache. Either fast pass assumes every value is finite
-// (no masks, plain max/min); the tile's own sums verify the assumption, and a tile holding
-// a NaN or an infinity is redone with the checked step, so the result is the same either way.
+// The common sub-tile is one pass: deviations from a shift (the feature's mean in the
+// thread's previous sub-tile of it, 0 before there is one) and their squares give the
+// tile's mean and M2 (M2 = sum d^2 - (sum d)^2 / n). That is as precise as a two-pass
+// only while the tile's mean stays near the shift, so every lane is checked: if
+// n (mean - shift)^2 exceeds a third of the lane's M2 (a drift, a jump, a first tile of
+// offset values) the sub-tile takes a second pass, from cache, of deviations from its own
+// mean (the corrected two-pass); a lane whose values are all equal is exact either way.
+// Pass 1 assumes every value is finite (no masks, plain max/min); the tile's own sums
+// verify the assumption, and a tile holding a NaN or an infinity is redone with the checked
+// step and the two-pass moments.
 #include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
 #include <c10/util/BFloat16.h>
@@ -60,13 +64,16 @@ struct Lanes<double> {
 };
 
 // Per-lane tile results: count of finite values, sum, extrema, firing count and sum, and
-// the corrected two-pass moments about the tile's first-pass mean `shift` (all in the
-// compute precision T): dev = sum of (v - shift), m2 = sum of (v - shift)^2.
+// the moments about `shift` (the one-pass shift, or the two-pass mean; all in the compute
+// precision T): dev = sum of (v - shift), m2 = sum of (v - shift)^2.
 template <typename T>
 struct TileAcc {
   static constexpr int L = Lanes<T>::L;
   static constexpr int NV = kChunk / L;
   typename Lanes<T>::vec cnt[NV], sum[NV], mx[NV], mn[NV], fire[NV], act[NV], m2[NV], shift[NV], dev[NV];
+  // Input with `shift`: the sum of squared deviations up to which the one-pass rounding is
+  // small next to the feature's own spread so far (4/3 of a tile's share of its M2).
+  typename Lanes<T>::vec budget[NV];
 };
 
 template <typename T>
@@ -80,7 +87,7 @@ static inline __attribute__((always_inline)) typename Lanes<T>::vec load(const T
 template <typename T>
 static inline __attribute__((always_inline)) void tile_body(const T* __restrict__ x, int64_t rows, int64_t stride,
                                                             int64_t w, T thr, TileAcc<T>* __restrict__ acc,
-                                                            int32_t* __restrict__ l0, const T* next, bool shifted) {
+                                                            int32_t* __restrict__ l0, const T* next) {
   using V = typename Lanes<T>::vec;
   constexpr int L = Lanes<T>::L;
   const int64_t nfull = w / L;        // whole vectors
@@ -91,7 +98,6 @@ static inline __attribute__((always_inline)) void tile_body(const T* __restrict_
   for (int64_t k = 0; k < nv; ++k) {
     acc->cnt[k] = zero, acc->sum[k] = zero, acc->fire[k] = zero, acc->act[k] = zero, acc->m2[k] = zero;
     acc->mx[k] = -inf, acc->mn[k] = inf;
-    if (!shifted) acc->shift[k] = zero;
   }
   // Pass 1 (the only read from memory): counts, sums, extrema, firing. Rows go four at a
   // time so each accumulator vector is loaded and stored once per four rows: with one row
@@ -112,9 +118,9 @@ static inline __attribute__((always_inline)) void tile_body(const T* __restrict_
     a += fire ? v : zero;
     fired += ff;
   };
-  // At most L-1 features, last chunk only. `shifted`: the fast one-pass step's sums (every
+  // At most L-1 features, last chunk only. `sh`: the fast one-pass step's sums (every
   // value finite, else the tile is redone), deviations from the shift and their squares.
-  auto tail = [&](const T* row, bool shifted) __attribute__((always_inline)) {
+  auto tail = [&](const T* row, bool sh) __attribute__((always_inline)) {
     T nfired = 0;
     for (int64_t j = nfull * L; j < w; ++j) {
       const T v = row[j];
@@ -122,7 +128,7 @@ static inline __attribute__((always_inline)) void tile_body(const T* __restrict_
       const bool fin = std::abs(v) <= std::numeric_limits<T>::max();
       const bool fire = fin && v > thr;
       acc->cnt[k][q] += fin;
-      if (shifted) {
+      if (sh) {
         const T d = fin ? v - acc->shift[k][q] : T(0);
         acc->sum[k][q] += d;
         acc->m2[k][q] += d * d;
@@ -190,23 +196,10 @@ static inline __attribute__((always_inline)) void tile_body(const T* __restrict_
   // Fast pass 1 assumes every value is finite (the common case): no finiteness masks, and
   // the extrema are plain max/min. The tile's sums then prove it: a NaN or an infinity
   // anywhere makes its lane's sum non-finite, and the tile is redone with the checked step.
-  // With `shifted` it is the whole tile in one pass: deviations from the caller's shift (the
-  // feature's running mean, within a few standard deviations of this tile's mean) and their
-  // squares, so M2 = sum d^2 - (sum d)^2 / n loses nothing to cancellation; without it,
-  // plain sums and pass 2 below.
-  auto fast = [&](const V v, const V, V&, V& s, V&, V& hi, V& lo, V& fi, V& a, V& fired)
+  // It sums deviations from the caller's shift and their squares (checked below), where
+  // the checked step sums the values for pass 2. (The two steps share one signature.)
+  auto fast = [&](const V v, const V m, V&, V& s, V& q, V& hi, V& lo, V& fi, V& a, V& fired)
                   __attribute__((always_inline)) {
-    const auto fire = v > th;
-    const V ff = fire ? one : zero;
-    s += v;
-    hi = hi > v ? hi : v;
-    lo = lo < v ? lo : v;
-    fi += ff;
-    a += fire ? v : zero;
-    fired += ff;
-  };
-  auto fast_shifted = [&](const V v, const V m, V&, V& s, V& q, V& hi, V& lo, V& fi, V& a, V& fired)
-                          __attribute__((always_inline)) {
     const auto fire = v > th;
     const V ff = fire ? one : zero;
     const V d = v - m;
@@ -219,10 +212,7 @@ static inline __attribute__((always_inline)) void tile_body(const T* __restrict_
     fired += ff;
   };
   int32_t l0_fast[kTile] = {};
-  if (shifted)
-    pass1(fast_shifted, l0_fast, true);
-  else
-    pass1(fast, l0_fast, false);
+  pass1(fast, l0_fast, true);
   bool finite = true;
   for (int64_t k = 0; k < nfull; ++k) {
     const auto ok = (acc->sum[k] - acc->sum[k]) == zero;
@@ -231,10 +221,6 @@ static inline __attribute__((always_inline)) void tile_body(const T* __restrict_
   if (finite) {
     for (int64_t k = 0; k < nfull; ++k) acc->cnt[k] = zero + static_cast<T>(rows);
     for (int64_t r = 0; r < rows; ++r) l0[r] += l0_fast[r];
-    if (shifted) {  // the tail lanes' counts come from `tail`, which ran exactly
-      for (int64_t k = 0; k < nv; ++k) acc->dev[k] = acc->sum[k];
-      return;
-    }
   } else {
     for (int64_t k = 0; k < nv; ++k) {
       acc->cnt[k] = zero, acc->sum[k] = zero, acc->fire[k] = zero, acc->act[k] = zero, acc->m2[k] = zero;
@@ -242,14 +228,42 @@ static inline __attribute__((always_inline)) void tile_body(const T* __restrict_
     }
     pass1(step, l0, false);
   }
+  V* mean = acc->shift;
+  if (finite) {
+    // The one-pass moments stand where their rounding (~ q = sum d^2 in float32 ulps) is no
+    // larger than a two-pass's would be, up to a third more: where the tile's mean is near
+    // the shift (n (mean - shift)^2 = s^2 / n at most a third of M2 = q - s^2 / n, i.e.
+    // 4 s^2 <= n q), or where q is within the budget (4/3 of the M2 a tile of this feature
+    // has carried so far: a sparse feature's quiet tile after a busy one), and q is finite.
+    // A constant lane is exact whatever its shift: mean = its value, M2 = 0. (The tail
+    // lanes' counts come from `tail`, which ran exactly.)
+    bool one_pass = true;
+    for (int64_t k = 0; k < nv; ++k) {
+      const V sd = acc->sum[k], q = acc->m2[k], n = acc->cnt[k];
+      const auto flat = acc->mx[k] == acc->mn[k];
+      const auto near = (sd * sd * T(4) <= n * q) | (q <= acc->budget[k]);
+      const auto ok = flat | (((q - q) == zero) & near);
+      for (int l = 0; l < L; ++l) one_pass &= ok[l] != 0;
+      acc->shift[k] = flat ? acc->mx[k] : acc->shift[k];
+      acc->dev[k] = flat ? zero : sd;
+      acc->m2[k] = flat ? zero : q;
+    }
+    if (one_pass) return;
+    // Pass 2 for the whole sub-tile, about the one-pass mean (shift + sum d / n).
+    for (int64_t k = 0; k < nv; ++k) {
+      const V n = acc->cnt[k] > zero ? acc->cnt[k] : one;
+      mean[k] = acc->cnt[k] > zero ? acc->shift[k] + acc->dev[k] / n : zero;
+      acc->m2[k] = zero, acc->dev[k] = zero;
+    }
+  } else {
+    for (int64_t k = 0; k < nv; ++k) {
+      mean[k] = acc->cnt[k] > zero ? acc->sum[k] / (acc->cnt[k] > zero ? acc->cnt[k] : one) : zero;
+      acc->dev[k] = zero;
+    }
+  }
   // Pass 2 (from cache): deviations from the pass-1 mean. Their sum corrects that mean,
   // whose float32 rounding (up to ~kTile ulp of |mean|) would otherwise pass into every
   // Chan merge: with a mean 2,000 standard deviations from 0 it cost 1e-4 of M2.
-  V* mean = acc->shift;
-  for (int64_t k = 0; k < nv; ++k) {
-    mean[k] = acc->cnt[k] > zero ? acc->sum[k] / (acc->cnt[k] > zero ? acc->cnt[k] : one) : zero;
-    acc->dev[k] = zero;
-  }
   for (int64_t r2 = 0; r2 < rows; r2 += 4) {
     const int64_t nr = std::min<int64_t>(4, rows - r2);
     const T* row = x + r2 * stride;
@@ -277,23 +291,23 @@ static inline __attribute__((always_inline)) void tile_body(const T* __restrict_
 
 SUPANALYSIS_TARGET_CLONES void tile_f32(const float* x, int64_t rows, int64_t stride,
                                                                  int64_t w, float thr, TileAcc<float>* acc,
-                                                                 int32_t* l0, const float* next, bool shifted) {
-  tile_body<float>(x, rows, stride, w, thr, acc, l0, next, shifted);
+                                                                 int32_t* l0, const float* next) {
+  tile_body<float>(x, rows, stride, w, thr, acc, l0, next);
 }
 
 SUPANALYSIS_TARGET_CLONES void tile_f64(const double* x, int64_t rows, int64_t stride,
                                                                  int64_t w, double thr, TileAcc<double>* acc,
-                                                                 int32_t* l0, const double* next, bool shifted) {
-  tile_body<double>(x, rows, stride, w, thr, acc, l0, next, shifted);
+                                                                 int32_t* l0, const double* next) {
+  tile_body<double>(x, rows, stride, w, thr, acc, l0, next);
 }
 
 inline void run_tile(const float* x, int64_t rows, int64_t stride, int64_t w, double thr, TileAcc<float>* acc,
-                     int32_t* l0, float*, const float* next, bool shifted) {
-  tile_f32(x, rows, stride, w, threshold_f32(thr), acc, l0, next, shifted);
+                     int32_t* l0, float*, const float* next) {
+  tile_f32(x, rows, stride, w, threshold_f32(thr), acc, l0, next);
 }
 inline void run_tile(const double* x, int64_t rows, int64_t stride, int64_t w, double thr, TileAcc<double>* acc,
-                     int32_t* l0, float*, const double* next, bool shifted) {
-  tile_f64(x, rows, stride, w, thr, acc, l0, next, shifted);
+                     int32_t* l0, float*, const double* next) {
+  tile_f64(x, rows, stride, w, thr, acc, l0, next);
 }
 // Half and bfloat16: widen the tile once into a float buffer (eight values per step, by
 // bit arithmetic, so it vectorises on any ISA), then the float path.
@@ -355,12 +369,12 @@ SUPANALYSIS_TARGET_CLONES void widen_f16(const c10::Half* x, int64_t rows, int64
 
 template <typename H>
 inline void run_tile(const H* x, int64_t rows, int64_t stride, int64_t w, double thr, TileAcc<float>* acc,
-                     int32_t* l0, float* buf, const H* next, bool shifted) {
+                     int32_t* l0, float* buf, const H* next) {
   if constexpr (std::is_same_v<H, c10::BFloat16>)
     widen_bf16(x, rows, stride, w, buf, next);
   else
     widen_f16(x, rows, stride, w, buf, next);
-  tile_f32(buf, rows, kChunk, w, threshold_f32(thr), acc, l0, nullptr, shifted);
+  tile_f32(buf, rows, kChunk, w, threshold_f32(thr), acc, l0, nullptr);
 }
 
 template <typename scalar_t>
@@ -368,10 +382,19 @@ using acc_type_t = std::conditional_t<std::is_same_v<scalar_t, double>, double, 
 
 // Running float64 state of one thread for every feature; merged across threads at the end.
 // Counts are float64 too (exact below 2^53) so that the merge below is one vector loop.
+// `last`: the mean of the feature's last sub-tile with a finite value (the next one-pass
+// shift; it follows a drifting feature where the running mean lags).
 struct State {
-  std::vector<double> cnt, fire, mean, m2, mx, mn, act;
+  std::vector<double> cnt, fire, mean, m2, mx, mn, act, last;
   explicit State(int64_t n)
-      : cnt(n, 0.0), fire(n, 0.0), mean(n, 0.0), m2(n, 0.0), mx(n, -INFINITY), mn(n, INFINITY), act(n, 0.0) {}
+      : cnt(n, 0.0),
+        fire(n, 0.0),
+        mean(n, 0.0),
+        m2(n, 0.0),
+        mx(n, -INFINITY),
+        mn(n, INFINITY),
+        act(n, 0.0),
+        last(n, 0.0) {}
 };
 
 // Chan merge of w features' partial moments into st[f0, f0 + w), branch-free so that it
@@ -389,6 +412,7 @@ static inline __attribute__((always_inline)) void merge_body(State& st, int64_t 
   double* __restrict__ lo = st.mn.data() + f0;
   double* __restrict__ fi = st.fire.data() + f0;
   double* __restrict__ ac = st.act.data() + f0;
+  double* __restrict__ last = st.last.data() + f0;
   for (int64_t j = 0; j < w; ++j) {
     const double nb = static_cast<double>(cnt[j]);
     const bool live = nb > 0.0;
@@ -404,7 +428,9 @@ static inline __attribute__((always_inline)) void merge_body(State& st, int64_t 
     const double wb = nb / (live ? nab : 1.0);
     const double delta = mb - mu[j];
     mu[j] = live ? mu[j] + delta * wb : mu[j];
-    q[j] = live ? q[j] + m2b + delta * delta * na * wb : q[j];
+    // delta * (delta * (na * wb)): 0 into an empty state even where delta^2 would overflow.
+    q[j] = live ? q[j] + m2b + delta * (delta * (na * wb)) : q[j];
+    if constexpr (Corrected) last[j] = live ? mb : last[j];
     c[j] = nab;
     hi[j] = std::max(hi[j], static_cast<double>(mx[j]));
     lo[j] = std::min(lo[j], static_cast<double>(mn[j]));
@@ -454,14 +480,16 @@ void stats_kernel(const scalar_t* __restrict__ x, int64_t T, int64_t n, int64_t 
 #pragma omp parallel num_threads(P)
   {
 #ifdef _OPENMP
-    const int p = omp_get_thread_num();
+    // The team the runtime gave, which may be smaller than asked for (OMP_DYNAMIC, a
+    // thread limit, a nested region): the tiles are split over the threads that exist.
+    const int p = omp_get_thread_num(), team = omp_get_num_threads();
 #else
-    const int p = 0;
+    const int p = 0, team = 1;
 #endif
     State& st = states[p];
     TileAcc<acc_t> acc;
     std::vector<float> buf(std::is_same_v<scalar_t, acc_t> ? 0 : kTile * kChunk);
-    const int64_t tile_begin = tiles * p / P, tile_end = tiles * (p + 1) / P;
+    const int64_t tile_begin = tiles * p / team, tile_end = tiles * (p + 1) / team;
     for (int64_t tt = tile_begin; tt < tile_end; ++tt) {
       const int64_t t0 = tt * kTile;
       const int64_t rows = std::min(kTile, T - t0);
@@ -477,18 +505,15 @@ void stats_kernel(const scalar_t* __restrict__ x, int64_t T, int64_t n, int64_t 
         const scalar_t* next = !last_chunk             ? x + t0 * row_stride + f0 + kChunk
                                : t0 + kTile + rows <= T ? x + (t0 + kTile) * row_stride
                                                         : nullptr;
-        // One pass about the feature's running mean once the thread has seen a finite value
-        // of every feature in the chunk (rounded to the compute precision, an exact shift);
-        // before that, the tile's own two-pass mean. A tile whose mean sits a distance D from
-        // the running mean loses float32 digits of its own M2 as (D / spread)^2, but the merge
-        // adds ~rows * D^2 to the feature's M2 for that same distance, so the error stays at
-        // float32 rounding of the total (drifting features included).
-        bool shifted = true;
-        for (int64_t j = 0; j < w; ++j) shifted &= st.cnt[f0 + j] > 0;
-        if (shifted)
-          for (int64_t j = 0; j < w; ++j)
-            acc.shift[j / TileAcc<acc_t>::L][j % TileAcc<acc_t>::L] = static_cast<acc_t>(st.mean[f0 + j]);
-        run_tile(x + t0 * row_stride + f0, rows, row_stride, w, threshold, &acc, l0 + t0, buf.data(), next, shifted);
+        // The one-pass shift: the feature's mean in this thread's previous sub-tile, 0
+        // before there is one; and its rounding budget (tile_body checks both).
+        for (int64_t j = 0; j < w; ++j) {
+          const int64_t f = f0 + j, k = j / TileAcc<acc_t>::L, l = j % TileAcc<acc_t>::L;
+          const double share = st.cnt[f] > 0 ? st.m2[f] / st.cnt[f] * static_cast<double>(rows) : 0.0;
+          acc.shift[k][l] = static_cast<acc_t>(st.last[f]);
+          acc.budget[k][l] = static_cast<acc_t>(share * (4.0 / 3.0));
+        }
+        run_tile(x + t0 * row_stride + f0, rows, row_stride, w, threshold, &acc, l0 + t0, buf.data(), next);
         merge_tile(st, f0, w, acc);
       }
     }

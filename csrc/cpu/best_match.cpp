@@ -140,14 +140,16 @@ std::vector<at::Tensor> best_match_cpu(const at::Tensor& comoment, const at::Ten
   const int64_t nl = static_cast<int64_t>(live.size());
   std::vector<double> colmax(static_cast<size_t>(threads) * nb, kNone);
   std::vector<int64_t> colarg(static_cast<size_t>(threads) * nb, -1);
-  const int64_t rows_per = (nl + threads - 1) / std::max(threads, 1);
 #pragma omp parallel num_threads(threads)
   {
 #ifdef _OPENMP
-    const int64_t tid = omp_get_thread_num();
+    // Split over the team the runtime gave (it may be smaller than asked for); the column
+    // state of threads that did not run stays empty and loses every comparison below.
+    const int64_t tid = omp_get_thread_num(), team = omp_get_num_threads();
 #else
-    const int64_t tid = 0;
+    const int64_t tid = 0, team = 1;
 #endif
+    const int64_t rows_per = (nl + team - 1) / team;
     double* cm = colmax.data() + tid * nb;
     int64_t* ca = colarg.data() + tid * nb;
     // Threads own increasing ranges of the live rows (positions into `live`).

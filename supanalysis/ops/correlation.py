@@ -29,7 +29,10 @@ Two ops, each with the full anatomy:
   inv_std 0 (constant) has correlation 0 with everything and is nobody's match. Returns
   max_corr_a [n_a], match_a [n_a] (best partner in B, -1 if none), max_corr_b, match_b.
   The maximum is the signed maximum (anti-correlation is not a match); ties go to the
-  smallest index. The correlation matrix is never materialised.
+  smallest index. The correlation matrix is never materialised. Inputs must be finite (a
+  ``CrossCorrelation`` state always is); with a NaN correlation the backends differ (the
+  C++ kernel skips it, the float64 reference reports no match for its row and column).
+  Checking would cost a second read of C, so it is not done.
 """
 
 from __future__ import annotations
