@@ -178,6 +178,29 @@ def test_a_far_shift_falls_back_to_the_two_pass(backend_device, threads):
         torch.set_num_threads(before)
 
 
+@pytest.mark.parametrize("n", [8, 9, 1])  # whole vectors, a ragged last lane, a lone one
+def test_few_early_finite_values_do_not_loosen_the_one_pass_check(backend_device, n):
+    """A feature with only two finite values in its first tile (-1 and 1), then values near 1
+    with a spread of 1e-3: the second tile's mean sits far from the shift (0) against its own
+    spread, so it must take deviations from its own mean (an allowance scaled by the
+    feature's variance per tile once let it through: 150x the float32 two-pass error). One
+    update and the same data split in two must agree to rounding."""
+    backend, device = backend_device
+    g = torch.Generator().manual_seed(n)
+    x = torch.full((1024, n), float("nan"))
+    x[0], x[1] = -1.0, 1.0
+    x[128:] = 1.0 + 1e-3 * torch.randn(896, n, generator=g)
+    ref = activation_stats_reference(x.double(), 0.5)
+    same = same_dtype_stats(x, 0.5)
+    whole = sa.activation_stats(x.to(device), 0.5, backend=backend)
+    assert_tolerance_rule(whole.m2, ref[3], same["m2"], atol=1e-9, what="m2")
+    acc = sa.ActivationStats(n, backend=backend)
+    for part in x.split([2, 1022]):
+        acc.update(part.to(device))
+    var = whole.m2.cpu().double() / whole.finite_count.cpu().double()
+    assert torch.allclose(acc.var.cpu(), var, rtol=1e-6, atol=1e-12), (acc.var, var)
+
+
 def test_large_values_keep_finite_moments(backend_device):
     """Deviations whose squares overflow float32 over a tile (values near 2e18 after zeros,
     0.1% apart) are redone about the tile's mean, where they are ~2e15; a float64 constant
@@ -189,6 +212,14 @@ def test_large_values_keep_finite_moments(backend_device):
     ref = activation_stats_reference(x.double(), 0.5)
     assert torch.isfinite(got.m2).all(), got.m2
     assert got.m2.cpu().double().sub(ref[3]).abs().item() <= 1e-6 * ref[3].item()
+    # A ragged last lane (the C++ kernel's scalar tail) where v - shift overflows float32:
+    # the mean stays right (M2 overflows float32 there, as in torch's float32 two-pass).
+    edge = torch.randn(512, 9, generator=torch.Generator().manual_seed(1))  # rows 0-255: one thread
+    edge[:, 8] = float("nan")
+    edge[0, 8], edge[128, 8], edge[129, 8] = -3e38, 1e38, 1.1e38
+    got = sa.activation_stats(edge.to(device), 0.5, backend=backend)
+    want = activation_stats_reference(edge.double(), 0.5)[2][8].item()
+    assert abs(got.mean[8].item() - want) <= 1e-6 * abs(want), (got.mean[8].item(), want)
     if backend != "triton" or device != "cpu":  # no float64 arithmetic change under the interpreter
         big = sa.activation_stats(torch.full((10, 3), 1e200, dtype=torch.float64).to(device), 0.0, backend=backend)
         assert big.m2.cpu().tolist() == [0.0] * 3 and big.mean.cpu().tolist() == [1e200] * 3

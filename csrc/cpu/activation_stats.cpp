@@ -8,15 +8,16 @@
 // float32 and merging in float64 keeps the inner loop vectorisable without the
 // cancellation of raw sums.
 // The common sub-tile is one pass: deviations from a shift (the feature's mean in the
-// thread's previous sub-tile of it, 0 before there is one) and their squares give the
-// tile's mean and M2 (M2 = sum d^2 - (sum d)^2 / n). That is as precise as a two-pass
-// only while the tile's mean stays near the shift, so every lane is checked: if
-// n (mean - shift)^2 exceeds a third of the lane's M2 (a drift, a jump, a first tile of
-// offset values) the sub-tile takes a second pass, from cache, of deviations from its own
-// mean (the corrected two-pass); a lane whose values are all equal is exact either way.
-// Pass 1 assumes every value is finite (no masks, plain max/min); the tile's own sums
-// verify the assumption, and a tile holding a NaN or an infinity is redone with the checked
-// step and the two-pass moments.
+// thread's previous sub-tile, 0 before there is one) and their squares give the tile's mean
+// and M2 (M2 = sum d^2 - (sum d)^2 / n). That is as precise as a two-pass only while the
+// tile's mean stays near the shift, so every lane is checked: where n (mean - shift)^2
+// exceeds a third of the lane's M2 (a drift, a jump, a first tile of offset values), its
+// group of 8 lanes (4 in float64) takes a second pass, from cache, of deviations from its
+// own mean (the corrected two-pass); a lane whose values are all equal is exact either way.
+// Pass 1 assumes every value is finite (no masks, plain max/min); the tile's own sums verify
+// the assumption, and a tile whose sums are not finite (a NaN or an infinity in a vector
+// lane, or an overflow) is redone with the checked step and the two-pass moments. The
+// ragged last lanes of a chunk are always checked per element.
 #include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
 #include <c10/util/BFloat16.h>
@@ -71,9 +72,9 @@ struct TileAcc {
   static constexpr int L = Lanes<T>::L;
   static constexpr int NV = kChunk / L;
   typename Lanes<T>::vec cnt[NV], sum[NV], mx[NV], mn[NV], fire[NV], act[NV], m2[NV], shift[NV], dev[NV];
-  // Input with `shift`: the sum of squared deviations up to which the one-pass rounding is
-  // small next to the feature's own spread so far (4/3 of a tile's share of its M2).
-  typename Lanes<T>::vec budget[NV];
+  // Input with `shift`: the feature's variance over the thread's earlier tiles (0 until it
+  // has seen a tile's worth of finite values), which sets the one-pass rounding allowed.
+  typename Lanes<T>::vec var[NV];
 };
 
 template <typename T>
@@ -214,7 +215,7 @@ static inline __attribute__((always_inline)) void tile_body(const T* __restrict_
   int32_t l0_fast[kTile] = {};
   pass1(fast, l0_fast, true);
   bool finite = true;
-  for (int64_t k = 0; k < nfull; ++k) {
+  for (int64_t k = 0; k < nv; ++k) {  // the ragged lanes too: v - shift may overflow there
     const auto ok = (acc->sum[k] - acc->sum[k]) == zero;
     for (int q = 0; q < L; ++q) finite &= ok[q] != 0;
   }
@@ -229,45 +230,52 @@ static inline __attribute__((always_inline)) void tile_body(const T* __restrict_
     pass1(step, l0, false);
   }
   V* mean = acc->shift;
+  int64_t redo[TileAcc<T>::NV];  // the vectors pass 2 recomputes
+  int64_t nredo = 0;
   if (finite) {
-    // The one-pass moments stand where their rounding (~ q = sum d^2 in float32 ulps) is no
-    // larger than a two-pass's would be, up to a third more: where the tile's mean is near
-    // the shift (n (mean - shift)^2 = s^2 / n at most a third of M2 = q - s^2 / n, i.e.
-    // 4 s^2 <= n q), or where q is within the budget (4/3 of the M2 a tile of this feature
-    // has carried so far: a sparse feature's quiet tile after a busy one), and q is finite.
-    // A constant lane is exact whatever its shift: mean = its value, M2 = 0. (The tail
-    // lanes' counts come from `tail`, which ran exactly.)
-    bool one_pass = true;
+    // A lane keeps its one-pass moments where their rounding (~ float32 ulps of q = sum d^2)
+    // is small: within a third of a two-pass's (~ ulps of M2 = q - s^2 / n), i.e.
+    // n (mean - shift)^2 = s^2 / n at most M2 / 3, 4 s^2 <= n q; or within a quarter of
+    // what a two-pass costs a tile of this feature on average, q <= n var / 4 (a sparse
+    // feature's quiet tile after a busy one: its own M2 is tiny, the feature's is not;
+    // summed over tiles, at most a quarter more rounding than two passes); and q finite. A
+    // constant lane is exact whatever its shift: mean = its value, M2 = 0.
+    const V quarter = zero + T(0.25);
     for (int64_t k = 0; k < nv; ++k) {
       const V sd = acc->sum[k], q = acc->m2[k], n = acc->cnt[k];
       const auto flat = acc->mx[k] == acc->mn[k];
-      const auto near = (sd * sd * T(4) <= n * q) | (q <= acc->budget[k]);
+      const auto near = (sd * sd * T(4) <= n * q) | (q <= n * acc->var[k] * quarter);
       const auto ok = flat | (((q - q) == zero) & near);
-      for (int l = 0; l < L; ++l) one_pass &= ok[l] != 0;
+      bool all = true;
+      for (int l = 0; l < L; ++l) all &= ok[l] != 0;
       acc->shift[k] = flat ? acc->mx[k] : acc->shift[k];
       acc->dev[k] = flat ? zero : sd;
       acc->m2[k] = flat ? zero : q;
+      if (!all) {  // pass 2 for this vector, about the one-pass mean shift + sum d / n
+        const V cn = acc->cnt[k] > zero ? acc->cnt[k] : one;
+        mean[k] = acc->cnt[k] > zero ? acc->shift[k] + acc->dev[k] / cn : zero;
+        acc->m2[k] = zero, acc->dev[k] = zero;
+        redo[nredo++] = k;
+      }
     }
-    if (one_pass) return;
-    // Pass 2 for the whole sub-tile, about the one-pass mean (shift + sum d / n).
-    for (int64_t k = 0; k < nv; ++k) {
-      const V n = acc->cnt[k] > zero ? acc->cnt[k] : one;
-      mean[k] = acc->cnt[k] > zero ? acc->shift[k] + acc->dev[k] / n : zero;
-      acc->m2[k] = zero, acc->dev[k] = zero;
-    }
+    if (nredo == 0) return;
   } else {
     for (int64_t k = 0; k < nv; ++k) {
       mean[k] = acc->cnt[k] > zero ? acc->sum[k] / (acc->cnt[k] > zero ? acc->cnt[k] : one) : zero;
       acc->dev[k] = zero;
+      redo[nredo++] = k;
     }
   }
   // Pass 2 (from cache): deviations from the pass-1 mean. Their sum corrects that mean,
   // whose float32 rounding (up to ~kTile ulp of |mean|) would otherwise pass into every
   // Chan merge: with a mean 2,000 standard deviations from 0 it cost 1e-4 of M2.
+  const bool ragged = nredo > 0 && redo[nredo - 1] == nfull && nfull < nv;  // the partial vector
+  const int64_t nvec = ragged ? nredo - 1 : nredo;
   for (int64_t r2 = 0; r2 < rows; r2 += 4) {
     const int64_t nr = std::min<int64_t>(4, rows - r2);
     const T* row = x + r2 * stride;
-    for (int64_t k = 0; k < nfull; ++k) {
+    for (int64_t t = 0; t < nvec; ++t) {
+      const int64_t k = redo[t];
       V m2 = acc->m2[k], dev = acc->dev[k];
       for (int64_t i = 0; i < nr; ++i) {
         const V v = load(row + i * stride + k * L);
@@ -277,6 +285,7 @@ static inline __attribute__((always_inline)) void tile_body(const T* __restrict_
       }
       acc->m2[k] = m2, acc->dev[k] = dev;
     }
+    if (!ragged) continue;
     for (int64_t i = 0; i < nr; ++i) {
       for (int64_t j = nfull * L; j < w; ++j) {
         const T v = row[i * stride + j];
@@ -506,12 +515,12 @@ void stats_kernel(const scalar_t* __restrict__ x, int64_t T, int64_t n, int64_t 
                                : t0 + kTile + rows <= T ? x + (t0 + kTile) * row_stride
                                                         : nullptr;
         // The one-pass shift: the feature's mean in this thread's previous sub-tile, 0
-        // before there is one; and its rounding budget (tile_body checks both).
+        // before there is one; and its variance so far (tile_body checks, lane by lane,
+        // that the shift is close enough).
         for (int64_t j = 0; j < w; ++j) {
           const int64_t f = f0 + j, k = j / TileAcc<acc_t>::L, l = j % TileAcc<acc_t>::L;
-          const double share = st.cnt[f] > 0 ? st.m2[f] / st.cnt[f] * static_cast<double>(rows) : 0.0;
           acc.shift[k][l] = static_cast<acc_t>(st.last[f]);
-          acc.budget[k][l] = static_cast<acc_t>(share * (4.0 / 3.0));
+          acc.var[k][l] = static_cast<acc_t>(st.cnt[f] >= kTile ? st.m2[f] / st.cnt[f] : 0.0);
         }
         run_tile(x + t0 * row_stride + f0, rows, row_stride, w, threshold, &acc, l0 + t0, buf.data(), next);
         merge_tile(st, f0, w, acc);
