@@ -11,7 +11,8 @@
 // thread's previous sub-tile, 0 before there is one) and their squares give the tile's mean
 // and M2 (M2 = sum d^2 - (sum d)^2 / n). That is as precise as a two-pass only while the
 // tile's mean stays near the shift, so every lane is checked: where n (mean - shift)^2
-// exceeds a third of the lane's M2 (a drift, a jump, a first tile of offset values), its
+// exceeds a third of the lane's M2 (a drift, a jump, a first tile of offset values) and
+// the squares exceed a quarter of a typical tile's M2 for that feature (see tile_body), its
 // group of 8 lanes (4 in float64) takes a second pass, from cache, of deviations from its
 // own mean (the corrected two-pass); a lane whose values are all equal is exact either way.
 // Pass 1 assumes every value is finite (no masks, plain max/min); the tile's own sums verify
