@@ -518,10 +518,13 @@ void stats_kernel(const scalar_t* __restrict__ x, int64_t T, int64_t n, int64_t 
         // The one-pass shift: the feature's mean in this thread's previous sub-tile, 0
         // before there is one; and its variance so far (tile_body checks, lane by lane,
         // that the shift is close enough).
+        // (Through lane pointers and an unconditional division, so the loop vectorises.)
+        acc_t* __restrict__ shift = reinterpret_cast<acc_t*>(acc.shift);
+        acc_t* __restrict__ var = reinterpret_cast<acc_t*>(acc.var);
         for (int64_t j = 0; j < w; ++j) {
-          const int64_t f = f0 + j, k = j / TileAcc<acc_t>::L, l = j % TileAcc<acc_t>::L;
-          acc.shift[k][l] = static_cast<acc_t>(st.last[f]);
-          acc.var[k][l] = static_cast<acc_t>(st.cnt[f] >= kTile ? st.m2[f] / st.cnt[f] : 0.0);
+          const double c = st.cnt[f0 + j], v = st.m2[f0 + j] / std::max(c, 1.0);
+          shift[j] = static_cast<acc_t>(st.last[f0 + j]);
+          var[j] = static_cast<acc_t>(c >= kTile ? v : 0.0);
         }
         run_tile(x + t0 * row_stride + f0, rows, row_stride, w, threshold, &acc, l0 + t0, buf.data(), next);
         merge_tile(st, f0, w, acc);
