@@ -11,10 +11,11 @@ import hashlib
 import json
 import numbers
 import os
-import tempfile
 from collections.abc import Callable, Mapping
 
 import torch
+
+from ..durable import durable_write
 
 FORMAT_VERSION = "1"
 
@@ -72,24 +73,8 @@ def chan_merge(
 
 
 def atomic_write(path: str | os.PathLike, write: Callable[[str], None], suffix: str = "") -> None:
-    """``write(tmp)`` a temp file in ``path``'s folder, fsync it, then rename it over ``path``.
-
-    A crash at any instant leaves either the old file or the new one, never a torn one.
-    """
-    path = os.fspath(path)
-    folder = os.path.dirname(os.path.abspath(path))
-    os.makedirs(folder, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=suffix, dir=folder)
-    os.close(fd)
-    try:
-        write(tmp)
-        with open(tmp, "rb+") as fh:
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
+    """``write(tmp)`` a temp file beside ``path``, then rename it over ``path`` (see :mod:`supanalysis.durable`)."""
+    durable_write(path, write)
 
 
 def atomic_save(tensors: Mapping[str, torch.Tensor], meta: Mapping[str, object], path: str | os.PathLike) -> None:
