@@ -18,7 +18,7 @@ from torch import Tensor, nn
 from tqdm.auto import tqdm
 
 from .models.arch import ArchSpec, get_module
-from .sites import Site, resolve_sites
+from .sites import PER_TOKEN, Site, resolve_sites
 
 
 class _StopForward(Exception):
@@ -61,13 +61,71 @@ def _first_tensor(value: Any, site: Site) -> Tensor:
     return value
 
 
+def _heads(t: Tensor, d_head: int) -> Tensor:
+    return t.unflatten(-1, (-1, d_head))
+
+
+def _qkv_part(t: Tensor, site: Site) -> Tensor:
+    """One of q/k/v, (..., heads, d_head), from its projection's output."""
+    part = "qkv".index(site.transform)  # type: ignore[arg-type]
+    if site.layout == "split":  # q | k | v, each heads * d_head wide
+        return _heads(t.chunk(3, dim=-1)[part], site.d_head)
+    if site.layout == "interleaved":  # per head: q | k | v
+        return t.unflatten(-1, (-1, 3 * site.d_head))[..., part * site.d_head : (part + 1) * site.d_head]
+    return _heads(t, site.d_head)
+
+
+def _norm(t: Tensor, site: Site) -> Tensor:
+    # TransformerLens' order of operations: centre (LayerNorm), scale = sqrt(mean(x^2) + eps),
+    # divide; in float32 for half-precision inputs, cast back as it does.
+    x = t if t.dtype in (torch.float32, torch.float64) else t.float()
+    if not site.rms:
+        x = x - x.mean(-1, keepdim=True)
+    scale = (x.pow(2).mean(-1, keepdim=True) + site.eps).sqrt()
+    return scale if site.transform == "ln_scale" else (x / scale).to(t.dtype)
+
+
+def _site_value(value: Any, site: Site) -> Tensor:
+    """The site's tensor from what its hook saw (a module's input or output)."""
+    if site.transform == "pattern":
+        weights = value[1] if isinstance(value, (tuple, list)) and len(value) > 1 else None
+        if not isinstance(weights, Tensor):
+            raise TypeError(f"site {site.name!r}: {site.module_path} returned no attention weights "
+                            "(its attention implementation does not compute them)")  # fmt: skip
+        return weights
+    t = _first_tensor(value, site)
+    if site.transform in ("q", "k", "v"):
+        return _qkv_part(t, site)
+    if site.transform == "heads":
+        return _heads(t, site.d_head)
+    if site.transform in ("ln_scale", "ln_normalized"):
+        return _norm(t, site)
+    return t
+
+
+@contextlib.contextmanager
+def _eager_attention(model: nn.Module, sites: list[Site]) -> Iterator[None]:
+    """Switch a Hugging Face model to eager attention while a pattern site is hooked: fused
+    kernels (sdpa, flash) never materialise the attention weights."""
+    config = getattr(model, "config", None)
+    old = getattr(config, "_attn_implementation", None)
+    switch = any(s.transform == "pattern" for s in sites) and old not in (None, "eager")
+    if switch:
+        model.set_attn_implementation("eager")  # type: ignore[operator]
+    try:
+        yield
+    finally:
+        if switch:
+            model.set_attn_implementation(old)  # type: ignore[operator]
+
+
 def _install(
     model: nn.Module, site: Site, cache: ActivationCache, stop_when_all: bool
 ) -> torch.utils.hooks.RemovableHandle:
     module = get_module(model, site.module_path)
 
     def store(value: Any) -> None:
-        cache._data[site.name] = _first_tensor(value, site).detach()
+        cache._data[site.name] = _site_value(value, site).detach()
         if stop_when_all and len(cache._data) == len(cache.sites):
             raise _StopForward
 
@@ -104,9 +162,10 @@ def capture(
     cache = ActivationCache(resolved)
     handles = []
     try:
-        for site in resolved:
-            handles.append(_install(model, site, cache, stop_early))
-        yield cache
+        with _eager_attention(model, resolved):
+            for site in resolved:
+                handles.append(_install(model, site, cache, stop_early))
+            yield cache
     finally:
         for handle in handles:
             handle.remove()
@@ -161,7 +220,12 @@ class ActivationSource:
         arch: ArchSpec | str | None = None,
     ) -> None:
         self.model, self.tokens, self.arch = model, tokens, arch
-        self.sites = [s.name for s in resolve_sites(model, sites, arch)]
+        resolved = resolve_sites(model, sites, arch)
+        not_per_token = [s.name for s in resolved if s.kind not in PER_TOKEN]
+        if not_per_token:
+            raise ValueError(f"sites {not_per_token} are not per-token activations (attention patterns "
+                             "are (batch, heads, query, key)); read them with capture()")  # fmt: skip
+        self.sites = [s.name for s in resolved]
         if max_tokens is not None and max_tokens < 1:
             raise ValueError(f"max_tokens must be positive, got {max_tokens}")
         self.max_tokens, self.dtype, self.progress = max_tokens, dtype, progress
@@ -186,7 +250,12 @@ class ActivationSource:
                     batch = {}
                     for name in self.sites:
                         act = cache[name]
-                        act = act.reshape(-1, act.shape[-1])
+                        # (batch, seq, ...) -> (tokens, width): per-head sites flatten their heads,
+                        # as SAELens' hook_z dictionaries expect; a position embedding computed
+                        # once for the whole batch is broadcast to it.
+                        if act.shape[0] == 1 and ids.dim() == 2:
+                            act = act.expand(ids.shape[0], *act.shape[1:])
+                        act = act.reshape(ids.numel(), -1)
                         if mask is not None:
                             act = act[mask]
                         batch[name] = act if self.dtype is None else act.to(self.dtype)

@@ -96,8 +96,8 @@ def test_tiny_sites_match_a_manual_forward():
 
 def test_unknown_site_lists_valid_names():
     model = _tiny()
-    with pytest.raises(ValueError, match=r"unknown site 'resid_mid\.0'") as err:
-        resolve_site(model, "resid_mid.0")
+    with pytest.raises(ValueError, match=r"unknown site 'resid_centre\.0'") as err:
+        resolve_site(model, "resid_centre.0")
     for name in ("resid_post.0", "mlp_post.2", "blocks.1.hook_resid_pre", "blocks.0.attn"):
         assert name in str(err.value)
     with pytest.raises(ValueError, match="out of range"):

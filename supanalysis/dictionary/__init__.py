@@ -1,7 +1,8 @@
 """Dictionaries: turn activations (T, m) into features (neuron basis or sparse dictionary)."""
 
-from .activations import ACTIVATIONS, Activation, JumpReLU, ReLU, TopK, register_activation
+from .activations import ACTIVATIONS, Activation, GroupMax, JumpReLU, ReLU, TopK, register_activation
 from .base import Dictionary, FeatureBasis, NeuronBasis
+from .convention import RAW, CaptureConvention, check_dictionary_site, convention_from_tl_kwargs
 from .formats import (
     FORMATS,
     DictionaryFormat,
@@ -18,16 +19,21 @@ from .train import TopKTrainConfig, TrainResult, train_topk_sae
 __all__ = [
     "ACTIVATIONS",
     "FORMATS",
+    "RAW",
     "Activation",
+    "CaptureConvention",
     "Dictionary",
     "DictionaryFormat",
     "FeatureBasis",
+    "GroupMax",
     "JumpReLU",
     "NeuronBasis",
     "ReLU",
     "TopK",
     "TopKTrainConfig",
     "TrainResult",
+    "check_dictionary_site",
+    "convention_from_tl_kwargs",
     "evaluate_sae",
     "fvu",
     "load_dictionary",

@@ -12,6 +12,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .activations import ACTIVATIONS, Activation, JumpReLU, TopK
+from .convention import RAW, CaptureConvention
 
 
 class FeatureBasis(nn.Module):
@@ -63,6 +64,16 @@ class Dictionary(FeatureBasis):
         apply_b_dec_to_input: subtract ``b_dec`` before encoding (SAELens' flag; sparsify
             always does).
         metadata: JSON-able facts (``hook_name``, ``model_name``...) carried by the formats.
+        rescale_acts_by_decoder_norm: SAELens' TopK option: pre-activations are multiplied by
+            each decoder row's norm before the activation, codes divided by it before decoding,
+            so the codes are in units of unit-norm directions (``W_dec`` then returns them).
+        fused_encoder_bias: add ``b_enc`` inside the matrix product (``F.linear``, one rounding,
+            sparsify) instead of after it (``x @ W_enc + b_enc``, SAELens); equal in exact
+            arithmetic, and in bfloat16 the difference changes which latents win a top-k.
+        transcoder: the decoder predicts another site's activations (sparsify ``transcode``):
+            ``decode`` is that prediction, not a reconstruction of the input.
+        capture_convention: the activations the dictionary was trained on, relative to the raw
+            model (see :class:`CaptureConvention`); ``encode`` applies it to its input.
 
     Parameters ``W_enc`` (m, n), ``b_enc`` (n,), ``W_dec`` (n, m), ``b_dec`` (m,) start at
     zero; the trainer or a loader fills them.
@@ -79,6 +90,10 @@ class Dictionary(FeatureBasis):
         metadata: dict[str, Any] | None = None,
         dtype: torch.dtype = torch.float32,
         device: str | torch.device | None = None,
+        rescale_acts_by_decoder_norm: bool = False,
+        fused_encoder_bias: bool = False,
+        transcoder: bool = False,
+        capture_convention: CaptureConvention = RAW,
     ) -> None:
         super().__init__()
         if d_in < 1 or n_features < 1:
@@ -91,14 +106,24 @@ class Dictionary(FeatureBasis):
         self.b_dec = nn.Parameter(torch.zeros(d_in, **kw))
         self.activation = _make_activation(activation, n_features, k).to(**kw)
         self.apply_b_dec_to_input = apply_b_dec_to_input
+        self.rescale_acts_by_decoder_norm = rescale_acts_by_decoder_norm
+        self.fused_encoder_bias, self.transcoder = fused_encoder_bias, transcoder
+        self.capture_convention = capture_convention
         self.metadata = dict(metadata or {})
         #: log10 of each latent's firing density (SAELens' sparsity.safetensors), if known
         self.log10_density: Tensor | None = None
 
     @property
     def W_dec(self) -> Tensor:
-        """Decoder directions, (n_features, d_in)."""
+        """Decoder directions, (n_features, d_in): what one unit of each code adds to the
+        reconstruction (unit rows under ``rescale_acts_by_decoder_norm``)."""
+        if self.rescale_acts_by_decoder_norm:
+            return self._W_dec * (1 / self._W_dec.norm(dim=-1, keepdim=True))
         return self._W_dec
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.W_enc.dtype
 
     @property
     def k(self) -> int | None:
@@ -138,13 +163,25 @@ class Dictionary(FeatureBasis):
             d.b_dec.copy_(b_dec)
         return d
 
-    def pre_activations(self, x: Tensor) -> Tensor:
-        """Encoder pre-activations (..., n)."""
+    def prepare_input(self, x: Tensor) -> Tensor:
+        """x (..., m) cast to the dictionary's dtype (as SAELens does) and moved into its
+        training convention (e.g. centred): what ``encode`` reads and ``decode`` rebuilds."""
         if x.shape[-1] != self.d_in:
             raise ValueError(f"x has width {x.shape[-1]}, the dictionary expects {self.d_in}")
+        return self.capture_convention.apply(x.to(self.dtype))
+
+    def pre_activations(self, x: Tensor) -> Tensor:
+        """Encoder pre-activations (..., n), in the dictionary's dtype."""
+        x = self.prepare_input(x)
         if self.apply_b_dec_to_input:
             x = x - self.b_dec
-        return x @ self.W_enc + self.b_enc
+        if self.fused_encoder_bias:
+            pre = F.linear(x, self.W_enc.T, self.b_enc)
+        else:
+            pre = x @ self.W_enc + self.b_enc
+        if self.rescale_acts_by_decoder_norm:
+            pre = pre * self._W_dec.norm(dim=-1)
+        return pre
 
     def encode(self, x: Tensor, *, sparse: bool = False, k: int | None = None) -> Tensor | tuple[Tensor, Tensor]:
         """Codes of x (..., m): dense (..., n), or with ``sparse=True`` the k largest as
@@ -156,21 +193,29 @@ class Dictionary(FeatureBasis):
 
     def decode(self, codes: Tensor) -> Tensor:
         """Reconstruction (..., m) from dense codes (..., n)."""
+        codes = codes.to(self.dtype)
+        if self.rescale_acts_by_decoder_norm:
+            codes = codes * (1 / self._W_dec.norm(dim=-1))
         return codes @ self._W_dec + self.b_dec
 
     def decode_sparse(self, indices: Tensor, values: Tensor) -> Tensor:
         """Reconstruction (..., m) from sparse codes, indices/values (..., k)."""
         lead = indices.shape[:-1]
+        values = values.to(self.dtype)
+        if self.rescale_acts_by_decoder_norm:
+            values = values * (1 / self._W_dec.norm(dim=-1))[indices]
         out = F.embedding_bag(
             indices.reshape(-1, indices.shape[-1]),
             self._W_dec,
-            per_sample_weights=values.reshape(-1, values.shape[-1]).to(self._W_dec.dtype),
+            per_sample_weights=values.reshape(-1, values.shape[-1]),
             mode="sum",
         )
         return (out + self.b_dec).reshape(*lead, self.d_in)
 
     def extra_repr(self) -> str:
-        return f"d_in={self.d_in}, n_features={self.n_features}, activation={self.activation.name}"
+        flags = [f for f in ("rescale_acts_by_decoder_norm", "transcoder") if getattr(self, f)]
+        extra = "".join(f", {f}=True" for f in flags)
+        return f"d_in={self.d_in}, n_features={self.n_features}, activation={self.activation.name}{extra}"
 
 
 class NeuronBasis(FeatureBasis):

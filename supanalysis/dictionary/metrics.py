@@ -38,6 +38,7 @@ def evaluate_sae(sae: Dictionary, source: Iterable, site: str | None, n_tokens: 
             x = x[: n_tokens - count]
         if not x.shape[0]:
             break
+        x = sae.capture_convention.apply(x) if isinstance(sae, Dictionary) else x  # what it rebuilds
         indices, values = sae.encode(x.to(sae.W_enc.dtype), sparse=True)
         x64 = x.double()
         sse += (x64 - sae.decode_sparse(indices, values).double()).pow(2).sum().item()

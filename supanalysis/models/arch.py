@@ -29,6 +29,16 @@ class ArchSpec:
         token_embed: token embedding.
         unembed: unembedding (``lm_head``); may share its weight with ``token_embed``.
         pos_embed: learned position embedding, ``None`` for rotary models.
+        ln1, ln2: the norms before attention and before the MLP, relative to a block.
+        qkv: the query, key and value projections, relative to a block (one path three
+            times when they are fused).
+        qkv_layout: how a fused projection's output is laid out: ``"separate"`` (three
+            modules), ``"split"`` (q | k | v, GPT-2), ``"interleaved"`` (per head q | k | v,
+            GPT-NeoX).
+        attn_o: the attention output projection; its input is the per-head ``hook_z``.
+        mlp_in: the MLP's input projection whose output is TransformerLens' ``mlp.hook_pre``
+            (the gate projection in gated MLPs).
+        mlp_in_linear: the ungated input projection of a gated MLP (``mlp.hook_pre_linear``).
     """
 
     name: str
@@ -40,20 +50,36 @@ class ArchSpec:
     token_embed: str
     unembed: str
     pos_embed: str | None = None
+    ln1: str | None = None
+    ln2: str | None = None
+    qkv: tuple[str, str, str] | None = None
+    qkv_layout: str = "separate"
+    attn_o: str | None = None
+    mlp_in: str | None = None
+    mlp_in_linear: str | None = None
 
 
-TINY = ArchSpec("tiny", "blocks", "attn", "mlp", "mlp.fc_out", "ln_f", "embed", "unembed", "pos_embed")
+TINY = ArchSpec(
+    "tiny", "blocks", "attn", "mlp", "mlp.fc_out", "ln_f", "embed", "unembed", "pos_embed",
+    ln1="ln1", ln2="ln2", qkv=("attn.qkv",) * 3, qkv_layout="split", attn_o="attn.out", mlp_in="mlp.fc_in",
+)  # fmt: skip
 GPT2 = ArchSpec(
     "gpt2", "transformer.h", "attn", "mlp", "mlp.c_proj", "transformer.ln_f",
     "transformer.wte", "lm_head", "transformer.wpe",
+    ln1="ln_1", ln2="ln_2", qkv=("attn.c_attn",) * 3, qkv_layout="split", attn_o="attn.c_proj", mlp_in="mlp.c_fc",
 )  # fmt: skip
 GPT_NEOX = ArchSpec(
     "gpt_neox", "gpt_neox.layers", "attention", "mlp", "mlp.dense_4h_to_h",
     "gpt_neox.final_layer_norm", "gpt_neox.embed_in", "lm_head",
+    ln1="input_layernorm", ln2="post_attention_layernorm", qkv=("attention.query_key_value",) * 3,
+    qkv_layout="interleaved", attn_o="attention.dense", mlp_in="mlp.dense_h_to_4h",
 )  # fmt: skip
 LLAMA = ArchSpec(
     "llama", "model.layers", "self_attn", "mlp", "mlp.down_proj", "model.norm",
     "model.embed_tokens", "lm_head",
+    ln1="input_layernorm", ln2="post_attention_layernorm",
+    qkv=("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"), attn_o="self_attn.o_proj",
+    mlp_in="mlp.gate_proj", mlp_in_linear="mlp.up_proj",
 )  # fmt: skip
 
 #: Hugging Face ``config.model_type`` -> spec. Mistral and Qwen2 share Llama's layout.

@@ -5,8 +5,10 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
-#: Families :func:`save_tiny_hf` can build.
+#: Families the tests run every check on.
 HF_FAMILIES = ("gpt2", "gpt_neox", "llama")
+#: Every family :func:`save_tiny_hf` can build (Qwen2: Llama's layout with q/k/v biases).
+ALL_HF_FAMILIES = (*HF_FAMILIES, "qwen2")
 
 
 @dataclass(frozen=True)
@@ -45,7 +47,9 @@ def hf_config(family: str, shape: TinyHFShape = TinyHFShape()):
         return T.GPTNeoXConfig(**kw)
     if family == "llama":
         return T.LlamaConfig(num_key_value_heads=1, **kw)
-    raise ValueError(f"family={family!r} unknown; one of {HF_FAMILIES}")
+    if family == "qwen2":
+        return T.Qwen2Config(num_key_value_heads=1, **kw)
+    raise ValueError(f"family={family!r} unknown; one of {ALL_HF_FAMILIES}")
 
 
 def save_tiny_hf(family: str, folder: str | Path, shape: TinyHFShape = TinyHFShape(), seed: int = 0) -> Path:
