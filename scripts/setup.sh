@@ -3,6 +3,8 @@
 #
 #   bash scripts/setup.sh            # .venv with the CPU build of torch
 #   SUPANALYSIS_TORCH=torch==2.14.1 SUPANALYSIS_CUDA=1 bash scripts/setup.sh   # CUDA build
+#   SUPANALYSIS_EXTRAS=dev,interop bash scripts/setup.sh   # also the reference libraries the
+#                                                          # interop tests compare against
 #
 # The extension is compiled against the torch that is installed in the venv first
 # (--no-build-isolation): building against another torch gives an ABI mismatch at import.
@@ -23,5 +25,10 @@ echo "[setup] installing $TORCH_SPEC"
 pip install -q "$TORCH_SPEC"
 pip install -q setuptools wheel pybind11 ninja numpy
 echo "[setup] building supanalysis (C++ extension; CUDA=${SUPANALYSIS_CUDA:-auto})"
-pip install -q --no-build-isolation -e ".[dev]"
+EXTRAS=${SUPANALYSIS_EXTRAS:-dev}
+# Extras must not replace the torch the extension is built against: pin it while they install.
+constraints=$(mktemp)
+trap 'rm -f "$constraints"' EXIT
+"$VENV/bin/python" -c "import torch; print('torch==' + torch.__version__)" > "$constraints"
+pip install -q --no-build-isolation -c "$constraints" -e ".[$EXTRAS]"
 "$VENV/bin/supanalysis" info --require-cpp

@@ -1,8 +1,9 @@
 """Streaming accumulators: exact float64/int64 state, Chan merges, safetensors files, all-reduce."""
 
+from .base import Accumulator
 from .coactivation import CoActivation
 from .correlation import BestMatch, CrossCorrelation
 from .sparse_coactivation import SparseCoActivation
 from .stats import ActivationStats
 
-__all__ = ["ActivationStats", "BestMatch", "CoActivation", "CrossCorrelation", "SparseCoActivation"]
+__all__ = ["Accumulator", "ActivationStats", "BestMatch", "CoActivation", "CrossCorrelation", "SparseCoActivation"]

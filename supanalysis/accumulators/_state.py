@@ -1,14 +1,15 @@
-"""What the three streaming accumulators share: device adoption, Chan merges, file I/O, all-reduce.
+"""What the streaming accumulators share below their base class: checks, Chan merges, file I/O.
 
 Every accumulator keeps its state as named float64/int64 tensors on one device. Files are
-safetensors (tensors) plus JSON metadata (kind, version, configuration); loading never
-unpickles anything and refuses a file of another kind or shape.
+safetensors (tensors) plus JSON metadata (kind, version, configuration, sha256 of it all);
+loading never unpickles anything and refuses a file of another kind, shape or checksum.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+import math
 import numbers
 import os
 from collections.abc import Callable, Mapping
@@ -19,17 +20,51 @@ from ..durable import durable_write
 
 FORMAT_VERSION = "1"
 
+#: state name -> (shape, dtype); ``None`` in a shape accepts any length there
+Spec = dict[str, tuple[tuple[int | None, ...], torch.dtype]]
+
 
 def is_int(v: object) -> bool:
     # bool is an int subclass: True must not pass for a feature count read from a file.
     return isinstance(v, int) and not isinstance(v, bool)
 
 
+def _finite_real(v: object) -> bool:
+    return not isinstance(v, bool) and isinstance(v, numbers.Real) and math.isfinite(v)
+
+
 def check_threshold(threshold: object, where: str) -> float:
-    """A real, non-NaN firing threshold (NaN would make every comparison false: nothing fires)."""
-    if isinstance(threshold, bool) or not isinstance(threshold, numbers.Real) or threshold != threshold:
-        raise ValueError(f"{where}: threshold must be a real number (not NaN), got {threshold!r}")
+    """A finite real firing threshold.
+
+    NaN makes every comparison false (nothing fires); +inf means nothing can fire and -inf
+    that every finite value fires, zeros included: both are mistakes rather than requests,
+    and a large finite value says either on purpose.
+    """
+    if not _finite_real(threshold):
+        raise ValueError(f"{where}: threshold must be a finite real number, got {threshold!r}")
     return float(threshold)
+
+
+def threshold_field(v: object, name: str) -> float:
+    """Metadata parser for a firing threshold (see :func:`check_threshold`)."""
+    if not _finite_real(v):
+        raise ValueError(f"{name}={v!r} is not a finite real number")
+    return float(v)  # type: ignore[arg-type]
+
+
+def positive_int_field(v: object, name: str) -> int:
+    """Metadata parser for a size: strict types, as int(4.7) or int(inf) would truncate or raise."""
+    if not is_int(v) or v < 1:  # type: ignore[operator]
+        raise ValueError(f"{name}={v!r} is not a positive int")
+    return v  # type: ignore[return-value]
+
+
+def check_top_k(k: object, n: int) -> int:
+    """The number of partner slots for ``n`` features: k, clamped to the n - 1 other features
+    (a larger k would allocate [n, k] of slots that can never hold a partner)."""
+    if not is_int(k) or k < 1:  # type: ignore[operator]
+        raise ValueError(f"k must be a positive int, got {k!r}")
+    return min(k, n - 1)  # type: ignore[type-var]
 
 
 def check_device(device: object, what: str, allow_meta: bool = False) -> torch.device:
@@ -98,11 +133,30 @@ def _digest(tensors: Mapping[str, torch.Tensor], meta: Mapping[str, object]) -> 
     return h.hexdigest()
 
 
-def load_file_checked(path: str | os.PathLike, kind: str) -> tuple[dict[str, torch.Tensor], dict]:
-    """Read tensors + metadata written by :func:`atomic_save`; refuse another kind or version."""
+def load_file_checked(
+    path: str | os.PathLike, kind: str, *, trusted: bool = False
+) -> tuple[dict[str, torch.Tensor], dict]:
+    """Read tensors + metadata written by :func:`atomic_save`; refuse another kind or version,
+    a checksum that does not match, and a file without a checksum unless ``trusted``."""
+    path = os.fspath(path)
+    tensors, meta = _read(path, kind)
+    want = meta.pop("sha256", None)
+    if want is not None and want != _digest(tensors, meta):
+        raise ValueError(f"{path}: checksum mismatch: the file was altered or corrupted after it was written")
+    if meta.get("kind") != kind:
+        raise ValueError(f"{path} holds a {meta.get('kind')!r}, not a {kind!r}")
+    if meta.get("version") != FORMAT_VERSION:
+        raise ValueError(f"{path} has format version {meta.get('version')!r}; this library reads {FORMAT_VERSION!r}")
+    if want is None and not trusted:
+        raise ValueError(
+            f"{path} carries no sha256 checksum, so nothing vouches for its state; pass trusted=True to load it anyway"
+        )
+    return tensors, meta
+
+
+def _read(path: str, kind: str) -> tuple[dict[str, torch.Tensor], dict]:
     from safetensors import safe_open
 
-    path = os.fspath(path)
     if not os.path.isfile(path):
         raise FileNotFoundError(f"no such file: {path}")
     try:
@@ -119,19 +173,10 @@ def load_file_checked(path: str | os.PathLike, kind: str) -> tuple[dict[str, tor
         raise ValueError(f"{path}: corrupt supanalysis metadata: {exc}") from exc
     if not isinstance(meta, dict):
         raise ValueError(f"{path}: corrupt supanalysis metadata: not an object")
-    want = meta.pop("sha256", None)
-    if want is not None and want != _digest(tensors, meta):
-        raise ValueError(f"{path}: checksum mismatch: the file was altered or corrupted after it was written")
-    if meta.get("kind") != kind:
-        raise ValueError(f"{path} holds a {meta.get('kind')!r}, not a {kind!r}")
-    if meta.get("version") != FORMAT_VERSION:
-        raise ValueError(f"{path} has format version {meta.get('version')!r}; this library reads {FORMAT_VERSION!r}")
     return tensors, meta
 
 
-def check_state(
-    tensors: Mapping[str, torch.Tensor], expected: Mapping[str, tuple[tuple[int, ...], torch.dtype]], where: str
-) -> None:
+def check_state(tensors: Mapping[str, torch.Tensor], expected: Spec, where: str) -> None:
     """Every expected tensor present with the expected shape and dtype; nothing else."""
     missing = sorted(set(expected) - set(tensors))
     extra = sorted(set(tensors) - set(expected))
@@ -139,8 +184,13 @@ def check_state(
         raise ValueError(f"{where}: state mismatch (missing {missing}, unexpected {extra})")
     for k, (shape, dtype) in expected.items():
         t = tensors[k]
-        if tuple(t.shape) != tuple(shape) or t.dtype != dtype:
-            raise ValueError(f"{where}: {k} must be {dtype} of shape {tuple(shape)}, got {t.dtype} {tuple(t.shape)}")
+        if not isinstance(t, torch.Tensor):
+            raise ValueError(f"{where}: {k} must be a tensor, got {type(t).__name__}")
+        fits = t.dim() == len(shape) and all(w is None or w == s for w, s in zip(shape, t.shape))
+        if not fits or t.dtype != dtype:
+            dims = ", ".join("any" if w is None else str(w) for w in shape)
+            want = f"({dims},)" if len(shape) == 1 else f"({dims})"
+            raise ValueError(f"{where}: {k} must be {dtype} of shape {want}, got {t.dtype} {tuple(t.shape)}")
 
 
 def resolve_device(current: torch.device | None, *tensors: torch.Tensor) -> torch.device:

@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
-import os
+from collections.abc import Mapping
 from dataclasses import dataclass
+from typing import ClassVar
 
 import torch
 
@@ -11,22 +12,29 @@ from ..ops._common import check_float, check_rank, flatten_tokens
 from ..ops.activation_stats import activation_stats_sparse, check_sparse_codes
 from ..ops.correlation import PRECISIONS, best_match, check_precision, cross_moments_update, sparse_outer_update
 from ._state import (
-    FORMAT_VERSION,
-    atomic_save,
+    Spec,
     chan_merge,
     check_device,
-    check_state,
     dist_parallel_moments,
     is_int,
-    load_file_checked,
-    resolve_device,
+    positive_int_field,
 )
+from .base import Accumulator, copied
 
 DEFAULT_MAX_BYTES = 1 << 30
 
 #: A feature counts as constant when its standard deviation is below this fraction of
 #: |mean| (or exactly 0): float64 rounding of a mean leaves residues of about 1e-16 |mean|.
 CONSTANT_RTOL = 1e-12
+
+
+def _precision_field(v: object, name: str) -> str:
+    """Metadata parser for ``precision``; files from before the option read as "ieee"."""
+    if v is None:
+        return "ieee"
+    if v not in PRECISIONS:
+        raise ValueError(f"{name}={v!r} is not one of {PRECISIONS}")
+    return v  # type: ignore[return-value]
 
 
 @dataclass(frozen=True)
@@ -56,7 +64,7 @@ class BestMatch:
         return float((self.max_corr_b[live] >= tau).double().mean()) if bool(live.any()) else 0.0
 
 
-class CrossCorrelation:
+class CrossCorrelation(Accumulator):
     """Streaming centred co-moments of ``xa [T, n_a]`` against ``xb [T, n_b]``.
 
     State (float64): token count, per-feature means and M2 of both sides, and the
@@ -78,6 +86,18 @@ class CrossCorrelation:
     """
 
     KIND = "CrossCorrelation"
+    STATE: ClassVar[dict[str, str]] = {
+        "n_tokens": "_n",
+        "n_skipped": "_skipped",
+        "mean_a": "_mean_a",
+        "m2_a": "_m2_a",
+        "mean_b": "_mean_b",
+        "m2_b": "_m2_b",
+        "comoment": "_com",
+    }
+    CONFIG: ClassVar[dict] = {"n_a": positive_int_field, "n_b": positive_int_field, "precision": _precision_field}
+    OPTIONS = ("precision",)
+    LOAD_KWARGS: ClassVar[dict] = {"max_bytes": 1 << 62}  # the file's co-moment was already read at its full size
 
     def __init__(
         self,
@@ -103,17 +123,14 @@ class CrossCorrelation:
         self.backend = backend
         self.precision = precision
         self._device = check_device(device, "device", allow_meta=True) if device is not None else None
-        self._init_state(self._device or torch.device("cpu"))
-
-    def _init_state(self, device: torch.device) -> None:
-        f64 = dict(dtype=torch.float64, device=device)
+        f64 = dict(dtype=torch.float64, device=self._device or torch.device("cpu"))
         self._n = 0
         self._skipped = 0
-        self._mean_a = torch.zeros(self.n_a, **f64)
-        self._m2_a = torch.zeros(self.n_a, **f64)
-        self._mean_b = torch.zeros(self.n_b, **f64)
-        self._m2_b = torch.zeros(self.n_b, **f64)
-        self._com = torch.zeros(self.n_a, self.n_b, **f64)
+        self._mean_a = torch.zeros(n_a, **f64)
+        self._m2_a = torch.zeros(n_a, **f64)
+        self._mean_b = torch.zeros(n_b, **f64)
+        self._m2_b = torch.zeros(n_b, **f64)
+        self._com = torch.zeros(n_a, n_b, **f64)
 
     # ------------------------------------------------------------------ updates
     def update(self, xa: torch.Tensor, xb: torch.Tensor) -> CrossCorrelation:
@@ -135,10 +152,7 @@ class CrossCorrelation:
             raise ValueError(f"xb must have n_b={self.n_b} features, got shape {tuple(xb.shape)}")
         if xa2.shape[0] != xb2.shape[0]:
             raise ValueError(f"xa and xb must cover the same tokens, got {xa2.shape[0]} and {xb2.shape[0]}")
-        dev = resolve_device(self._device, xa2, xb2)
-        if self._device is None:
-            self._device = dev
-            self._init_state(dev)
+        self._adopt(xa2, xb2)
         ok = torch.isfinite(xa2).all(1) & torch.isfinite(xb2).all(1)
         skipped = int((~ok).sum())
         if skipped:
@@ -186,10 +200,7 @@ class CrossCorrelation:
             )
         if values_a.dtype != values_b.dtype:
             raise TypeError(f"values_a and values_b must share a dtype, got {values_a.dtype} and {values_b.dtype}")
-        dev = resolve_device(self._device, indices_a, values_a, indices_b, values_b)
-        if self._device is None:
-            self._device = dev
-            self._init_state(dev)
+        self._adopt(indices_a, values_a, indices_b, values_b)
         ia, ib = indices_a.long(), indices_b.long()
         ok = torch.isfinite(values_a).all(1) & torch.isfinite(values_b).all(1)
         skipped = int((~ok).sum())
@@ -213,32 +224,20 @@ class CrossCorrelation:
         self._skipped += skipped
         return self
 
-    def merge(self, other: CrossCorrelation) -> CrossCorrelation:
-        """Fold another accumulator over disjoint tokens into this one."""
-        if not isinstance(other, CrossCorrelation):
-            raise TypeError(f"other must be a CrossCorrelation, got {type(other).__name__}")
-        if (other.n_a, other.n_b) != (self.n_a, self.n_b):
-            raise ValueError(f"cannot merge CrossCorrelation{(other.n_a, other.n_b)} into {(self.n_a, self.n_b)}")
-        dev = self._com.device
-        na, nb = self._n, other._n
+    def _merge_state(self, o: Mapping[str, torch.Tensor]) -> None:
+        na, nb = self._n, int(o["n_tokens"])
         n = na + nb
         if nb:
-            da = other._mean_a.to(dev) - self._mean_a
-            db = other._mean_b.to(dev) - self._mean_b
-            self._com += other._com.to(dev)
+            da = o["mean_a"] - self._mean_a
+            db = o["mean_b"] - self._mean_b
+            self._com += o["comoment"]
             self._com += (na * nb / n) * torch.outer(da, db)
-            self._mean_a, self._m2_a = chan_merge(
-                na, self._mean_a, self._m2_a, nb, other._mean_a.to(dev), other._m2_a.to(dev)
-            )
-            self._mean_b, self._m2_b = chan_merge(
-                na, self._mean_b, self._m2_b, nb, other._mean_b.to(dev), other._m2_b.to(dev)
-            )
+            self._mean_a, self._m2_a = chan_merge(na, self._mean_a, self._m2_a, nb, o["mean_a"], o["m2_a"])
+            self._mean_b, self._m2_b = chan_merge(na, self._mean_b, self._m2_b, nb, o["mean_b"], o["m2_b"])
             self._n = n
-        self._skipped += other._skipped
-        return self
+        self._skipped += int(o["n_skipped"])
 
-    def all_reduce(self, group=None) -> CrossCorrelation:
-        """Combine every rank's accumulator in place (exact parallel formula, float64)."""
+    def _all_reduce_tensors(self, group) -> None:
         import torch.distributed as dist
 
         dev = self._com.device
@@ -249,33 +248,18 @@ class CrossCorrelation:
         self._com += n_local * torch.outer(self._mean_a - mu_a, self._mean_b - mu_b)
         dist.all_reduce(self._com, group=group)
         self._mean_a, self._m2_a, self._mean_b, self._m2_b = mu_a, m2_a, mu_b, m2_b
-        counts = torch.tensor([self._n, self._skipped], dtype=torch.int64, device=dev)
-        dist.all_reduce(counts, group=group)
-        self._n, self._skipped = int(counts[0]), int(counts[1])
-        return self
 
     # ------------------------------------------------------------------ results
-    @property
-    def n_tokens(self) -> int:
-        return self._n
-
     @property
     def n_skipped(self) -> int:
         """Tokens dropped because xa or xb had a non-finite value there."""
         return self._skipped
 
-    @property
-    def mean_a(self) -> torch.Tensor:
-        return self._mean_a.clone()
+    mean_a = copied("_mean_a", "[n_a] float64: mean of each feature of A.")
 
-    @property
-    def mean_b(self) -> torch.Tensor:
-        return self._mean_b.clone()
+    mean_b = copied("_mean_b", "[n_b] float64: mean of each feature of B.")
 
-    @property
-    def comoment(self) -> torch.Tensor:
-        """[n_a, n_b] float64: Σ_t (xa - μa)(xb - μb)ᵀ."""
-        return self._com.clone()
+    comoment = copied("_com", "[n_a, n_b] float64: Σ_t (xa - μa)(xb - μb)ᵀ.")
 
     def _inv_std(self, mean: torch.Tensor, m2: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         sd = torch.sqrt(m2.clamp_min(0.0))
@@ -299,73 +283,23 @@ class CrossCorrelation:
         ib, _ = self._inv_std(self._mean_b, self._m2_b)
         return (self._com * ia[:, None] * ib[None, :]).clamp(-1.0, 1.0)
 
-    # ------------------------------------------------------------------ persistence
-    def state_dict(self) -> dict[str, torch.Tensor]:
-        return {
-            "n_tokens": torch.tensor(self._n, dtype=torch.int64),
-            "n_skipped": torch.tensor(self._skipped, dtype=torch.int64),
-            "mean_a": self._mean_a.clone(),
-            "m2_a": self._m2_a.clone(),
-            "mean_b": self._mean_b.clone(),
-            "m2_b": self._m2_b.clone(),
-            "comoment": self._com.clone(),
-        }
-
-    def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
-        f, i = torch.float64, torch.int64
-        expected = {
-            "n_tokens": ((), i),
-            "n_skipped": ((), i),
-            "mean_a": ((self.n_a,), f),
-            "m2_a": ((self.n_a,), f),
-            "mean_b": ((self.n_b,), f),
-            "m2_b": ((self.n_b,), f),
-            "comoment": ((self.n_a, self.n_b), f),
-        }
-        check_state(state, expected, "CrossCorrelation.load_state_dict")
-        # Refuse states no update can produce (corrupt or hand-edited files).
-        bad = [k for k in ("n_tokens", "n_skipped") if int(state[k]) < 0]
-        bad += [k for k in ("m2_a", "m2_b") if not bool((state[k] >= 0).all())]
-        if bad:
-            raise ValueError(f"CrossCorrelation.load_state_dict: inconsistent state ({bad} negative or NaN)")
-        dev = self._device or torch.device("cpu")
-        s = {k: v.to(dev).clone() for k, v in state.items()}
-        self._n, self._skipped = int(s["n_tokens"]), int(s["n_skipped"])
-        self._mean_a, self._m2_a, self._mean_b, self._m2_b = s["mean_a"], s["m2_a"], s["mean_b"], s["m2_b"]
-        self._com = s["comoment"].contiguous()
-
-    def save(self, path: str | os.PathLike) -> None:
-        meta = {
-            "kind": self.KIND, "version": FORMAT_VERSION, "n_a": self.n_a, "n_b": self.n_b, "precision": self.precision
-        }  # fmt: skip
-        atomic_save(self.state_dict(), meta, path)
-
+    # ------------------------------------------------------------------ state
     @classmethod
-    def load(cls, path: str | os.PathLike, device: torch.device | str | None = None) -> CrossCorrelation:
-        tensors, meta = load_file_checked(path, cls.KIND)
-        n_a, n_b = meta.get("n_a"), meta.get("n_b")
-        if not (is_int(n_a) and is_int(n_b) and n_a >= 1 and n_b >= 1):
-            raise ValueError(f"{path}: bad CrossCorrelation metadata: n_a={n_a!r}, n_b={n_b!r} must be positive ints")
-        precision = meta.get("precision", "ieee")  # files from before the option: "ieee"
-        if precision not in PRECISIONS:
-            raise ValueError(
-                f"{path}: bad CrossCorrelation metadata: precision={precision!r} is not one of {PRECISIONS}"
-            )
-        # The stored co-moment must have the metadata's shape before we allocate n_a x n_b
-        # (max_bytes is lifted below): a corrupt n_a must not allocate terabytes.
-        com = tensors.get("comoment")
-        if com is None or tuple(com.shape) != (n_a, n_b):
-            shape = None if com is None else tuple(com.shape)
-            raise ValueError(f"{path}: comoment has shape {shape}, metadata says ({n_a}, {n_b})")
-        obj = cls(n_a, n_b, device=device, max_bytes=1 << 62, precision=precision)
-        try:
-            obj.load_state_dict(tensors)
-        except ValueError as exc:  # name the file, not just the method
-            raise ValueError(f"{path}: {exc}") from exc
-        return obj
+    def _spec(cls, config: Mapping[str, object]) -> Spec:
+        na, nb = config["n_a"], config["n_b"]
+        f, i = torch.float64, torch.int64
+        return {"n_tokens": ((), i), "n_skipped": ((), i), "mean_a": ((na,), f), "m2_a": ((na,), f),
+                "mean_b": ((nb,), f), "m2_b": ((nb,), f), "comoment": ((na, nb), f)}  # fmt: skip
 
-    def __repr__(self) -> str:
-        return (
-            f"CrossCorrelation(n_a={self.n_a}, n_b={self.n_b}, n_tokens={self._n}, device={self._com.device}, "
-            f"precision={self.precision!r})"
-        )
+    def _problems(self, state: Mapping[str, torch.Tensor]) -> list[str]:
+        """Counts >= 0, finite means, M2 >= 0, no NaN, and an untouched (zero) state before any token."""
+        bad = [f"{k} is negative" for k in ("n_tokens", "n_skipped") if int(state[k]) < 0]
+        bad += [f"{k} is negative or NaN" for k in ("m2_a", "m2_b") if not bool((state[k] >= 0).all())]
+        bad += [f"{k} is not finite" for k in ("mean_a", "mean_b") if not bool(state[k].isfinite().all())]
+        # Huge float64 inputs may overflow a co-moment to inf, as they may M2; NaN only a corrupt file holds.
+        bad += ["comoment has NaN"] if bool(state["comoment"].isnan().any()) else []
+        if int(state["n_tokens"]) == 0 and any(
+            bool(state[k].any()) for k in ("mean_a", "m2_a", "mean_b", "m2_b", "comoment")
+        ):
+            bad.append("moments are nonzero with n_tokens=0")
+        return bad

@@ -11,19 +11,21 @@ proportional to the distinct pairs seen, which the caller can watch (:attr:`n_pa
 
 from __future__ import annotations
 
-import os
+from collections.abc import Mapping
+from typing import ClassVar
 
 import torch
 
 from ..ops._common import check_index, check_indices_range, check_rank
-from ._state import FORMAT_VERSION, atomic_save, check_device, is_int, load_file_checked, resolve_device
+from ._state import Spec, check_device, check_threshold, check_top_k, is_int, positive_int_field, threshold_field
+from .base import Accumulator, copied
 from .coactivation import METRICS
 
 #: pair keys formed per sort (bounds the temporary memory of one step: ~24 bytes a pair)
 CHUNK_PAIRS = 1 << 24
 
 
-class SparseCoActivation:
+class SparseCoActivation(Accumulator):
     """Co-firing counts of ``n`` features from top-k codes, stored sparsely (see module doc).
 
     A feature fires on a token when it is listed in that token's codes (index ≥ 0) with a
@@ -31,6 +33,13 @@ class SparseCoActivation:
     """
 
     KIND = "SparseCoActivation"
+    STATE: ClassVar[dict[str, str]] = {
+        "keys": "_keys",
+        "counts": "_counts",
+        "fire_count": "_fire",
+        "n_tokens": "_n_tokens",
+    }
+    CONFIG: ClassVar[dict] = {"n": positive_int_field, "threshold": threshold_field}
 
     def __init__(self, n: int, threshold: float = 0.0, *, device: torch.device | str | None = None) -> None:
         if not is_int(n) or n < 1:
@@ -38,7 +47,7 @@ class SparseCoActivation:
         if n > 3_037_000_499:  # n * n must fit in int64 pair keys
             raise ValueError(f"n={n} is too large for int64 pair keys")
         self.n = n
-        self.threshold = float(threshold)
+        self.threshold = check_threshold(threshold, "SparseCoActivation")
         self._device = check_device(device, "device") if device is not None else None
         dev = self._device or torch.device("cpu")
         self._keys = torch.zeros(0, dtype=torch.int64, device=dev)
@@ -62,10 +71,7 @@ class SparseCoActivation:
                 raise ValueError(f"values must be a tensor of the shape of indices {tuple(indices.shape)}")
             if not values.is_floating_point():
                 raise TypeError(f"values must be floating point, got {values.dtype}")
-        dev = resolve_device(self._device, indices, *(() if values is None else (values,)))
-        if self._device is None:
-            self._device = dev
-            self._to(dev)
+        self._adopt(indices, *(() if values is None else (values,)))
         idx = indices.long()
         if values is not None:
             fires = torch.isfinite(values) & (values.double() > self.threshold)
@@ -90,6 +96,9 @@ class SparseCoActivation:
         self._n_tokens += T
         return self
 
+    def _sync(self) -> None:
+        self._flush()
+
     def _flush(self) -> None:
         if self._pending:
             keys = torch.cat([k for k, _ in self._pending])
@@ -105,52 +114,32 @@ class SparseCoActivation:
         self._keys = uk
         self._counts = torch.zeros_like(uk).index_add_(0, inv, allc)
 
-    def merge(self, other: SparseCoActivation) -> SparseCoActivation:
-        """Fold another accumulator over disjoint tokens (same n and threshold) into this one."""
-        if not isinstance(other, SparseCoActivation):
-            raise TypeError(f"other must be a SparseCoActivation, got {type(other).__name__}")
-        if other.n != self.n or other.threshold != self.threshold:
-            raise ValueError(f"cannot merge SparseCoActivation(n={other.n}) into SparseCoActivation(n={self.n})")
-        other._flush()
-        self._flush()
-        self._merge_pairs(other._keys, other._counts)
-        self._fire += other._fire.to(self._fire.device)
-        self._n_tokens += other._n_tokens
-        return self
+    def _merge_state(self, o: Mapping[str, torch.Tensor]) -> None:
+        self._merge_pairs(o["keys"], o["counts"])
+        self._fire += o["fire_count"]
+        self._n_tokens += int(o["n_tokens"])
 
-    def all_reduce(self, group=None) -> SparseCoActivation:
-        """Combine every rank's pairs (gathered, then merged) and firing counts, in place."""
+    def _all_reduce_tensors(self, group) -> None:
+        """Every rank's pairs, gathered and merged, and the firing counts summed."""
         import torch.distributed as dist
 
         from ..distributed import all_gather_cat
 
-        self._flush()
         keys = all_gather_cat(self._keys, group)
         counts = all_gather_cat(self._counts, group)
         self._keys = torch.zeros(0, dtype=torch.int64, device=self._keys.device)
         self._counts = torch.zeros_like(self._keys)
         self._merge_pairs(keys, counts)
         dist.all_reduce(self._fire, group=group)
-        t = torch.tensor([self._n_tokens], dtype=torch.int64, device=self._fire.device)
-        dist.all_reduce(t, group=group)
-        self._n_tokens = int(t)
-        return self
 
     # ------------------------------------------------------------------ results
-    @property
-    def n_tokens(self) -> int:
-        return self._n_tokens
-
     @property
     def n_pairs(self) -> int:
         """Distinct co-firing pairs held (the state's size: 16 bytes each)."""
         self._flush()
         return self._keys.numel()
 
-    @property
-    def fire_count(self) -> torch.Tensor:
-        """[n] int64 firing counts (the diagonal of the count matrix)."""
-        return self._fire.clone()
+    fire_count = copied("_fire", "[n] int64 firing counts (the diagonal of the count matrix).")
 
     def pairs(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """(a, b, count) of every pair a < b that co-fired at least once."""
@@ -181,12 +170,11 @@ class SparseCoActivation:
     def top_partners(self, k: int, metric: str = "count") -> tuple[torch.Tensor, torch.Tensor]:
         """(index [n, k] int64, score [n, k] float64): each feature's top co-firing partners.
 
-        Same contract as :meth:`CoActivation.top_partners` over the partners that co-fired
-        (a feature never seen with i scores 0 with it; such slots are -1 / 0 here). Ties go
-        to the smaller index.
+        Same contract as :meth:`CoActivation.top_partners` (k clamped to n - 1) over the
+        partners that co-fired (a feature never seen with i scores 0 with it; such slots are
+        -1 / 0 here). Ties go to the smaller index.
         """
-        if not is_int(k) or k < 1:
-            raise ValueError(f"k must be a positive int, got {k!r}")
+        k = check_top_k(k, self.n)
         if metric not in METRICS:
             raise ValueError(f"metric must be one of {METRICS}, got {metric!r}")
         a, b, c = self.pairs()
@@ -206,66 +194,35 @@ class SparseCoActivation:
         val[rows[keep], rank[keep]] = score[keep]
         return idx, val
 
-    # ------------------------------------------------------------------ persistence
-    def _to(self, device: torch.device) -> None:
-        self._flush()
-        self._keys, self._counts, self._fire = (t.to(device) for t in (self._keys, self._counts, self._fire))
+    # ------------------------------------------------------------------ state
+    @classmethod
+    def _spec(cls, config: Mapping[str, object]) -> Spec:
+        i = torch.int64
+        return {"keys": ((None,), i), "counts": ((None,), i), "fire_count": ((config["n"],), i), "n_tokens": ((), i)}
 
-    def state_dict(self) -> dict[str, torch.Tensor]:
-        self._flush()
-        return {
-            "keys": self._keys.clone(),
-            "counts": self._counts.clone(),
-            "fire_count": self._fire.clone(),
-            "n_tokens": torch.tensor(self._n_tokens, dtype=torch.int64),
-        }
-
-    def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
-        """Load a state, refusing anything no sequence of updates can produce."""
-        want = {"keys", "counts", "fire_count", "n_tokens"}
-        if set(state) != want:
-            raise ValueError(
-                f"SparseCoActivation.load_state_dict: expected tensors {sorted(want)}, got {sorted(state)}"
-            )
+    def _problems(self, state: Mapping[str, torch.Tensor]) -> list[str]:
+        """Sorted distinct keys of pairs a < b, counts in [max(1, f_a + f_b - N), min(f_a, f_b)],
+        firing counts in [0, N]."""
         keys, counts, fire, nt = (state[k] for k in ("keys", "counts", "fire_count", "n_tokens"))
-        for name, t in (("keys", keys), ("counts", counts), ("fire_count", fire), ("n_tokens", nt)):
-            if t.dtype != torch.int64:
-                raise ValueError(f"SparseCoActivation.load_state_dict: {name} must be int64, got {t.dtype}")
-        if keys.dim() != 1 or counts.shape != keys.shape or fire.shape != (self.n,) or nt.dim() != 0:
-            raise ValueError("SparseCoActivation.load_state_dict: inconsistent shapes")
-        a, b = keys // self.n, keys % self.n
-        bad = (
-            int(nt) < 0
-            or bool((fire < 0).any() or (fire > int(nt)).any())
-            or bool(keys.numel() and ((keys[1:] <= keys[:-1]).any() or keys[0] < 0 or keys[-1] >= self.n * self.n))
-            or bool(keys.numel() and ((a >= b).any() or (counts < 1).any()))
-            or bool(keys.numel() and (counts > torch.minimum(fire[a], fire[b])).any())
-        )
-        if bad:
-            raise ValueError(
-                "SparseCoActivation.load_state_dict: inconsistent state (unsorted keys, a >= b, or counts)"
-            )
-        dev = self._device or torch.device("cpu")
-        self._keys, self._counts, self._fire = keys.to(dev).clone(), counts.to(dev).clone(), fire.to(dev).clone()
-        self._n_tokens = int(nt)
+        if counts.shape != keys.shape:
+            return [f"counts {tuple(counts.shape)} and keys {tuple(keys.shape)} differ in shape"]
+        nt = int(nt)
+        ok = nt >= 0 and not bool((fire < 0).any() or (fire > nt).any())
+        bad = [] if ok else ["fire_count outside [0, n_tokens]"]
+        if keys.numel():
+            if bool((keys[1:] <= keys[:-1]).any() or keys[0] < 0 or keys[-1] >= self.n * self.n):
+                return [*bad, "keys unsorted, repeated or out of range"]
+            a, b = keys // self.n, keys % self.n
+            fa, fb = fire[a], fire[b]
+            if bool((a >= b).any()):
+                bad.append("a pair key with a >= b")
+            if bool((counts < 1).any() | (counts > torch.minimum(fa, fb)).any() | (counts < fa + fb - nt).any()):
+                bad.append("pair counts outside [max(1, f_a + f_b - n_tokens), min(f_a, f_b)]")
+        return bad
+
+    def load_state_dict(self, state: Mapping[str, torch.Tensor]) -> None:
+        super().load_state_dict(state)
         self._pending, self._pending_size = [], 0
 
-    def save(self, path: str | os.PathLike) -> None:
-        meta = {"kind": self.KIND, "version": FORMAT_VERSION, "n": self.n, "threshold": self.threshold}
-        atomic_save(self.state_dict(), meta, path)
-
-    @classmethod
-    def load(cls, path: str | os.PathLike, device: torch.device | str | None = None) -> SparseCoActivation:
-        tensors, meta = load_file_checked(path, cls.KIND)
-        n, thr = meta.get("n"), meta.get("threshold")
-        if not is_int(n) or n < 1 or isinstance(thr, bool) or not isinstance(thr, int | float):
-            raise ValueError(f"{path}: bad SparseCoActivation metadata (n={n!r}, threshold={thr!r})")
-        obj = cls(n, float(thr), device=device)
-        try:
-            obj.load_state_dict(tensors)
-        except ValueError as exc:
-            raise ValueError(f"{path}: {exc}") from exc
-        return obj
-
-    def __repr__(self) -> str:
-        return f"SparseCoActivation(n={self.n}, n_tokens={self._n_tokens}, n_pairs={self.n_pairs})"
+    def _repr_extra(self) -> str:
+        return f", n_pairs={self.n_pairs}"

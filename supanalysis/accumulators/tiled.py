@@ -50,6 +50,16 @@ def _block_of(batch: Batch, r0: int, r1: int) -> Batch:
     return torch.where(inside, ia - r0, torch.full_like(ia, -1)), torch.where(inside, va, 0), ib, vb
 
 
+def _stream_block(cc: CrossCorrelation, stream: Callable[[], Iterable[Batch]], r0: int, r1: int) -> None:
+    """One pass over the stream, accumulating A's features [r0, r1) against all of B's."""
+    for batch in stream():
+        part = _block_of(batch, r0, r1)
+        if len(part) == 2:
+            cc.update(*part)
+        else:
+            cc.update_sparse(*part)
+
+
 def best_match_tiled(
     stream: Callable[[], Iterable[Batch]],
     n_a: int,
@@ -94,12 +104,7 @@ def best_match_tiled(
     for r0 in range(0, n_a, block):
         r1 = min(n_a, r0 + block)
         cc = CrossCorrelation(r1 - r0, n_b, device=device, backend=backend, max_bytes=max_bytes, precision=precision)
-        for batch in stream():
-            part = _block_of(batch, r0, r1)
-            if len(part) == 2:
-                cc.update(*part)
-            else:
-                cc.update_sparse(*part)
+        _stream_block(cc, stream, r0, r1)
         if distributed:
             cc.all_reduce(group)
         if n_tokens >= 0 and cc.n_tokens != n_tokens:
