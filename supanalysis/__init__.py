@@ -18,10 +18,10 @@ from .capture import ActivationSource, capture
 from .config import ModelSpec, TestConfig, Thresholds
 from .data import TokenSequences
 from .dictionary import Dictionary, NeuronBasis, load_dictionary, save_dictionary, train_topk_sae
+from .experiment import TestReport, analyse, measure, run_test
 from .models import ModelShape, TinyConfig, TinyTransformer, describe
 from .ops.activation_stats import activation_stats, activation_stats_sparse
 from .ops.interference import InterferenceResult, interference, interference_matrix
-from .pipeline import TestReport, analyse, measure, run_test
 
 __version__ = "0.1.0"
 

@@ -19,7 +19,6 @@ equal schedules and small models: it is a smoke run whose P2 is expected to fail
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import time
@@ -30,9 +29,10 @@ import torch
 
 from .config import ModelSpec, SAETraining, TestConfig, Thresholds
 from .data import stdlib_corpus
+from .durable import write_text
+from .experiment import TestReport, run_test
 from .models import TinyConfig, TinyTransformer
 from .models.train import LMTrainConfig, train_language_model
-from .pipeline import TestReport, run_test
 
 
 @dataclass(frozen=True)
@@ -122,8 +122,7 @@ def prepare_demo(out: str, size: DemoSize, seed: int = 0, progress: bool = True)
         bootstrap=size.bootstrap,
         seed=seed,
     )
-    with open(os.path.join(out, "config.json"), "w") as fh:
-        json.dump(config.to_dict(), fh, indent=2)
+    write_text(os.path.join(out, "config.json"), json.dumps(config.to_dict(), indent=2))
     return config
 
 
@@ -147,20 +146,3 @@ def run_demo(out: str, quick: bool = False, seed: int = 0, progress: bool = True
     )
     report.write(out)
     return report
-
-
-def _cmd_demo(args: argparse.Namespace) -> int:
-    from .cli import print_summary
-
-    report = run_demo(args.out, quick=args.quick, seed=args.seed, progress=not args.no_progress)
-    print_summary(report.data, args.out)
-    return 0
-
-
-def add_demo_parser(sub) -> None:
-    p = sub.add_parser("demo", help="train two equal-parameter models here and run the test on them")
-    p.add_argument("--quick", action="store_true", help="smaller everything, same code path (< 2 minutes)")
-    p.add_argument("--out", default="supanalysis-out/demo", help="output folder (default: %(default)s)")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--no-progress", action="store_true", help="no progress bars")
-    p.set_defaults(func=_cmd_demo)

@@ -4,7 +4,7 @@ Data: :mod:`supanalysis.planted_data` (sparse features with known firing probabi
 spanning decades, and the label of every position). Two TinyTransformers of equal
 non-embedding parameters and aspect ratios 16x apart train on it; a TopK SAE is trained per
 layer with the test's own :class:`~supanalysis.config.SAETraining` settings; then the full
-:func:`~supanalysis.pipeline.run_test` runs on the pair. Finally every planted feature is
+:func:`~supanalysis.experiment.run_test` runs on the pair. Finally every planted feature is
 looked up in every dictionary (the latent whose activation correlates best with the
 feature's indicator, streamed through :class:`~supanalysis.accumulators.CrossCorrelation`
 over the same statistics tokens the test used) and the test's numbers are held against the
@@ -19,7 +19,6 @@ truth:
 
 from __future__ import annotations
 
-import argparse
 import json
 import math
 import os
@@ -33,13 +32,16 @@ from .accumulators import ActivationStats, CrossCorrelation
 from .capture import ActivationSource
 from .config import ModelSpec, SAETraining, TestConfig, Thresholds
 from .data import TokenSequences
-from .dictionary import TopKTrainConfig, load_dictionary, save_saelens, train_topk_sae
+from .dictionary import load_dictionary, save_saelens
+from .durable import write_text
+from .experiment import TestReport, run_test
+from .experiment.features import train_site_sae
+from .experiment.plan import sequence_budget
 from .models import TinyConfig, TinyTransformer
 from .models.train import LMTrainConfig, train_language_model
-from .pipeline import TestReport, run_test
 from .planted_data import PlantedSpec, generate, indicators
 
-#: relative density error below which the planted densities count as recovered (issue 8)
+#: relative density error below which the planted densities count as recovered
 DENSITY_TARGET = 0.20
 #: a dictionary *represents* a planted feature when some latent correlates this well with its
 #: indicator. Stricter than the test's τ on purpose: a latent at ρ ≈ 0.5-0.8 is one that several
@@ -69,30 +71,16 @@ class PlantedSize:
 
 # Model A wide-shallow, B narrow-deep, 12·L·d² equal. Densities span 1.7 decades (quick) / 2 (full).
 FULL = PlantedSize(
-    PlantedSpec(n_features=16, p_min=5e-4, p_max=0.05, background=32),
-    (2, 64, 4),
-    (8, 32, 4),
-    lm_tokens=2_000_000,
-    lm_steps=1500,
-    sae=SAETraining(expansion=4, k=4, tokens=400_000, batch_size=128, lr=1e-2),
-    eval_tokens=20_000,
-    stats_tokens=200_000,
-    match_tokens=100_000,
-    bootstrap=1000,
-)
+    PlantedSpec(n_features=16, p_min=5e-4, p_max=0.05, background=32), (2, 64, 4), (8, 32, 4),
+    lm_tokens=2_000_000, lm_steps=1500, sae=SAETraining(expansion=4, k=4, tokens=400_000, batch_size=128, lr=1e-2),
+    eval_tokens=20_000, stats_tokens=200_000, match_tokens=100_000, bootstrap=1000,
+)  # fmt: skip
 QUICK = PlantedSize(
-    PlantedSpec(n_features=16, p_min=1e-3, p_max=0.05, background=32),
-    (1, 32, 2),
-    (4, 16, 2),
-    lm_tokens=1_000_000,
-    lm_steps=1000,
-    sae=SAETraining(expansion=4, k=4, tokens=300_000, batch_size=128, lr=1e-2),
-    eval_tokens=4_000,
-    stats_tokens=60_000,
-    match_tokens=30_000,
-    bootstrap=200,
+    PlantedSpec(n_features=16, p_min=1e-3, p_max=0.05, background=32), (1, 32, 2), (4, 16, 2),
+    lm_tokens=1_000_000, lm_steps=1000, sae=SAETraining(expansion=4, k=4, tokens=300_000, batch_size=128, lr=1e-2),
+    eval_tokens=4_000, stats_tokens=60_000, match_tokens=30_000, bootstrap=200,
     sites_b=("resid_post.1", "resid_post.3"),
-)
+)  # fmt: skip
 
 
 @dataclass
@@ -108,18 +96,14 @@ class PlantedRun:
     lm_loss: dict[str, float] = field(default_factory=dict)
 
 
-def _sequences(tokens: int, seq_len: int) -> int:
-    return max(1, math.ceil(tokens / seq_len))
-
-
 def prepare_planted(out: str, size: PlantedSize, seed: int = 0, progress: bool = True) -> PlantedRun:
     """Generate the data, train both models and their dictionaries, write ``config.json``."""
     spec, L = size.spec, size.seq_len
     # The test's token file is exactly eval | statistics (dictionaries are given, so the
-    # test cuts no SAE-training slice); the pipeline's slicing is reproduced here so the
-    # labels line up with the tokens the test measures.
-    n_eval = _sequences(size.eval_tokens + size.eval_tokens // L, L)
-    n_stats = _sequences(size.stats_tokens, L)
+    # test cuts no SAE-training slice); experiment.plan.plan_tokens's slicing is reproduced
+    # here so the labels line up with the tokens the test measures.
+    n_eval = sequence_budget(size.eval_tokens + size.eval_tokens // L, L)
+    n_stats = sequence_budget(size.stats_tokens, L)
     test_len = (n_eval + n_stats) * L
     sae_len = size.sae.tokens + L
     tokens, labels = generate(spec, size.lm_tokens + sae_len + test_len, seed=seed)
@@ -175,8 +159,7 @@ def prepare_planted(out: str, size: PlantedSize, seed: int = 0, progress: bool =
         seed=seed,
         device="cpu",
     )
-    with open(os.path.join(out, "config.json"), "w") as fh:
-        json.dump(run.config.to_dict(), fh, indent=2)
+    write_text(os.path.join(out, "config.json"), json.dumps(run.config.to_dict(), indent=2))
     return run
 
 
@@ -191,19 +174,8 @@ def _train_dictionary(
     progress: bool,
 ) -> dict:
     """A TopK SAE on ``site`` exactly as the test trains one for dictionary="train" (SAETraining)."""
-    sae_cfg = size.sae
     seqs = TokenSequences(tokens, size.seq_len, 16)
-    src = ActivationSource(model, seqs, [site], progress=False)
-    m = model.config.d_model
-    result = train_topk_sae(
-        src,
-        site,
-        d_sae=sae_cfg.expansion * m,
-        k=sae_cfg.k,
-        n_tokens=sae_cfg.tokens,
-        config=TopKTrainConfig(batch_size=sae_cfg.batch_size, lr=sae_cfg.lr, seed=seed, log_every=10**9),
-        progress=progress,
-    )
+    result = train_site_sae(model, seqs, site, model.config.d_model, size.sae, seed, progress=progress)
     save_saelens(result.dictionary, os.path.join(folder, site))
     return {
         "model": label,
@@ -228,7 +200,7 @@ def _best_latents(run: PlantedRun, label: str, site: str) -> tuple[torch.Tensor,
     model = run.models[label].eval()
     d = load_dictionary(os.path.join(spec.dictionary, site))
     tokens = np.load(cfg.tokens, mmap_mode="r")
-    n_stats = _sequences(cfg.stats_tokens, cfg.seq_len)
+    n_stats = sequence_budget(cfg.stats_tokens, cfg.seq_len)
     seqs = TokenSequences(tokens, cfg.seq_len, cfg.batch_size, start=run.stats_start, max_sequences=n_stats)
     F = run.spec.n_features
     cc = CrossCorrelation(d.W_dec.shape[0], F)
@@ -247,55 +219,60 @@ def _best_latents(run: PlantedRun, label: str, site: str) -> tuple[torch.Tensor,
     return bm.match_b.cpu(), bm.max_corr_b.cpu(), stats.density.cpu(), offset
 
 
+def _site_truth(run: PlantedRun, report: TestReport, label: str, site: str) -> tuple[dict, torch.Tensor]:
+    """One site: the test's density of each planted feature's best latent against the truth.
+
+    -> (the site's entry of planted.json, the best latent of each planted feature [F])"""
+    spec, tau, p_true = run.spec, run.config.thresholds.tau, run.spec.densities
+    latent, corr, dens_here, n = _best_latents(run, label, site)
+    dens = report.arrays[f"density/{label}/{site}"].cpu()
+    # Same tokens, same dictionary: the test's densities must equal this pass's.
+    if not torch.allclose(dens.double(), dens_here.double(), atol=1e-9):
+        raise RuntimeError(f"{label} {site}: the test measured other densities than the truth pass")
+    labels = run.stats_labels[:n]
+    realised = np.bincount(labels[labels >= 0], minlength=spec.n_features) / n
+    measured = dens[latent].numpy()
+    represented = corr.numpy() >= REPRESENTED_CORR
+    at_tau = corr.numpy() >= tau
+    rel = np.abs(measured / p_true - 1.0)
+    rel_realised = np.abs(measured / np.maximum(realised, 1e-300) - 1.0)
+    features = [
+        {
+            "feature": f,
+            "p_planted": float(p_true[f]),
+            "p_realised": float(realised[f]),
+            "latent": int(latent[f]),
+            "corr": round(float(corr[f]), 4),
+            "represented": bool(represented[f]),
+            "p_measured": float(measured[f]),
+            "rel_error": float(rel[f]),
+        }
+        for f in range(spec.n_features)
+    ]
+    entry = {
+        "model": label,
+        "site": site,
+        "tokens": n,
+        "n_represented": int(represented.sum()),
+        "median_rel_error": _median(rel[represented]),
+        "median_rel_error_realised": _median(rel_realised[represented]),
+        "n_at_tau": int(at_tau.sum()),
+        "median_rel_error_at_tau": _median(rel[at_tau]),
+        "features": features,
+    }
+    return entry, latent
+
+
 def compare_with_truth(run: PlantedRun, report: TestReport) -> dict:
     """The test's numbers against the planted ones (see the module docstring)."""
-    cfg, spec = run.config, run.spec
-    tau = cfg.thresholds.tau
-    p_true = spec.densities
+    spec, tau = run.spec, run.config.thresholds.tau
     data = report.data
     sites = []
     best: dict[tuple[str, str], torch.Tensor] = {}
     for label in ("A", "B"):
         for row in data["sites"][label]:
-            site = row["site"]
-            latent, corr, dens_here, n = _best_latents(run, label, site)
-            dens = report.arrays[f"density/{label}/{site}"].cpu()
-            # Same tokens, same dictionary: the test's densities must equal this pass's.
-            if not torch.allclose(dens.double(), dens_here.double(), atol=1e-9):
-                raise RuntimeError(f"{label} {site}: the test measured other densities than the truth pass")
-            labels = run.stats_labels[:n]
-            realised = np.bincount(labels[labels >= 0], minlength=spec.n_features) / n
-            measured = dens[latent].numpy()
-            represented = corr.numpy() >= REPRESENTED_CORR
-            at_tau = corr.numpy() >= tau
-            rel = np.abs(measured / p_true - 1.0)
-            rel_realised = np.abs(measured / np.maximum(realised, 1e-300) - 1.0)
-            best[(label, site)] = latent
-            sites.append(
-                {
-                    "model": label,
-                    "site": site,
-                    "tokens": n,
-                    "n_represented": int(represented.sum()),
-                    "median_rel_error": _median(rel[represented]),
-                    "median_rel_error_realised": _median(rel_realised[represented]),
-                    "n_at_tau": int(at_tau.sum()),
-                    "median_rel_error_at_tau": _median(rel[at_tau]),
-                    "features": [
-                        {
-                            "feature": f,
-                            "p_planted": float(p_true[f]),
-                            "p_realised": float(realised[f]),
-                            "latent": int(latent[f]),
-                            "corr": round(float(corr[f]), 4),
-                            "represented": bool(represented[f]),
-                            "p_measured": float(measured[f]),
-                            "rel_error": float(rel[f]),
-                        }
-                        for f in range(spec.n_features)
-                    ],
-                }
-            )
+            entry, best[(label, row["site"])] = _site_truth(run, report, label, row["site"])
+            sites.append(entry)
     errors = np.array([f["rel_error"] for s in sites for f in s["features"] if f["represented"]])
     errors_tau = np.array([f["rel_error"] for s in sites for f in s["features"] if f["corr"] >= tau])
     pairs = [_pair_truth(p, best, report, tau, spec.n_features) for p in data["pairs"]]
@@ -401,10 +378,8 @@ def run_planted(out_dir: str, quick: bool = False, seed: int = 0, progress: bool
         **truth,
         "seconds": {"prepare": round(t_prep, 1), "total": round(time.time() - t0, 1)},
     }
-    with open(os.path.join(out_dir, "planted.json"), "w") as fh:
-        json.dump(result, fh, indent=2)
-    with open(os.path.join(out_dir, "planted.md"), "w") as fh:
-        fh.write(planted_markdown(result))
+    write_text(os.path.join(out_dir, "planted.json"), json.dumps(result, indent=2))
+    write_text(os.path.join(out_dir, "planted.md"), planted_markdown(result))
     return result
 
 
@@ -434,11 +409,11 @@ def planted_markdown(r: dict, level: int = 1) -> str:
         "density = the test's density of that latent.",
         "",
         f"- represented: {d['represented']} of {d['of']} (feature, site) pairs",
-        f"- median relative error |p_measured / p_planted − 1| among them: {_fmt(d['median_rel_error'])} "
+        f"- median relative error |p_measured / p_planted − 1| among them: {format_number(d['median_rel_error'])} "
         f"(target < {d['target_median_rel_error']:g}): **{'pass' if d['pass'] else 'FAIL'}**",
         f"- quantiles: {_fmt_q(d['quantiles_rel_error'])}",
         f"- at the test's τ = {d['tau']:g} instead ({d['at_tau']} pairs, merged latents included): median "
-        f"{_fmt(d['median_rel_error_at_tau'])}; quantiles {_fmt_q(d['quantiles_rel_error_at_tau'])}",
+        f"{format_number(d['median_rel_error_at_tau'])}; quantiles {_fmt_q(d['quantiles_rel_error_at_tau'])}",
         "",
         "| model | site | represented | median rel. error (vs planted) | (vs realised) |",
         "|---|---|---|---|---|",
@@ -446,7 +421,7 @@ def planted_markdown(r: dict, level: int = 1) -> str:
     for site in r["sites"]:
         lines.append(
             f"| {site['model']} | {site['site']} | {site['n_represented']}/{len(site['features'])} | "
-            f"{_fmt(site['median_rel_error'])} | {_fmt(site['median_rel_error_realised'])} |"
+            f"{format_number(site['median_rel_error'])} | {format_number(site['median_rel_error_realised'])} |"
         )
     lines += ["", "Per feature (first site of each model): planted p, measured p, best correlation.", ""]
     firsts = {}
@@ -459,8 +434,13 @@ def planted_markdown(r: dict, level: int = 1) -> str:
     for f in range(pl["n_features"]):
         cells = [f"{v['features'][f]['p_measured']:.2e} ({v['features'][f]['corr']:.2f})" for v in firsts.values()]
         lines.append(f"| {f} | {pl['p_f'][f]:.2e} | " + " | ".join(cells) + " |")
-    m = s["matching"]
-    lines += [
+    lines += _universality_markdown(s["matching"], h)
+    return "\n".join(lines)
+
+
+def _universality_markdown(m: dict, h: str) -> list[str]:
+    """The matching half of planted.md: matched fraction against baseline, per depth pair."""
+    lines = [
         "",
         f"{h}# Universality",
         "",
@@ -477,8 +457,8 @@ def planted_markdown(r: dict, level: int = 1) -> str:
         lines.append(
             f"| {p['site_a']} | {p['site_b']} | {p['matched_fraction_a']:.2f} | {p['baseline_fraction_a']:.2f} | "
             f"{'yes' if p['well_above_baseline'] else 'no'} | {p['planted_matched']}/{p['planted_features']} | "
-            f"{_fmt(p['planted_median_log_ratio'])} | {_fmt(t.get('value'))} [{_fmt(t.get('lo'))}, "
-            f"{_fmt(t.get('hi'))}] |"
+            f"{format_number(p['planted_median_log_ratio'])} | {format_number(t.get('value'))} "
+            f"[{format_number(t.get('lo'))}, {format_number(t.get('hi'))}] |"
         )
     lines += [
         "",
@@ -486,36 +466,13 @@ def planted_markdown(r: dict, level: int = 1) -> str:
         f"**{'pass' if m['pass'] else 'FAIL'}**.",
         "",
     ]
-    return "\n".join(lines)
+    return lines
 
 
-def _fmt(x) -> str:
+def format_number(x: float | None) -> str:
+    """Three significant digits, or a dash for a missing number."""
     return "—" if x is None else f"{x:.3g}"
 
 
 def _fmt_q(q: dict | None) -> str:
     return "—" if not q else ", ".join(f"{k} {v:.3g}" for k, v in q.items())
-
-
-def _cmd_planted(args: argparse.Namespace) -> int:
-    r = run_planted(args.out, quick=args.quick, seed=args.seed, progress=not args.no_progress)
-    d, m = r["summary"]["density"], r["summary"]["matching"]
-    print(
-        f"densities: {d['represented']}/{d['of']} represented, median relative error "
-        f"{_fmt(d['median_rel_error'])} ({'pass' if d['pass'] else 'FAIL'})"
-    )
-    for p in m["pairs"]:
-        print(f"{p['site_a']} ~ {p['site_b']}: matched {p['matched_fraction_a']:.2f} vs baseline "
-              f"{p['baseline_fraction_a']:.2f}")  # fmt: skip
-    print(f"report: {os.path.join(args.out, 'planted.md')} ({r['seconds']['total']} s)")
-    return 0
-
-
-def add_planted_parser(sub) -> None:
-    """Register ``supanalysis planted`` (cli.py: ``add_planted_parser(sub)``)."""
-    p = sub.add_parser("planted", help="the whole test on planted ground truth, compared with the truth")
-    p.add_argument("--quick", action="store_true", help="smaller everything, same code path (about a minute)")
-    p.add_argument("--out", default="supanalysis-out/planted", help="output folder (default: %(default)s)")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--no-progress", action="store_true", help="no progress bars")
-    p.set_defaults(func=_cmd_planted)

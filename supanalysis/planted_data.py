@@ -41,6 +41,17 @@ class PlantedSpec:
     background: int = 32
     zipf_exponent: float = 1.0
 
+    @property
+    def densities(self) -> np.ndarray:
+        """p_f per feature, float64 [F], decreasing."""
+        if self.n_features == 1:
+            return np.array([self.p_max])
+        return np.geomspace(self.p_max, self.p_min, self.n_features)
+
+    @property
+    def vocab_size(self) -> int:
+        return self.background + 2 * self.n_features
+
     def __post_init__(self) -> None:
         if self.n_features < 1 or self.background < 2:
             raise ValueError(f"need n_features >= 1 and background >= 2, got {self.n_features}, {self.background}")
@@ -52,17 +63,6 @@ class PlantedSpec:
         if total >= 0.5:
             # Each firing takes two positions: beyond 1/2 there is no room left for background.
             raise ValueError(f"Σ p_f = {total:.3f} must stay below 0.5; lower p_max or n_features")
-
-    @property
-    def densities(self) -> np.ndarray:
-        """p_f per feature, float64 [F], decreasing."""
-        if self.n_features == 1:
-            return np.array([self.p_max])
-        return np.geomspace(self.p_max, self.p_min, self.n_features)
-
-    @property
-    def vocab_size(self) -> int:
-        return self.background + 2 * self.n_features
 
     def trigger(self, f: int) -> int:
         """Token id a_f that opens feature f's signature."""

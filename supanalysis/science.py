@@ -81,7 +81,14 @@ def kaplan_params(n_layers: int, d_model: int) -> int:
 # ----------------------------------------------------------------------------- statistics
 @dataclass(frozen=True)
 class Estimate:
-    """A point estimate with a bootstrap percentile confidence interval."""
+    """`Estimate`: a point estimate with its bootstrap percentile confidence interval.
+
+    value: the estimate
+    lo: CI lower end
+    hi: CI upper end
+    n: sample size
+    level: CI level
+    """
 
     value: float
     lo: float
@@ -167,7 +174,13 @@ def paired_relative_difference(
 # ----------------------------------------------------------------------------- premises
 @dataclass(frozen=True)
 class Premise:
-    """One premise of the argument: whether it holds and the numbers that decided it."""
+    """`Premise`: one premise of the argument.
+
+    name: which premise
+    holds: whether it holds
+    detail: why, in words
+    numbers: the numbers that decided it
+    """
 
     name: str
     holds: bool
@@ -219,7 +232,12 @@ INCONCLUSIVE = "inconclusive"
 
 @dataclass(frozen=True)
 class Verdict:
-    """The outcome for one site pair (or overall) and the numbers behind it."""
+    """`Verdict`: the outcome of one site pair, or overall.
+
+    outcome: one of the verdict outcomes below
+    reason: why, in words
+    numbers: the numbers behind it
+    """
 
     outcome: str
     reason: str

@@ -5,8 +5,8 @@ it: the measurement-relevant config (not the analysis thresholds), the token fil
 weights of both models, and the world size. Every rank then keeps its own
 ``measure.rank{r}.safetensors``: its accumulators, its position in the token stream (the
 next global batch), the eval losses; and the trained dictionaries' own training
-checkpoints live under ``sae/``. Writes are atomic (temp file, fsync, rename), so a kill at
-any instant leaves the previous checkpoint intact. A folder from another run, or a
+checkpoints live under ``sae/``. Writes are durable and atomic (:mod:`supanalysis.durable`),
+so a kill at any instant leaves the previous checkpoint intact. A folder from another run, or a
 corrupt file, is refused with the reason, never mixed in.
 """
 
@@ -16,14 +16,20 @@ import hashlib
 import json
 import os
 from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
 from torch import nn
 
-from .accumulators._state import atomic_save, atomic_write, load_file_checked
-from .config import TestConfig
+from ..accumulators import CrossCorrelation
+from ..accumulators._state import atomic_save, load_file_checked
+from ..config import TestConfig
+from ..distributed import agree, rank_world
+from ..durable import write_text
+from .features import Codes, take_rows
+from .measurements import ModelMeasurement, SitePair
 
 KIND = "supanalysis.MeasureCheckpoint"
 FINGERPRINT_FILE = "fingerprint.json"
@@ -153,7 +159,7 @@ class MeasureCheckpoint:
                     "refusing to write into it"
                 )
             ck.folder.mkdir(parents=True, exist_ok=True)
-            _atomic_write_text(fp_path, json.dumps(ck.fingerprint, indent=2, sort_keys=True) + "\n")
+            write_text(fp_path, json.dumps(ck.fingerprint, indent=2, sort_keys=True) + "\n")
         return ck
 
     def load_state(self) -> tuple[dict[str, torch.Tensor], dict] | None:
@@ -175,10 +181,6 @@ class MeasureCheckpoint:
         atomic_save(tensors, full, self.state_path)
 
 
-def _atomic_write_text(path: Path, text: str) -> None:
-    atomic_write(path, lambda tmp: Path(tmp).write_text(text))
-
-
 def prefixed(prefix: str, state: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     return {f"{prefix}.{k}": v for k, v in state.items()}
 
@@ -186,3 +188,117 @@ def prefixed(prefix: str, state: Mapping[str, torch.Tensor]) -> dict[str, torch.
 def unprefixed(prefix: str, tensors: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     p = prefix + "."
     return {k[len(p) :]: v for k, v in tensors.items() if k.startswith(p)}
+
+
+def open_checkpoint(
+    folder: str | os.PathLike, cfg: TestConfig, tokens: np.ndarray, models: list[nn.Module], resume: bool
+) -> tuple[MeasureCheckpoint, tuple[dict[str, torch.Tensor], dict] | None]:
+    """Bind the folder to this run (rank 0 first) and read this rank's saved state, if any."""
+    rank, world = rank_world()
+    fp = run_fingerprint(cfg, tokens, models, world)
+    ck: MeasureCheckpoint | None = None
+    error: Exception | None = None
+    if rank == 0:
+        try:
+            ck = MeasureCheckpoint.open(folder, fp, rank, world, resume)
+        except CheckpointMismatch as exc:
+            error = exc
+    if not agree(error is None):
+        raise error or CheckpointMismatch(f"rank 0 refused the checkpoint folder {folder}; see its error")
+    saved = None
+    try:
+        if ck is None:
+            ck = MeasureCheckpoint.open(folder, fp, rank, world, resume, join=True)
+        saved = ck.load_state()
+    except CheckpointMismatch as exc:
+        error = exc
+    if not agree(error is None):
+        raise error or CheckpointMismatch(f"another rank refused its checkpoint in {folder}; see its error")
+    assert ck is not None
+    return ck, saved
+
+
+# ----------------------------------------------------------------------------- flattening the pass
+@dataclass
+class Kept:
+    """The match tokens' codes per site and the baseline's permutations, kept for the tiled
+    matching (empty in the dense mode); checkpointed with the accumulators."""
+
+    a: dict[int, list[Codes]]
+    b: dict[int, list[Codes]]
+    perms: list[torch.Tensor]
+
+    @classmethod
+    def for_sites(cls, n_a: int, n_b: int, tiled: bool) -> Kept:
+        """Room for every site's codes when ``tiled``; nothing otherwise."""
+        return cls({i: [] for i in range(n_a)} if tiled else {}, {j: [] for j in range(n_b)} if tiled else {}, [])
+
+    def keep(self, codes_a: list[Codes], codes_b: list[Codes], take: int, perm: torch.Tensor) -> None:
+        """Keep the first ``take`` tokens of one batch's codes and its baseline permutation."""
+        for kept, codes in ((self.a, codes_a), (self.b, codes_b)):
+            for i, c in enumerate(codes):
+                kept[i].append(take_rows(c, slice(0, take)))
+        self.perms.append(perm)
+
+    def tensors(self) -> dict[str, torch.Tensor]:
+        out: dict[str, torch.Tensor] = {}
+        for side, kept in (("a", self.a), ("b", self.b)):
+            for i, batches in kept.items():
+                for n, c in enumerate(batches):
+                    if isinstance(c, tuple):
+                        out[f"kept.{side}{i}.{n}.idx"], out[f"kept.{side}{i}.{n}.val"] = c
+                    else:
+                        out[f"kept.{side}{i}.{n}.dense"] = c
+        out.update({f"kept.perm.{n}": p for n, p in enumerate(self.perms)})
+        return out
+
+    def restore(self, t: Mapping[str, torch.Tensor], device: torch.device) -> None:
+        n_batches = sum(1 for key in t if key.startswith("kept.perm."))
+        self.perms = [t[f"kept.perm.{n}"].to(device) for n in range(n_batches)]
+        for side, kept in (("a", self.a), ("b", self.b)):
+            for i in kept:
+                kept[i] = []
+                for n in range(n_batches):
+                    key = f"kept.{side}{i}.{n}"
+                    if key + ".dense" in t:
+                        kept[i].append(t[key + ".dense"].to(device))
+                    else:
+                        kept[i].append((t[key + ".idx"].to(device), t[key + ".val"].to(device)))
+
+
+@dataclass
+class PassState:
+    """Every accumulator of this rank's statistics pass: what a checkpoint holds."""
+
+    a: ModelMeasurement
+    b: ModelMeasurement
+    cross: dict[SitePair, CrossCorrelation]
+    baselines: dict[SitePair, CrossCorrelation]
+    kept: Kept
+
+    def tensors(self) -> dict[str, torch.Tensor]:
+        """Flattened for a checkpoint (see :meth:`restore`)."""
+        out: dict[str, torch.Tensor] = {"losses.a": self.a.losses, "losses.b": self.b.losses, **self.kept.tensors()}
+        for label, mm in (("a", self.a), ("b", self.b)):
+            for i, s in enumerate(mm.sites):
+                out.update(prefixed(f"{label}{i}.stats", s.stats.state_dict()))
+                out.update(prefixed(f"{label}{i}.x_stats", s.x_stats.state_dict()))
+                out[f"{label}{i}.sse"] = torch.tensor(s.sse, dtype=torch.float64)
+        for (i, j), cc in self.cross.items():
+            out.update(prefixed(f"cross.{i}.{j}", cc.state_dict()))
+        for (i, j), bl in self.baselines.items():
+            out.update(prefixed(f"baseline.{i}.{j}", bl.state_dict()))
+        return out
+
+    def restore(self, t: Mapping[str, torch.Tensor], device: torch.device) -> None:
+        """Load what :meth:`tensors` saved into these (freshly built) accumulators."""
+        self.kept.restore(t, device)
+        for label, mm in (("a", self.a), ("b", self.b)):
+            for i, s in enumerate(mm.sites):
+                s.stats.load_state_dict(unprefixed(f"{label}{i}.stats", t))
+                s.x_stats.load_state_dict(unprefixed(f"{label}{i}.x_stats", t))
+                s.sse = float(t[f"{label}{i}.sse"])
+        for (i, j), cc in self.cross.items():
+            cc.load_state_dict(unprefixed(f"cross.{i}.{j}", t))
+        for (i, j), bl in self.baselines.items():
+            bl.load_state_dict(unprefixed(f"baseline.{i}.{j}", t))

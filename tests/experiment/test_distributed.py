@@ -143,7 +143,7 @@ def test_sharded_interference_equals_one_device(tmp_path):
 
 # ----------------------------------------------------------------------------- the whole test, sharded
 def _measure_worker(rank: int, world: int, port: int, root: str, out: str, budget: int) -> None:
-    from supanalysis.pipeline import analyse, measure
+    from supanalysis.experiment import analyse, measure
 
     torch.set_num_threads(1)
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
@@ -184,8 +184,8 @@ def _pipeline_config(root: str, budget: int = 8 << 30):
 def test_two_rank_run_test_equals_single_process(tmp_path, budget):
     import numpy as np
 
+    from supanalysis.experiment import analyse, measure
     from supanalysis.models import TinyConfig, TinyTransformer
-    from supanalysis.pipeline import analyse, measure
 
     root = tmp_path
     np.save(root / "tokens.npy", np.random.default_rng(0).integers(0, 64, 20_000).astype(np.uint16))

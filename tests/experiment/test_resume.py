@@ -14,12 +14,10 @@ import pytest
 import torch
 from safetensors import safe_open
 
-from supanalysis import pipeline
-from supanalysis.checkpoint import CheckpointMismatch
 from supanalysis.cli import main
 from supanalysis.config import ModelSpec, TestConfig
+from supanalysis.experiment import CheckpointMismatch, analyse, measure, measuring
 from supanalysis.models import TinyConfig, TinyTransformer
-from supanalysis.pipeline import analyse, measure
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # see conftest.py
 
@@ -65,7 +63,7 @@ def test_interrupted_then_resumed_equals_uninterrupted(workspace, tmp_path, monk
     cfg = config(workspace)
     want, _ = analyse(measure(cfg, progress=False))
     ck = tmp_path / "ck"
-    real, calls = pipeline._site_updates, [0]
+    real, calls = measuring.site_updates, [0]
 
     def failing(*args):
         calls[0] += 1
@@ -73,10 +71,10 @@ def test_interrupted_then_resumed_equals_uninterrupted(workspace, tmp_path, monk
             raise KeyboardInterrupt
         return real(*args)
 
-    monkeypatch.setattr(pipeline, "_site_updates", failing)
+    monkeypatch.setattr(measuring, "site_updates", failing)
     with pytest.raises(KeyboardInterrupt):
         measure(cfg, progress=False, checkpoint_dir=ck, checkpoint_every_tokens=1000)
-    monkeypatch.setattr(pipeline, "_site_updates", real)
+    monkeypatch.setattr(measuring, "site_updates", real)
     assert 0 < _next_batch(ck / "measure.rank0.safetensors") < 6
     resumed, _ = analyse(measure(cfg, progress=False, checkpoint_dir=ck, resume=True))
     assert _without_time(resumed) == _without_time(want)
@@ -176,7 +174,7 @@ def test_fingerprint_of_a_field_added_later_keeps_older_checkpoints_valid():
     any other value changes the fingerprint (a bf16 run never resumes an ieee one)."""
     import hashlib
 
-    from supanalysis.checkpoint import ANALYSIS_ONLY, run_fingerprint
+    from supanalysis.experiment.state import ANALYSIS_ONLY, run_fingerprint
 
     cfg = TestConfig(tokens="t.npy")
     tokens = np.arange(100, dtype=np.uint16)

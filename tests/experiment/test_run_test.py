@@ -10,12 +10,11 @@ import numpy as np
 import pytest
 import torch
 
-from supanalysis import pipeline
 from supanalysis import science as S
 from supanalysis.cli import main
 from supanalysis.config import ModelSpec, SAETraining, TestConfig, Thresholds
+from supanalysis.experiment import analyse, measure, measuring, pair_by_depth, run_test
 from supanalysis.models import TinyConfig, TinyTransformer
-from supanalysis.pipeline import analyse, measure, pair_by_depth, run_test
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # see conftest.py
 
@@ -27,7 +26,7 @@ def tiny(L, d, seed):
 
 @pytest.fixture(scope="module")
 def workspace(tmp_path_factory):
-    root = tmp_path_factory.mktemp("pipeline")
+    root = tmp_path_factory.mktemp("run_test")
     rng = np.random.default_rng(0)
     tokens = rng.integers(0, 64, size=40_000).astype(np.uint16)
     np.save(root / "tokens.npy", tokens)
@@ -227,7 +226,7 @@ def test_tiled_matching_beyond_the_memory_budget_equals_dense(workspace, tmp_pat
             assert t[key] == pytest.approx(d[key], abs=0.05), key
     assert [r["best_site_b"] for r in tiled["any_layer"]] == [r["best_site_b"] for r in dense["any_layer"]]
     # Interrupted mid-pass and resumed, the kept codes come back from the checkpoint.
-    real, calls = pipeline._site_updates, [0]
+    real, calls = measuring.site_updates, [0]
 
     def failing(*args):
         calls[0] += 1
@@ -236,11 +235,29 @@ def test_tiled_matching_beyond_the_memory_budget_equals_dense(workspace, tmp_pat
         return real(*args)
 
     ck = tmp_path / "ck"
-    pipeline._site_updates = failing
+    measuring.site_updates = failing
     try:
         with pytest.raises(KeyboardInterrupt):
             measure(small, progress=False, checkpoint_dir=ck, checkpoint_every_tokens=256)
     finally:
-        pipeline._site_updates = real
+        measuring.site_updates = real
     resumed, _ = analyse(measure(small, progress=False, checkpoint_dir=ck, resume=True))
     assert resumed["pairs"] == tiled["pairs"] and resumed["any_layer"] == tiled["any_layer"]
+
+
+def test_report_keys_are_the_row_fields_in_order(workspace):
+    from supanalysis.experiment import rows
+
+    rep, _ = analyse(measure(config(workspace), progress=False))
+    assert tuple(rep) == rows.REPORT_FIELDS
+    assert tuple(rep["library"]) == rows.LIBRARY_FIELDS
+    assert tuple(rep["verdict"]) == rows.VERDICT_FIELDS
+    assert all(tuple(p) == rows.PREMISE_FIELDS for p in rep["premises"])
+    for label in ("A", "B"):
+        assert tuple(rep["models"][label]) == rows.MODEL_FIELDS
+        assert tuple(rep["models"][label]["eval_loss"]) == rows.ESTIMATE_FIELDS
+        assert tuple(rep["per_model"][label]) == rows.PER_MODEL_FIELDS
+        assert all(tuple(s) == rows.SITE_FIELDS for s in rep["sites"][label])
+    assert rep["pairs"] and all(tuple(p) == rows.PAIR_FIELDS for p in rep["pairs"])
+    assert all(tuple(p["verdict"]) == rows.VERDICT_FIELDS for p in rep["pairs"])
+    assert rep["any_layer"] and all(tuple(r) == rows.ANY_LAYER_FIELDS for r in rep["any_layer"])

@@ -1,0 +1,154 @@
+"""Features per site: resolve (or train) the site's dictionary, and encode activations into codes.
+
+:func:`train_site_sae` is the one place a TopK SAE is trained for a site with the test's
+:class:`~supanalysis.config.SAETraining` settings: the test (dictionary ``"train"``) and the
+planted-truth run both use it, so their dictionaries are trained the same way.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from ..capture import ActivationSource
+from ..config import ModelSpec, SAETraining, TestConfig
+from ..data import TokenSequences
+from ..dictionary import Dictionary, NeuronBasis, TopKTrainConfig, TrainResult, load_dictionary, train_topk_sae
+from ..dictionary.activations import TopK
+from ..dictionary.base import FeatureBasis
+from ..distributed import agree, broadcast_module, rank_world
+from .rows import sanitize
+
+Codes = torch.Tensor | tuple[torch.Tensor, torch.Tensor]  # dense [T, n] or top-k (indices [T, k], values [T, k])
+
+
+def encode(d: FeatureBasis, x: torch.Tensor) -> Codes:
+    """Codes of activations ``x`` [T, m]: a TopK dictionary's stay sparse (k per token, never n)."""
+    if isinstance(d, NeuronBasis):
+        return x.float()
+    if isinstance(d, Dictionary) and isinstance(d.activation, TopK):
+        return d.encode(x.float(), sparse=True)
+    return d.encode(x.float())
+
+
+def take_rows(codes: Codes, sel: slice | torch.Tensor) -> Codes:
+    """The tokens ``sel`` of ``codes`` (a slice or an index tensor), in the same form."""
+    return codes[sel] if isinstance(codes, torch.Tensor) else (codes[0][sel], codes[1][sel])
+
+
+def to_dense(codes: Codes, n: int) -> torch.Tensor:
+    """Codes as a dense [T, n] tensor (top-k padding, index -1, contributes nothing)."""
+    if isinstance(codes, torch.Tensor):
+        return codes
+    idx, val = codes
+    out = val.new_zeros(idx.shape[0], n)
+    return out.scatter_(1, idx.clamp_min(0), torch.where(idx >= 0, val, 0))
+
+
+def train_site_sae(
+    model: nn.Module,
+    seqs: TokenSequences,
+    site: str,
+    m: int,
+    sae: SAETraining,
+    seed: int,
+    *,
+    checkpoint_dir: Path | None = None,
+    progress: bool = False,
+) -> TrainResult:
+    """A TopK SAE of width ``sae.expansion · m`` on ``site``'s activations over ``seqs``."""
+    src = ActivationSource(model, seqs, [site], progress=False)
+    return train_topk_sae(
+        src,
+        site,
+        d_sae=sae.expansion * m,
+        k=sae.k,
+        n_tokens=sae.tokens,
+        config=TopKTrainConfig(batch_size=sae.batch_size, lr=sae.lr, seed=seed, log_every=10**9),
+        checkpoint_dir=checkpoint_dir,
+        progress=progress,
+    )
+
+
+def train_dictionary(
+    site: str,
+    m: int,
+    model: nn.Module,
+    cfg: TestConfig,
+    seqs: TokenSequences,
+    sae_dir: Path | None,
+    progress: bool,
+    device: torch.device,
+) -> tuple[FeatureBasis, str]:
+    """Train a site's TopK SAE (rank 0 only in a distributed run; the others receive its weights).
+
+    With a checkpoint folder, training checkpoints there and a resumed run continues it
+    (or, when it had finished, reloads the result without training again).
+    """
+    rank, world = rank_world()
+    sae = cfg.sae
+    tokens = torch.zeros(1, dtype=torch.int64, device=device)
+    error: Exception | None = None
+    d: Dictionary | None = None
+    if rank == 0:
+        try:
+            result = train_site_sae(model, seqs, site, m, sae, cfg.seed, checkpoint_dir=sae_dir, progress=progress)
+            d = result.dictionary.to(device)
+            tokens += result.tokens
+        except Exception as exc:  # re-raised below, after telling the other ranks
+            error = exc
+    if not agree(error is None, device):
+        raise error or RuntimeError(f"rank 0 failed to train the dictionary of {site}; see its error")
+    if world > 1:
+        if d is None:
+            d = Dictionary(m, sae.expansion * m, TopK(sae.k), metadata={"hook_name": site}).to(device)
+        broadcast_module(d)
+        dist.broadcast(tokens, src=0)
+    assert d is not None
+    return d, f"TopK SAE trained here (n={d.n_features}, k={sae.k}, {int(tokens)} tokens)"
+
+
+def load_site_dictionary(choice: str, site: str, m: int) -> tuple[FeatureBasis, str]:
+    """The dictionary in folder ``choice`` (or its subfolder named after the site)."""
+    folder = Path(choice)
+    if (folder / sanitize(site)).is_dir():
+        folder = folder / sanitize(site)
+    elif (folder / site).is_dir():
+        folder = folder / site
+    d = load_dictionary(folder)
+    if d.d_in != m:
+        raise ValueError(f"dictionary {folder} has d_in={d.d_in}, but site {site!r} has {m} neurons")
+    return d, f"{folder}"
+
+
+def site_choice(spec: ModelSpec, site: str) -> str:
+    """The spec's dictionary choice for ``site``: ``"neuron"``, ``"train"`` or a folder."""
+    choice = spec.dictionary
+    if isinstance(choice, dict):
+        if site not in choice:
+            raise ValueError(f"dictionary mapping for {spec.name or spec.path} has no entry for site {site!r}")
+        choice = choice[site]
+    return choice
+
+
+def resolve_dictionary(
+    spec: ModelSpec,
+    site: str,
+    m: int,
+    model: nn.Module,
+    cfg: TestConfig,
+    train_seqs: TokenSequences,
+    sae_dir: Path | None,
+    progress: bool,
+    device: torch.device,
+) -> tuple[FeatureBasis, str]:
+    """The site's feature basis and its description in words (the report's ``dictionary``)."""
+    choice = site_choice(spec, site)
+    if choice == "neuron":
+        return NeuronBasis(m), f"neuron basis (m={m})"
+    if choice == "train":
+        return train_dictionary(site, m, model, cfg, train_seqs, sae_dir, progress, device)
+    return load_site_dictionary(choice, site, m)

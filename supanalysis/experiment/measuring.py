@@ -1,0 +1,284 @@
+"""The measurement pass: everything that touches activations, threshold-independent.
+
+One shared pass of the same tokens through both models feeds every accumulator:
+
+    plan (models, token slices, sites)  ->  eval losses per model
+    -> a feature basis per site (given, trained, or neurons) and its decoder geometry
+    -> statistics batches: codes -> ActivationStats per site, CrossCorrelation per site pair
+       (or the codes kept for tiled matching), checkpointed as it goes
+    -> all-reduce across ranks -> Measurements
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from ..accumulators import ActivationStats
+from ..capture import ActivationSource
+from ..config import ModelSpec, TestConfig
+from ..dictionary import NeuronBasis
+from ..dictionary.base import FeatureBasis
+from ..distributed import all_reduce_sum, interference_split, rank_world, shard_range
+from ..models import describe
+from ..sites import resolve_sites
+from .features import Codes, encode, resolve_dictionary
+from .losses import eval_losses
+from .matching import batch_seed, dense_correlations, is_tiled, match_tiled, update_dense
+from .measurements import Measurements, ModelMeasurement, PairMeasurement, SiteMeasurement
+from .plan import TokenPlan, open_models, open_token_file, plan_pairs, plan_tokens, run_device, site_names
+from .state import CheckpointMismatch, Kept, MeasureCheckpoint, PassState, module_hash, open_checkpoint
+
+Saved = tuple[dict[str, torch.Tensor], dict] | None  # a rank's checkpointed tensors and metadata
+
+
+def measure(
+    cfg: TestConfig,
+    model_a: nn.Module | None = None,
+    model_b: nn.Module | None = None,
+    *,
+    progress: bool = True,
+    checkpoint_dir: str | os.PathLike | None = None,
+    resume: bool = False,
+    checkpoint_every_tokens: int | None = None,
+    checkpoint_every_seconds: float | None = 600.0,
+) -> Measurements:
+    """Run both models over the tokens and fill every accumulator (see the module docstring).
+
+    Distributed (inside a torch.distributed process group, e.g. under torchrun): each rank
+    takes a contiguous share of the eval sequences, of the dictionaries' rows for the
+    interference, and of the statistics batches; the accumulators then all-reduce exactly,
+    so every rank returns what one process would (to float64 rounding). Dictionaries
+    trained here are trained on rank 0 and broadcast.
+
+    Checkpoints (``checkpoint_dir``): the statistics pass saves every rank's accumulators
+    and its position every ``checkpoint_every_tokens`` tokens or ``checkpoint_every_seconds``
+    seconds, whichever comes first, and at the end; ``resume=True`` continues from there
+    and gives the same measurements as an uninterrupted run. See :mod:`.state`.
+    """
+    if checkpoint_every_tokens is not None and checkpoint_every_tokens < 1:
+        raise ValueError(f"checkpoint_every_tokens must be positive, got {checkpoint_every_tokens}")
+    rank, world = rank_world()
+    dev = run_device(cfg)
+    tokens = open_token_file(cfg)
+    models = open_models(cfg, model_a, model_b, dev)
+    plan = plan_tokens(cfg, tokens, models)
+    ck, saved = (None, None)
+    if checkpoint_dir is not None:
+        ck, saved = open_checkpoint(checkpoint_dir, cfg, tokens, models, resume)
+    sides = [
+        measure_model(spec, model, label, cfg, plan, ck, saved, progress, dev)
+        for spec, model, label in zip((cfg.model_a, cfg.model_b), models, "AB")
+    ]
+    (a, dicts_a), (b, dicts_b) = sides
+    pairs = plan_pairs(cfg, [s.layer for s in a.sites], a.shape.n_layers, [s.layer for s in b.sites], b.shape.n_layers)
+    tiled = is_tiled(cfg, a, b, pairs)
+    state = PassState(
+        a,
+        b,
+        {} if tiled else dense_correlations(cfg, a, b, pairs.all, dev),
+        {} if tiled else dense_correlations(cfg, a, b, pairs.depth, dev),
+        Kept.for_sites(len(a.sites), len(b.sites), tiled),
+    )
+    stats = StatisticsPass(cfg, plan, models, [dicts_a, dicts_b], state, tiled, dev)
+    saver = Saver(ck, state, stats.dictionary_hashes(), checkpoint_every_tokens, checkpoint_every_seconds)
+    stats.run(saved, saver, progress)
+    if world > 1:
+        all_reduce(state, dev)
+    cross, baselines = state.cross, state.baselines
+    if tiled:
+        cross, baselines = match_tiled(cfg, a, b, pairs, state.kept, progress and rank == 0, world > 1)
+    measured = [PairMeasurement(i, j, cross[(i, j)], baselines[(i, j)]) for (i, j) in pairs.depth]
+    return Measurements(cfg, a, b, measured, cross, str(dev), cfg.backend)
+
+
+def measure_model(
+    spec: ModelSpec,
+    model: nn.Module,
+    label: str,
+    cfg: TestConfig,
+    plan: TokenPlan,
+    ck: MeasureCheckpoint | None,
+    saved: Saved,
+    progress: bool,
+    device: torch.device,
+) -> tuple[ModelMeasurement, list[FeatureBasis]]:
+    """One model's eval losses (or the checkpoint's), and every site with its feature basis."""
+    shape = describe(model)
+    names = site_names(spec, model)
+    sites = resolve_sites(model, names)
+    if saved is not None:
+        losses = saved[0][f"losses.{label.lower()}"]
+    else:
+        losses = eval_losses(model, plan.seqs, plan.n_eval, cfg.eval_tokens, device)
+    name = spec.name or (Path(spec.path).name if spec.path else f"model {label}")
+    mm = ModelMeasurement(name, spec.path or "in-memory", shape, losses)
+    dicts = []
+    # The width of each site comes from one captured batch (module paths may be anything).
+    probe = next(iter(ActivationSource(model, plan.seqs(0, 1), names, progress=False)))
+    for s in sites:
+        m = probe[s.name].shape[-1]
+        sae_dir = ck.sae_dir(label, s.name) if ck is not None else None
+        d, desc = resolve_dictionary(spec, s.name, m, model, cfg, plan.train_seqs, sae_dir, progress, device)
+        d = d.to(device)
+        mm.sites.append(new_site(cfg, s.name, s.layer if s.layer is not None else -1, m, desc, d, device))
+        dicts.append(d)
+    return mm, dicts
+
+
+def new_site(
+    cfg: TestConfig, site: str, layer: int, m: int, desc: str, d: FeatureBasis, device: torch.device
+) -> SiteMeasurement:
+    """A site with empty statistics and its dictionary's decoder geometry (interference)."""
+    r = interference_split(d.W_dec.detach().float(), backend=cfg.backend)
+    n_lat = d.W_dec.shape[0]
+    return SiteMeasurement(
+        site, layer, m, desc,
+        ActivationStats(n_lat, cfg.activation_threshold, device=device, backend=cfg.backend),
+        ActivationStats(m, 0.0, device=device, backend=cfg.backend), 0.0,
+        r.dims.cpu(), r.max_abs_cos.cpu(), r.sum_dims, r.d_star, r.welch_bound, r.total_sq_cos,
+    )  # fmt: skip
+
+
+def site_updates(mm: ModelMeasurement, dicts: list[FeatureBasis], batch: dict[str, torch.Tensor]) -> list[Codes]:
+    """Update every site's statistics with one batch ``{site: [T, m]}``; return the codes per site."""
+    out = []
+    for s, d in zip(mm.sites, dicts):
+        x = batch[s.site].float()
+        codes = encode(d, x)
+        if isinstance(codes, tuple):
+            s.stats.update_sparse(*codes)
+            recon = d.decode_sparse(*codes)
+        else:
+            s.stats.update(codes)
+            recon = None if isinstance(d, NeuronBasis) else d.decode(codes)
+        s.x_stats.update(x)
+        if recon is not None:
+            s.sse += float((x - recon).double().pow(2).sum())
+        out.append(codes)
+    return out
+
+
+def all_reduce(state: PassState, device: torch.device) -> None:
+    """Sum every rank's accumulators (exact merges; every rank then holds the whole)."""
+    for s in state.a.sites + state.b.sites:
+        s.stats.all_reduce()
+        s.x_stats.all_reduce()
+        s.sse = all_reduce_sum(s.sse, device)
+    for acc in list(state.cross.values()) + list(state.baselines.values()):
+        acc.all_reduce()
+
+
+@dataclass
+class Saver:
+    """Checkpoints the pass (when a folder was given) every so many tokens or seconds."""
+
+    ck: MeasureCheckpoint | None
+    state: PassState
+    dictionaries: dict[str, str]
+    every_tokens: int | None
+    every_seconds: float | None
+    last_time: float = field(default_factory=time.monotonic)
+    last_tokens: int = 0
+
+    def save(self, next_batch: int) -> None:
+        if self.ck is not None:
+            meta = {"next_batch": next_batch, "dictionaries": self.dictionaries}
+            self.ck.save_state(self.state.tensors(), meta)
+
+    def restart_clock(self) -> None:
+        self.last_time, self.last_tokens = time.monotonic(), 0
+
+    def tick(self, tokens: int, next_batch: int) -> None:
+        """``tokens`` more were measured; save when a checkpoint is due."""
+        self.last_tokens += tokens
+        due_tokens = self.every_tokens is not None and self.last_tokens >= self.every_tokens
+        due_time = self.every_seconds is not None and time.monotonic() - self.last_time >= self.every_seconds
+        if due_tokens or due_time:
+            self.save(next_batch)
+            self.restart_clock()
+
+
+@dataclass
+class StatisticsPass:
+    """This rank's share of the statistics batches: global batches [0, n_batches), this
+    rank's block [k_lo, k_hi)."""
+
+    cfg: TestConfig
+    plan: TokenPlan
+    models: list[nn.Module]
+    dicts: list[list[FeatureBasis]]
+    state: PassState
+    tiled: bool
+    device: torch.device
+
+    def dictionary_hashes(self) -> dict[str, str]:
+        sides = (("A", self.state.a, self.dicts[0]), ("B", self.state.b, self.dicts[1]))
+        return {f"{label}.{s.site}": module_hash(d) for label, mm, ds in sides for s, d in zip(mm.sites, ds)}
+
+    def run(self, saved: Saved, saver: Saver, progress: bool) -> None:
+        """Measure every batch of this rank's block not yet in the checkpoint, saving as it goes."""
+        rank, world = rank_world()
+        k_lo, k_hi = shard_range(math.ceil(self.plan.n_stats / self.plan.batch_size), rank, world)
+        k = k_lo
+        if saved is not None:
+            k = self.resume(saved, saver)
+        else:
+            saver.save(k)  # eval losses and dictionaries are done: a resumed run never redoes them
+        self.stream(k, k_lo, k_hi, saver, progress and rank == 0)
+        saver.save(k_hi)  # the finished pass: resuming it only redoes the all-reduce and the analysis
+
+    def resume(self, saved: tuple[dict[str, torch.Tensor], dict], saver: Saver) -> int:
+        """Restore the checkpointed accumulators; return the next batch to measure."""
+        tensors, meta = saved
+        if meta.get("dictionaries") != saver.dictionaries:
+            raise CheckpointMismatch(
+                f"checkpoint {saver.ck.state_path} was measured with other dictionaries than the ones "
+                "resolved now (a dictionary file changed?); refusing to mix it in"
+            )
+        self.state.restore(tensors, self.device)
+        return int(meta["next_batch"])
+
+    def stream(self, k: int, k_lo: int, k_hi: int, saver: Saver, progress: bool) -> None:
+        """Batches k .. k_hi - 1 (every position of a batch is kept: bs · L tokens a batch)."""
+        cfg, bs, L = self.cfg, self.plan.batch_size, self.plan.seq_len
+        first_seq, n_seq = k * bs, min(self.plan.n_stats, k_hi * bs) - k * bs
+        todo = max(0, min(n_seq * L, cfg.stats_tokens - k * bs * L))
+        done_before = max(0, min(k_hi * bs * L, cfg.stats_tokens) - k_lo * bs * L - todo)
+        bar = tqdm(total=done_before + todo, initial=done_before, unit="tok", unit_scale=True,
+                   desc="statistics and matching", disable=not progress)  # fmt: skip
+        saver.restart_clock()
+        if todo > 0:
+            seqs = self.plan.seqs(self.plan.stats_start + first_seq, n_seq)
+            src_a, src_b = (
+                ActivationSource(model, seqs, [s.site for s in mm.sites], max_tokens=todo, progress=False)
+                for model, mm in zip(self.models, (self.state.a, self.state.b))
+            )
+            with torch.no_grad():
+                for ba, bb in zip(src_a, src_b):
+                    T = self.batch(ba, bb, k)
+                    k += 1
+                    bar.update(T)
+                    saver.tick(T, k)
+        bar.close()
+
+    def batch(self, ba: dict[str, torch.Tensor], bb: dict[str, torch.Tensor], k: int) -> int:
+        """Global batch ``k``: statistics of every site, then the match tokens into the pairs."""
+        codes_a = site_updates(self.state.a, self.dicts[0], ba)
+        codes_b = site_updates(self.state.b, self.dicts[1], bb)
+        T = next(iter(ba.values())).shape[0]
+        take = max(0, min(T, self.cfg.match_tokens - k * self.plan.batch_size * self.plan.seq_len))
+        if take:
+            gen = torch.Generator().manual_seed(batch_seed(self.cfg.seed, k))
+            perm = torch.randperm(take, generator=gen).to(self.device)
+            if self.tiled:
+                self.state.kept.keep(codes_a, codes_b, take, perm)
+            update_dense(self.state.cross, self.state.baselines, codes_a, codes_b, take, perm)
+        return T

@@ -1,0 +1,155 @@
+"""What one run measures: which models and sites, which slice of the token file feeds what,
+and which site pairs are compared.
+
+The token file is cut into consecutive slices: eval | SAE training | statistics. The first
+``match_tokens`` of the statistics tokens also feed the cross-model correlations.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+import os
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from torch import nn
+
+from ..config import ModelSpec, TestConfig
+from ..data import TokenSequences, open_tokens
+from ..models import describe
+from ..models import load as load_model
+
+SitePair = tuple[int, int]
+
+
+def run_device(cfg: TestConfig) -> torch.device:
+    """The configured device, else CUDA when available, else the CPU."""
+    if cfg.device:
+        return torch.device(cfg.device)
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def sequence_budget(tokens: int, seq_len: int) -> int:
+    """Sequences of ``seq_len`` needed to hold ``tokens`` tokens (at least one)."""
+    return max(1, math.ceil(tokens / seq_len))
+
+
+def dictionary_choices(specs: list[ModelSpec]) -> set[str]:
+    """Every dictionary choice the specs make (``"neuron"``, ``"train"``, folders)."""
+    out: set[str] = set()
+    for spec in specs:
+        out |= set(spec.dictionary.values()) if isinstance(spec.dictionary, dict) else {spec.dictionary}
+    return out
+
+
+def open_models(
+    cfg: TestConfig, model_a: nn.Module | None, model_b: nn.Module | None, device: torch.device
+) -> list[nn.Module]:
+    """The two models, given or loaded from their folders, on ``device`` in eval mode."""
+    models: list[nn.Module] = []
+    for spec, given, label in ((cfg.model_a, model_a, "A"), (cfg.model_b, model_b, "B")):
+        if given is None:
+            if not spec.path:
+                raise ValueError(f"model_{label.lower()}.path is empty")
+            if not os.path.isdir(spec.path):
+                raise FileNotFoundError(f"model {label} folder not found: {spec.path}")
+            given = load_model(spec.path, device=device)
+        if models and given is models[0]:
+            # Both sides' capture hooks would sit on the same modules: give B its own copy.
+            given = copy.deepcopy(given)
+        models.append(given.to(device).eval())
+    return models
+
+
+def site_names(spec: ModelSpec, model: nn.Module) -> list[str]:
+    """The spec's sites, by default every layer's residual stream."""
+    return spec.sites or [f"resid_post.{layer}" for layer in range(describe(model).n_layers)]
+
+
+@dataclass(frozen=True)
+class TokenPlan:
+    """The token file and its slices, in sequences of ``seq_len``."""
+
+    tokens: np.ndarray
+    seq_len: int
+    batch_size: int
+    vocab: int
+    n_eval: int
+    n_train: int
+    n_stats: int
+
+    def seqs(self, start: int, count: int) -> TokenSequences:
+        """``count`` sequences from sequence ``start``; every batch is checked against the vocabulary."""
+        return TokenSequences(
+            self.tokens, self.seq_len, self.batch_size, start=start, max_sequences=count, vocab_size=self.vocab
+        )
+
+    @property
+    def train_seqs(self) -> TokenSequences:
+        return self.seqs(self.n_eval, self.n_train)
+
+    @property
+    def stats_start(self) -> int:
+        return self.n_eval + self.n_train
+
+
+def open_token_file(cfg: TestConfig) -> np.ndarray:
+    """The configured token file, memory-mapped."""
+    if not cfg.tokens:
+        raise ValueError("config.tokens must name a token file (.npy or .bin)")
+    return open_tokens(cfg.tokens, cfg.token_dtype)
+
+
+def plan_tokens(cfg: TestConfig, tokens: np.ndarray, models: list[nn.Module]) -> TokenPlan:
+    """Check the token file against the models' vocabulary and cut its slices."""
+    vocab = min(int(describe(m).vocab_size) for m in models)
+    if tokens.size and int(np.max(tokens[: min(tokens.size, 1 << 22)])) >= vocab:
+        raise ValueError(f"token file {cfg.tokens} has ids >= the models' vocabulary size {vocab}")
+    L = cfg.seq_len
+    n_eval = sequence_budget(cfg.eval_tokens + cfg.eval_tokens // L, L)
+    trains = "train" in dictionary_choices([cfg.model_a, cfg.model_b])
+    n_train = sequence_budget(cfg.sae.tokens, L) if trains else 0
+    n_stats = sequence_budget(cfg.stats_tokens, L)
+    total = len(TokenSequences(tokens, L))
+    if n_eval + n_stats + n_train > total:
+        raise ValueError(
+            f"the token file holds {total} sequences of {L} tokens; this config needs {n_eval + n_train + n_stats} "
+            f"(eval {n_eval}, SAE training {n_train}, statistics {n_stats}): lower the token counts or add data"
+        )
+    return TokenPlan(tokens, L, cfg.batch_size, vocab, n_eval, n_train, n_stats)
+
+
+def pair_by_depth(layers_a: list[int], L_a: int, layers_b: list[int], L_b: int) -> list[SitePair]:
+    """Index pairs (i into A's sites, j into B's) matched by relative depth (l+1)/L.
+
+    Every site of the model with fewer sites gets the site of the other whose relative depth
+    is closest (ties: the shallower one), so each site of the shallower model appears once.
+    """
+    da = [(layer + 1) / L_a for layer in layers_a]
+    db = [(layer + 1) / L_b for layer in layers_b]
+    pairs = []
+    if len(da) <= len(db):
+        for i, d in enumerate(da):
+            pairs.append((i, min(range(len(db)), key=lambda j: (abs(db[j] - d), j))))
+    else:
+        for j, d in enumerate(db):
+            pairs.append((min(range(len(da)), key=lambda i: (abs(da[i] - d), i)), j))
+    return sorted(set(pairs))
+
+
+@dataclass(frozen=True)
+class PairPlan:
+    """The site pairs compared: by depth (with a shuffled baseline each), and all of them
+    (any-layer matching; the depth pairs alone when it is off)."""
+
+    depth: list[SitePair]
+    all: list[SitePair]
+
+
+def plan_pairs(cfg: TestConfig, layers_a: list[int], L_a: int, layers_b: list[int], L_b: int) -> PairPlan:
+    """Depth pairs, plus every (i, j) when ``cfg.any_layer``."""
+    depth = pair_by_depth(layers_a, L_a, layers_b, L_b)
+    every = [(i, j) for i in range(len(layers_a)) for j in range(len(layers_b))] if cfg.any_layer else depth
+    return PairPlan(depth, every)
