@@ -1,33 +1,48 @@
 """Train a TopK sparse autoencoder on streamed activations (Gao et al. 2024).
 
-Recipe: decoder rows kept at unit norm (gradient component along each row removed before
-the step, rows renormalised after it), encoder initialised to the decoder's transpose,
-``b_dec`` to the first batch's mean, Adam with lr ∝ 1/sqrt(n_latents), loss = FVU of the
-reconstruction + ``aux_coef`` × FVU of the AuxK reconstruction of the residual from the
-``aux_k`` strongest *dead* latents (dead: silent for ``dead_after_tokens`` tokens).
-Checkpoints (a SAELens folder + trainer state, all safetensors/JSON) resume exactly where
-the run stopped.
+Recipe (:mod:`.train_recipe`): decoder rows random unit vectors kept at unit norm (gradient
+component along each row removed before the step, rows renormalised after it), encoder
+initialised to the decoder's transpose, ``b_dec`` at the geometric median of the first batch,
+Adam with lr ∝ 1/sqrt(n_latents) warmed up and decayed, loss = FVU of the reconstruction +
+``aux_coef`` × FVU of the AuxK reconstruction of the residual from the ``aux_k`` strongest
+*dead* latents (dead: silent for ``dead_after_tokens`` tokens), and latents still dead after
+``resample_after_tokens`` re-pointed at badly reconstructed tokens. The step itself is one
+autograd function with a sparse backward (:mod:`.topk_kernels`) and no host sync; metrics
+are read back every ``log_every`` steps. Checkpoints (:mod:`.train_checkpoint`) are atomic as
+a whole, checksummed, and resume bit-exactly where the run stopped.
 """
 
 from __future__ import annotations
 
-import json
 import math
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import torch
-from safetensors.torch import load_file, save_file
 from torch import Tensor
 from tqdm.auto import tqdm
 
-from .activations import TopK
 from .base import Dictionary
-from .formats import load_saelens, save_saelens
-from .metrics import fvu
+from .topk_kernels import topk_sae_loss
+from .train_checkpoint import (
+    STATE_JSON,
+    STATE_TENSORS,
+    adam_tensors,
+    load_checkpoint,
+    restore_adam,
+    save_checkpoint,
+)
+from .train_recipe import (
+    init_dictionary,
+    lr_factor,
+    project_decoder_grad,
+    renormalise_decoder,
+    resample_dead,
+)
 
-STATE_JSON, STATE_TENSORS = "trainer_state.json", "trainer_state.safetensors"
+__all__ = ["STATE_JSON", "STATE_TENSORS", "TopKTrainConfig", "TrainResult", "train_topk_sae"]
 
 
 @dataclass
@@ -37,13 +52,24 @@ class TopKTrainConfig:
     Attributes:
         lr: Adam learning rate; ``None`` = 2e-4 / sqrt(d_sae / 2**14).
         batch_size: activations per optimiser step (incoming batches are re-cut to it).
-        aux_k: dead latents used by the AuxK loss; ``None`` = d_in // 2.
-        aux_coef: weight of the AuxK loss (1/32 in the paper).
+        aux_k: dead latents used by the AuxK loss; ``None`` = d_in // 2 (at most d_sae).
+        aux_coef: weight of the AuxK loss (1/32 in the paper; 0 turns it off).
         dead_after_tokens: a latent silent for this many tokens counts as dead;
             ``None`` = max(n_tokens // 10, batch_size).
-        log_every: steps between entries of the history (and progress-bar updates).
+        resample_after_tokens: a latent silent this long is re-initialised on the residual of
+            a badly reconstructed token; ``None`` = 2 × dead_after_tokens, 0 = never. Checked
+            every dead_after_tokens, and not once the learning rate decays.
+        resample_scale: a resampled latent's encoder norm relative to the live latents' mean
+            (0.2, Anthropic 2023; at 1.0 it overshoots and a short run's FVU can exceed 1).
+        b_dec_init: ``"median"`` (geometric median of the first batch) or ``"mean"``.
+        median_steps: Weiszfeld iterations of the geometric median.
+        warmup_tokens: linear learning-rate warm-up; ``None`` = 5% of n_tokens.
+        lr_decay: ``"linear"`` or ``"cosine"`` decay to 0 at n_tokens, or ``"none"``.
+        decay_start: fraction of n_tokens where the decay begins (Gao: the last 20%).
+        log_every: steps between entries of the history (and progress-bar updates); the
+            only host syncs of the loop are there, at checkpoints and at resampling checks.
         checkpoint_every: tokens between checkpoints (when a checkpoint folder is given).
-        seed: seed of the decoder initialisation.
+        seed: seed of the decoder initialisation and of resampling.
         device: where the dictionary trains (default: where the activations arrive).
     """
 
@@ -52,10 +78,27 @@ class TopKTrainConfig:
     aux_k: int | None = None
     aux_coef: float = 1 / 32
     dead_after_tokens: int | None = None
+    resample_after_tokens: int | None = None
+    resample_scale: float = 0.2
+    b_dec_init: str = "median"
+    median_steps: int = 10
+    warmup_tokens: int | None = None
+    lr_decay: str = "linear"
+    decay_start: float = 0.8
     log_every: int = 50
     checkpoint_every: int = 1_000_000
     seed: int = 0
     device: str | None = None
+
+    def __post_init__(self) -> None:
+        if self.b_dec_init not in ("median", "mean"):
+            raise ValueError(f"b_dec_init must be 'median' or 'mean', got {self.b_dec_init!r}")
+        if self.lr_decay not in ("none", "linear", "cosine"):
+            raise ValueError(f"lr_decay must be 'none', 'linear' or 'cosine', got {self.lr_decay!r}")
+        if not 0 <= self.decay_start <= 1:
+            raise ValueError(f"decay_start must be in [0, 1], got {self.decay_start!r}")
+        if self.batch_size < 1 or self.log_every < 1:
+            raise ValueError("batch_size and log_every must be positive")
 
 
 @dataclass
@@ -69,7 +112,8 @@ class TrainResult:
         fvu: fraction of variance unexplained over the last logging window.
         l0: mean active latents per token over the last window.
         dead_fraction: latents silent for ``dead_after_tokens`` at the end.
-        history: one dict per logging window (step, tokens, fvu, l0, dead_fraction, aux_loss).
+        history: one dict per logging window (step, tokens, fvu, l0, dead_fraction, aux_loss,
+            resampled: latents re-initialised so far).
     """
 
     dictionary: Dictionary
@@ -105,37 +149,128 @@ def _rebatch(source: Iterable, site: str | None, batch_size: int, skip: int, see
         yield torch.cat(buf)
 
 
-def _init_dictionary(x: Tensor, d_sae: int, k: int, seed: int, site: str | None) -> Dictionary:
-    d_in = x.shape[1]
-    sae = Dictionary(d_in, d_sae, TopK(k), device=x.device, metadata={"hook_name": site})
-    gen = torch.Generator().manual_seed(seed)
-    w = torch.randn(d_sae, d_in, generator=gen, dtype=torch.float32).to(x.device)
-    w /= w.norm(dim=1, keepdim=True)
-    with torch.no_grad():
-        sae.W_dec.copy_(w)
-        sae.W_enc.copy_(w.T)
-        # Centring on the data mean lets the latents spend themselves on variance.
-        sae.b_dec.copy_(x.float().mean(0))
-    return sae
+def _stream(source: Iterable, site: str | None, batch_size: int, skip: int) -> Iterator[Tensor]:
+    """Batches of the source, cycled forever, after skipping ``skip`` activations."""
+    while True:
+        seen, got = [0], False
+        for x in _rebatch(source, site, batch_size, skip, seen):
+            got = True
+            yield x
+        if not seen[0]:
+            raise ValueError("source yielded no activations")
+        # A resumed run that had cycled through the source skips whole passes.
+        skip = max(skip - seen[0], 0) % seen[0] if not got else 0
 
 
-def _save_checkpoint(folder: Path, sae: Dictionary, opt: torch.optim.Adam, state: dict,
-                     since_fired: Tensor) -> None:  # fmt: skip
-    save_saelens(sae, folder)
-    tensors = {"since_fired": since_fired}
-    for i, p in enumerate(sae.parameters()):
-        for key, value in opt.state.get(p, {}).items():
-            if isinstance(value, Tensor):
-                tensors[f"adam.{i}.{key}"] = value
-    save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()},
-              str(folder / STATE_TENSORS))  # fmt: skip
-    (folder / STATE_JSON).write_text(json.dumps(state, indent=2) + "\n")
+@dataclass
+class _Plan:
+    """The config's defaults resolved for one run (token counts, lr, aux_k)."""
+
+    n_tokens: int
+    d_sae: int
+    k: int
+    dead_after: int
+    resample_after: int
+    warmup: int
+    lr: float
 
 
-def _load_checkpoint(folder: Path, device: torch.device) -> tuple[Dictionary, dict, dict]:
-    sae = load_saelens(folder).to(device)
-    tensors = {k: v.to(device) for k, v in load_file(str(folder / STATE_TENSORS)).items()}
-    return sae, json.loads((folder / STATE_JSON).read_text()), tensors
+def _plan(cfg: TopKTrainConfig, d_sae: int, k: int, n_tokens: int) -> _Plan:
+    dead_after = cfg.dead_after_tokens or max(n_tokens // 10, cfg.batch_size)
+    resample = 2 * dead_after if cfg.resample_after_tokens is None else cfg.resample_after_tokens
+    warmup = int(0.05 * n_tokens) if cfg.warmup_tokens is None else cfg.warmup_tokens
+    lr = cfg.lr or 2e-4 / math.sqrt(d_sae / 2**14)
+    return _Plan(n_tokens, d_sae, k, dead_after, resample, warmup, lr)
+
+
+class _Run:
+    """One training run's mutable state: SAE, optimiser, firing counters, metric window."""
+
+    def __init__(self, cfg: TopKTrainConfig, plan: _Plan, site: str | None) -> None:
+        self.cfg, self.plan, self.site = cfg, plan, site
+        self.state: dict[str, Any] = {"tokens": 0, "steps": 0, "resampled": 0, "history": [], "window": [0.0] * 4}
+        self.sae: Dictionary | None = None
+        self.saved: dict[str, Tensor] = {}
+        self.opt: torch.optim.Adam | None = None
+
+    def resume(self, folder: Path) -> None:
+        self.sae, self.state, self.saved = load_checkpoint(folder, torch.device(self.cfg.device or "cpu"))
+
+    def _start(self, x: Tensor) -> None:
+        cfg, plan = self.cfg, self.plan
+        if self.sae is None:
+            self.sae = init_dictionary(x, plan.d_sae, plan.k, cfg.seed, self.site, cfg.b_dec_init, cfg.median_steps)
+        self.sae.to(x.device)
+        self.params = list(self.sae.parameters())
+        self.opt = torch.optim.Adam(self.params, lr=plan.lr, eps=6.25e-10)
+        if self.saved:
+            restore_adam(self.opt, self.params, self.saved, self.state["steps"])
+        zero = torch.zeros(plan.d_sae, dtype=torch.int64, device=x.device)
+        self.since_fired = self.saved.get("since_fired", zero).to(x.device)
+        acc_dtype = torch.float32 if x.device.type == "mps" else torch.float64
+        self.window = torch.tensor(self.state["window"], dtype=acc_dtype, device=x.device)
+        self.aux_k = min(cfg.aux_k or x.shape[1] // 2, plan.d_sae)
+
+    def step(self, x: Tensor) -> None:
+        """One optimiser step on x (B, m); no host sync."""
+        if self.opt is None:
+            self._start(x)
+        sae, plan, state = self.sae, self.plan, self.state
+        for group in self.opt.param_groups:
+            group["lr"] = plan.lr * lr_factor(state["tokens"], plan.n_tokens, plan.warmup, self.cfg.lr_decay,
+                                              self.cfg.decay_start)  # fmt: skip
+        # Nothing can have been silent for dead_after tokens before that many were seen.
+        aux = self.cfg.aux_coef > 0 and state["tokens"] >= plan.dead_after
+        dead = self.since_fired >= plan.dead_after if aux else None
+        loss, main, aux_fvu, idx, act = topk_sae_loss(x, sae.W_enc, sae.b_enc, sae._W_dec, sae.b_dec, plan.k, dead,
+                                                      self.aux_k, self.cfg.aux_coef)  # fmt: skip
+        self.opt.zero_grad(set_to_none=True)
+        loss.backward()
+        project_decoder_grad(sae)
+        self.opt.step()
+        renormalise_decoder(sae)
+        on = (act > 0).reshape(-1)
+        fired = torch.zeros(plan.d_sae, dtype=torch.float32, device=x.device)
+        fired.index_add_(0, idx.reshape(-1), on.to(torch.float32))
+        self.since_fired.add_(x.shape[0]).masked_fill_(fired > 0, 0)
+        l0 = on.sum().to(self.window.dtype) / x.shape[0]
+        self.window += torch.stack([main.to(l0.dtype), l0, aux_fvu.to(l0.dtype), torch.ones_like(l0)])
+        state["tokens"] += x.shape[0]
+        state["steps"] += 1
+        self._maybe_resample(x)
+
+    def _maybe_resample(self, x: Tensor) -> None:
+        plan, state = self.plan, self.state
+        every = max(1, plan.dead_after // self.cfg.batch_size)
+        if not plan.resample_after or state["steps"] % every or state["tokens"] < plan.resample_after:
+            return
+        if state["tokens"] >= self.cfg.decay_start * plan.n_tokens:
+            return  # a latent resampled now would have no time left to learn
+        dead = self.since_fired >= plan.resample_after
+        n = resample_dead(self.sae, self.opt, x.float(), dead, self.cfg.seed, state["steps"], self.cfg.resample_scale)
+        self.since_fired.masked_fill_(dead, 0)
+        state["resampled"] += n
+
+    def log(self) -> dict[str, float]:
+        fvu_sum, l0_sum, aux_sum, n = self.window.tolist()
+        n = max(n, 1.0)
+        entry = {
+            "step": self.state["steps"],
+            "tokens": self.state["tokens"],
+            "fvu": fvu_sum / n,
+            "l0": l0_sum / n,
+            "aux_loss": aux_sum / n,
+            "dead_fraction": (self.since_fired >= self.plan.dead_after).float().mean().item(),
+            "resampled": self.state["resampled"],
+        }
+        self.state["history"].append(entry)
+        self.window.zero_()
+        return entry
+
+    def checkpoint(self, folder: Path) -> None:
+        tensors = {"since_fired": self.since_fired, **adam_tensors(self.opt, self.params)}
+        self.state["window"] = self.window.tolist()
+        save_checkpoint(folder, self.sae, tensors, self.state)
 
 
 def train_topk_sae(
@@ -162,7 +297,8 @@ def train_topk_sae(
         config: hyperparameters (:class:`TopKTrainConfig`).
         checkpoint_dir: write a checkpoint there every ``checkpoint_every`` tokens and at
             the end; if it already holds one, training resumes from it (the stream's first
-            ``tokens`` activations are skipped so none is seen twice).
+            ``tokens`` activations are skipped so none is seen twice). A checkpoint whose
+            files fail their checksums is refused with the file named.
         progress: tqdm bar over tokens with FVU / L0 / dead fraction.
     """
     cfg = config or TopKTrainConfig()
@@ -170,135 +306,33 @@ def train_topk_sae(
         raise ValueError(f"need 1 <= k <= d_sae, got k={k}, d_sae={d_sae}")
     if n_tokens < 1:
         raise ValueError(f"n_tokens must be positive, got {n_tokens}")
-    dead_after = cfg.dead_after_tokens or max(n_tokens // 10, cfg.batch_size)
+    run = _Run(cfg, _plan(cfg, d_sae, k, n_tokens), site)
     folder = Path(checkpoint_dir) if checkpoint_dir is not None else None
-    resume = folder is not None and (folder / STATE_JSON).is_file()
-    state = {"tokens": 0, "steps": 0, "history": []}
-    saved: dict[str, Tensor] = {}
-    sae: Dictionary | None = None
-    if resume:
-        device = torch.device(cfg.device or "cpu")
-        sae, state, saved = _load_checkpoint(folder, device)
-
-    def stream() -> Iterator[Tensor]:
-        skip = state["tokens"]
-        while True:
-            seen, got = [0], False
-            for x in _rebatch(source, site, cfg.batch_size, skip, seen):
-                got = True
-                yield x
-            if not seen[0]:
-                raise ValueError("source yielded no activations")
-            # A resumed run that had cycled through the source skips whole passes.
-            skip = max(skip - seen[0], 0) % seen[0] if not got else 0
-
-    batches = stream()
-    bar = tqdm(total=n_tokens, initial=state["tokens"], unit="tok", unit_scale=True,
+    if folder is not None and (folder / STATE_JSON).exists():
+        run.resume(folder)
+    state = run.state
+    bar = tqdm(total=n_tokens, initial=min(state["tokens"], n_tokens), unit="tok", unit_scale=True,
                disable=not progress)  # fmt: skip
-    opt = since_fired = None
-    window = {"fvu": 0.0, "l0": 0.0, "aux": 0.0, "n": 0}
     last_ckpt = state["tokens"]
     try:
-        while state["tokens"] < n_tokens:
-            x = next(batches)[: n_tokens - state["tokens"]]
-            device = torch.device(cfg.device) if cfg.device else x.device
-            x = x.to(device, torch.float32)
-            if sae is None:
-                sae = _init_dictionary(x, d_sae, k, cfg.seed, site)
-            if opt is None:
-                lr = cfg.lr or 2e-4 / math.sqrt(d_sae / 2**14)
-                opt = torch.optim.Adam(sae.parameters(), lr=lr, eps=6.25e-10)
-                since_fired = saved.get("since_fired", torch.zeros(d_sae, dtype=torch.int64,
-                                                                    device=device))  # fmt: skip
-                if resume:
-                    _restore_adam(opt, sae, saved, state["steps"])
-            loss, stats = _step_loss(sae, x, since_fired >= dead_after, cfg)
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            _project_decoder_grad(sae)
-            opt.step()
-            with torch.no_grad():
-                sae.W_dec.div_(sae.W_dec.norm(dim=1, keepdim=True).clamp_min(1e-12))
-            fired = torch.zeros(d_sae, dtype=torch.bool, device=device)
-            fired[stats.pop("indices")[stats.pop("values") > 0]] = True
-            since_fired += x.shape[0]
-            since_fired[fired] = 0
-            state["tokens"] += x.shape[0]
-            state["steps"] += 1
-            for key in ("fvu", "l0", "aux"):
-                window[key] += stats[key]
-            window["n"] += 1
+        batches = _stream(source, site, cfg.batch_size, state["tokens"]) if state["tokens"] < n_tokens else iter(())
+        for x in batches:
+            x = x[: n_tokens - state["tokens"]]
+            x = x.to(torch.device(cfg.device) if cfg.device else x.device, torch.float32)
+            run.step(x)
             bar.update(x.shape[0])
-            if state["steps"] % cfg.log_every == 0 or state["tokens"] >= n_tokens:
-                entry = _log(window, state, since_fired, dead_after)
+            done = state["tokens"] >= n_tokens
+            if state["steps"] % cfg.log_every == 0 or done:
+                entry = run.log()
                 bar.set_postfix(fvu=f"{entry['fvu']:.4f}", l0=f"{entry['l0']:.1f}",
                                 dead=f"{entry['dead_fraction']:.3f}")  # fmt: skip
-            if folder is not None and state["tokens"] - last_ckpt >= cfg.checkpoint_every:
-                _save_checkpoint(folder, sae, opt, state, since_fired)
+            if folder is not None and (done or state["tokens"] - last_ckpt >= cfg.checkpoint_every):
+                run.checkpoint(folder)
                 last_ckpt = state["tokens"]
+            if done:
+                break
     finally:
         bar.close()
-    if window["n"]:
-        _log(window, state, since_fired, dead_after)
-    if folder is not None and sae is not None and opt is not None:
-        _save_checkpoint(folder, sae, opt, state, since_fired)
     last = state["history"][-1]
-    return TrainResult(sae, state["tokens"], state["steps"], last["fvu"], last["l0"],
+    return TrainResult(run.sae, state["tokens"], state["steps"], last["fvu"], last["l0"],
                        last["dead_fraction"], state["history"])  # fmt: skip
-
-
-def _step_loss(sae: Dictionary, x: Tensor, dead: Tensor, cfg: TopKTrainConfig) -> tuple[Tensor, dict]:
-    pre = sae.pre_activations(x)
-    indices, values = sae.activation.sparse(pre)
-    x_hat = sae.decode_sparse(indices, values)
-    loss = fvu(x, x_hat)
-    stats = {"indices": indices.detach(), "values": values.detach(), "fvu": loss.item(),
-             "l0": (values > 0).sum(1).float().mean().item(), "aux": 0.0}  # fmt: skip
-    n_dead = int(dead.sum())
-    if n_dead:
-        aux_k = min(cfg.aux_k or x.shape[1] // 2, n_dead)
-        # Only dead latents compete; they learn to explain what the live ones miss.
-        dead_pre = pre.masked_fill(~dead, float("-inf"))
-        aux_vals, aux_idx = dead_pre.topk(aux_k, dim=-1, sorted=False)
-        residual = (x - x_hat).detach()
-        e_hat = sae.decode_sparse(aux_idx, torch.relu(aux_vals)) - sae.b_dec
-        aux = fvu(residual, e_hat)
-        if torch.isfinite(aux):
-            loss = loss + cfg.aux_coef * aux
-            stats["aux"] = aux.item()
-    return loss, stats
-
-
-def _project_decoder_grad(sae: Dictionary) -> None:
-    # Remove the gradient component along each (unit) decoder row: the row's norm is fixed
-    # by renormalisation, so that component would only fight Adam's moment estimates.
-    w, g = sae.W_dec, sae.W_dec.grad
-    if g is not None:
-        g.sub_((g * w).sum(1, keepdim=True) * w)
-
-
-def _restore_adam(opt: torch.optim.Adam, sae: Dictionary, saved: dict, steps: int) -> None:
-    state = {}
-    for i, _p in enumerate(sae.parameters()):
-        if f"adam.{i}.exp_avg" in saved:
-            state[i] = {
-                "step": torch.tensor(float(steps)),
-                "exp_avg": saved[f"adam.{i}.exp_avg"],
-                "exp_avg_sq": saved[f"adam.{i}.exp_avg_sq"],
-            }
-    opt.load_state_dict({"state": state, "param_groups": opt.state_dict()["param_groups"]})
-
-
-def _log(window: dict, state: dict, since_fired: Tensor, dead_after: int) -> dict:
-    n = max(window["n"], 1)
-    entry = {
-        "step": state["steps"],
-        "tokens": state["tokens"],
-        "fvu": window["fvu"] / n,
-        "l0": window["l0"] / n,
-        "aux_loss": window["aux"] / n,
-        "dead_fraction": (since_fired >= dead_after).float().mean().item(),
-    }
-    state["history"].append(entry)
-    window.update(fvu=0.0, l0=0.0, aux=0.0, n=0)
-    return entry
