@@ -19,7 +19,6 @@ computed in the run. ``--planted`` adds the whole test on planted ground truth
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import time
@@ -29,12 +28,13 @@ import torch
 from tqdm.auto import tqdm
 
 from .accumulators import ActivationStats, CoActivation, CrossCorrelation
+from .durable import write_bytes, write_text
 from .ops.interference import interference
+from .report.figures import COLORS, DIM_REFERENCES, new_figure, png
+from .report.markdown import md_table
 from .toy import ToyConfig, ToyModels, adjacent_angles, forward, sample_features, train_toy_models
 
 DENSITIES = (1.0, 0.3, 0.1, 0.05)  # the n=5, m=2 geometry sweep; 0.05 is the pentagon
-#: D_i values toy models stick to (Elhage et al.)
-DIM_LINES = ((1.0, "1"), (3 / 4, "3/4"), (2 / 3, "2/3"), (1 / 2, "1/2"), (2 / 5, "2/5"), (3 / 8, "3/8"))
 PLATEAU = (2.5, 3.5)  # 1/p range where D* sits on the 1/2 plateau for n=200, m=20 (measured; docs/toy.md)
 TOL_DIM, TOL_ANGLE, TOL_NORM, TOL_DSTAR = 0.02, 3.0, 0.05, 0.05
 
@@ -232,20 +232,17 @@ def run_toy_tour(
         **_stream_ops(runs, size.stream_tokens, seed, progress),
         "timings_s": timings,
     }
-    os.makedirs(out_dir, exist_ok=True)
     report["figures"] = write_figures(out_dir, report, runs[0], linear)
+    planted_md = None
     if planted:
         from .planted import planted_markdown, run_planted
 
         res = run_planted(os.path.join(out_dir, "planted"), quick=quick, seed=seed, progress=progress)
         report["planted"] = {"summary": res["summary"], "folder": "planted", "seconds": res["seconds"]}
-        report["_planted_md"] = planted_markdown(res, level=2)
+        planted_md = planted_markdown(res, level=2)
     report["seconds"] = round(time.time() - t0, 1)
-    planted_md = report.pop("_planted_md", None)
-    with open(os.path.join(out_dir, "report.json"), "w") as fh:
-        json.dump(report, fh, indent=2)
-    with open(os.path.join(out_dir, "report.md"), "w") as fh:
-        fh.write(_markdown(report) + ("\n" + planted_md if planted_md else ""))
+    write_text(os.path.join(out_dir, "report.md"), _markdown(report) + ("\n" + planted_md if planted_md else ""))
+    write_text(os.path.join(out_dir, "report.json"), json.dumps(report, indent=2))  # last: the folder is complete
     return report
 
 
@@ -253,28 +250,20 @@ def run_toy_tour(
 def write_figures(out_dir: str, report: dict, pentagon: ToyModels, linear: ToyModels) -> dict[str, str]:
     """Draw the figures as PNGs into ``out_dir``; returns {name: file name}. Empty without matplotlib."""
     try:
-        from .report import _new_figure, _png
-    except ImportError:  # pragma: no cover
-        return {}
-    try:
         figs = {
-            "d_star": _fig_d_star(report, _new_figure),
-            "dims": _fig_dims(report, _new_figure),
-            "pentagon": _fig_pentagon(pentagon, _new_figure),
-            "linear": _fig_linear(report, _new_figure),
+            "d_star": _fig_d_star(report),
+            "dims": _fig_dims(report),
+            "pentagon": _fig_pentagon(pentagon),
+            "linear": _fig_linear(report),
         }
     except ImportError:
         return {}
-    out = {}
     for name, fig in figs.items():
-        path = os.path.join(out_dir, f"{name}.png")
-        with open(path, "wb") as fh:
-            fh.write(_png(fig))
-        out[name] = f"{name}.png"
-    return out
+        write_bytes(os.path.join(out_dir, f"{name}.png"), png(fig))
+    return {name: f"{name}.png" for name in figs}
 
 
-def _fig_d_star(report: dict, new_figure):
+def _fig_d_star(report: dict):
     pts = report["sweep"]["points"]
     fig, (ax,) = new_figure(1, panel_w=6.4, panel_h=4.0)
     inv = [p["inv_p"] for p in pts]
@@ -282,7 +271,7 @@ def _fig_d_star(report: dict, new_figure):
     for v, label in ((1.0, "1"), (0.5, "1/2")):
         ax.axhline(v, color="0.35", linestyle=":", linewidth=1)
         ax.text(inv[-1], v, f" {label}", va="bottom", ha="right", fontsize=8)
-    ax.plot(inv, [p["d_star"] for p in pts], "o-", color="#1f77b4", label="D* = m / ‖W‖²_F")
+    ax.plot(inv, [p["d_star"] for p in pts], "o-", color=COLORS["A"], label="D* = m / ‖W‖²_F")
     ax.set_xscale("log")
     ax.set_xlabel("1 / feature density  (1/p)")
     ax.set_ylabel("dimensions per feature D*")
@@ -293,16 +282,16 @@ def _fig_d_star(report: dict, new_figure):
     return fig
 
 
-def _fig_dims(report: dict, new_figure):
+def _fig_dims(report: dict):
     pts = report["sweep"]["points"]
     fig, (ax,) = new_figure(1, panel_w=6.4, panel_h=4.0)
-    for v, label in DIM_LINES:
+    for v, label in DIM_REFERENCES:
         ax.axhline(v, color="0.35", linestyle=":", linewidth=0.9)
         ax.text(1.0, v, f"{label} ", va="center", ha="right", fontsize=7, transform=ax.get_yaxis_transform())
     for p in pts:
         dims = [d for d, n in zip(p["dims"], p["norms"]) if n > 0.1]  # unrepresented features have D ≈ 0
-        ax.scatter([p["inv_p"]] * len(dims), dims, s=9, alpha=0.35, color="#d95f02", linewidths=0)
-    ax.plot([p["inv_p"] for p in pts], [p["d_star"] for p in pts], "-", color="#1f77b4", lw=1, label="D*")
+        ax.scatter([p["inv_p"]] * len(dims), dims, s=9, alpha=0.35, color=COLORS["B"], linewidths=0)
+    ax.plot([p["inv_p"] for p in pts], [p["d_star"] for p in pts], "-", color=COLORS["A"], lw=1, label="D*")
     ax.set_xscale("log")
     ax.set_ylim(0, 1.1)
     ax.set_xlabel("1 / feature density  (1/p)")
@@ -312,7 +301,7 @@ def _fig_dims(report: dict, new_figure):
     return fig
 
 
-def _fig_pentagon(models: ToyModels, new_figure):
+def _fig_pentagon(models: ToyModels):
     n_inst = len(models.densities)
     fig, axes = new_figure(n_inst, ncols=n_inst, panel_w=3.2, panel_h=3.3)
     for i, ax in enumerate(axes):
@@ -334,11 +323,11 @@ def _fig_pentagon(models: ToyModels, new_figure):
     return fig
 
 
-def _fig_linear(report: dict, new_figure):
+def _fig_linear(report: dict):
     lin = report["reproductions"]["linear"]
     fig, (ax,) = new_figure(1, panel_w=6.4, panel_h=3.2)
     norms = lin["norms"]
-    ax.bar(range(len(norms)), norms, color=["#1f77b4" if j < 5 else "#bbbbbb" for j in range(len(norms))])
+    ax.bar(range(len(norms)), norms, color=[COLORS["A"] if j < 5 else "#bbbbbb" for j in range(len(norms))])
     ax.axhline(1.0, color="0.35", linestyle=":", linewidth=1)
     ax.set_xlabel("feature i (importance 0.7^i)")
     ax.set_ylabel("‖W_i‖")
@@ -347,41 +336,56 @@ def _fig_linear(report: dict, new_figure):
 
 
 # ----------------------------------------------------------------------------- Markdown
-def _markdown(r: dict) -> str:
+def _ok(passed: bool) -> str:
+    return "**pass**" if passed else "**FAIL**"
+
+
+def _md_figure(r: dict, name: str, alt: str) -> list[str]:
+    figs = r.get("figures", {})
+    return [f"![{alt}]({figs[name]})", ""] if name in figs else []
+
+
+def _md_reproductions(r: dict) -> list[str]:
     rep = r["reproductions"]
     p, lin, st = rep["pentagon"], rep["linear"], rep["sticky_d_star"]
-    ok = lambda b: "**pass**" if b else "**FAIL**"  # noqa: E731
-    figs = r.get("figures", {})
-    fig = lambda name, alt: [f"![{alt}]({figs[name]})", ""] if name in figs else []  # noqa: E731
     plateau = ", ".join(f"{q['d_star']:.3f} (1/p={q['inv_p']:g})" for q in st["plateau"])
-    lines = [
-        "# supanalysis toy: toy models of superposition",
-        "",
-        f"{r['what']}. {'Quick run' if r['quick'] else 'Full run'}, seed {r['seed']}, {r['seconds']} s "
-        f"(training: {', '.join(f'{k} {v} s' for k, v in r['timings_s'].items())}).",
-        "",
-        "## Reproductions",
-        "",
-        "| reproduction | expected (Elhage et al.) | measured | result |",
-        "|---|---|---|---|",
-        f"| pentagon: n=5, m=2, p=0.05 | {p['expected']} | D_i = {', '.join(f'{d:.3f}' for d in p['dims'])}; "
-        f"angles {', '.join(f'{a:.1f}°' for a in p['angles_deg'])} | {ok(p['pass'])} |",
-        f"| linear: n=20, m=5, importance 0.7^i, no ReLU | {lin['expected']} | represented {lin['represented']}; "
-        f"max |‖W_i‖−1| over the top 5 = {lin['max_top_norm_error']:.3f}; largest other norm "
-        f"{lin['max_other_norm']:.3f} | {ok(lin['pass'])} |",
-        f"| sticky D*: n=200, m=20, uniform importance | {st['expected']} | D*(p=1) = "
-        f"{st['d_star_at_density_1']:.3f}; plateau {plateau} | {ok(st['pass'])} |",
-        "",
+    rows = [
+        [
+            "pentagon: n=5, m=2, p=0.05",
+            p["expected"],
+            f"D_i = {', '.join(f'{d:.3f}' for d in p['dims'])}; "
+            f"angles {', '.join(f'{a:.1f}°' for a in p['angles_deg'])}",
+            _ok(p["pass"]),
+        ],
+        [
+            "linear: n=20, m=5, importance 0.7^i, no ReLU",
+            lin["expected"],
+            f"represented {lin['represented']}; max |‖W_i‖−1| over the top 5 = {lin['max_top_norm_error']:.3f}; "
+            f"largest other norm {lin['max_other_norm']:.3f}",
+            _ok(lin["pass"]),
+        ],
+        [
+            "sticky D*: n=200, m=20, uniform importance",
+            st["expected"],
+            f"D*(p=1) = {st['d_star_at_density_1']:.3f}; plateau {plateau}",
+            _ok(st["pass"]),
+        ],
+    ]
+    headers = ["reproduction", "expected (Elhage et al.)", "measured", "result"]
+    return ["## Reproductions", "", md_table(headers, rows), ""]
+
+
+def _md_sweep(r: dict) -> list[str]:
+    points = r["sweep"]["points"]
+    return [
         "## D* against 1/p",
         "",
         "D* = m/‖W‖_F² is the mean number of hidden dimensions per learned feature. Dense features get one "
         "dimension each (D* = 1); as they get sparser, pairs of features share a dimension antipodally and D* "
         "*sticks* at 1/2 before falling further.",
         "",
-        *fig("d_star", "D* against 1/p"),
-        "| 1/p | " + " | ".join(f"{q['inv_p']:g}" for q in r["sweep"]["points"]) + " |",
-        "|---|" + "---|" * len(r["sweep"]["points"]),
-        "| D* | " + " | ".join(f"{q['d_star']:.3f}" for q in r["sweep"]["points"]) + " |",
+        *_md_figure(r, "d_star", "D* against 1/p"),
+        md_table(["1/p", *(f"{q['inv_p']:g}" for q in points)], [["D*", *(f"{q['d_star']:.3f}" for q in points)]]),
         "",
         "## D_i of each feature",
         "",
@@ -389,58 +393,58 @@ def _markdown(r: dict) -> str:
         "dimensionalities of simple geometric configurations: 1 (own dimension), 3/4 (tetrahedron), "
         "2/3 (triangle), 1/2 (antipodal pair), 2/5 (pentagon), 3/8 (square antiprism).",
         "",
-        *fig("dims", "D_i scatter against 1/p"),
+        *_md_figure(r, "dims", "D_i scatter against 1/p"),
+    ]
+
+
+def _md_pentagon(r: dict) -> list[str]:
+    rows = [
+        [
+            seed,
+            f"{g['density']}",
+            f"{g['loss']:.4f}",
+            f"{g['represented_features']}",
+            f"{g['sum_dims']:.3f}",
+            f"{g['d_star']:.3f}",
+            ", ".join(f"{d:.2f}" for d in g["dims"]),
+        ]
+        for seed, geo in r["geometry"].items()
+        for g in geo
+    ]
+    headers = ["seed", "density", "loss", "features kept", "Σ D_i", "D*", "D_i"]
+    return [
         "## The pentagon",
         "",
-        *fig("pentagon", "n=5 feature directions in the plane at four densities"),
-        "| seed | density | loss | features kept | Σ D_i | D* | D_i |",
-        "|---|---|---|---|---|---|---|",
-    ]
-    for seed, geo in r["geometry"].items():
-        for g in geo:
-            lines.append(
-                f"| {seed} | {g['density']} | {g['loss']:.4f} | {g['represented_features']} | "
-                f"{g['sum_dims']:.3f} | {g['d_star']:.3f} | {', '.join(f'{d:.2f}' for d in g['dims'])} |"
-            )
-    lines += [
+        *_md_figure(r, "pentagon", "n=5 feature directions in the plane at four densities"),
+        md_table(headers, rows),
         "",
+    ]
+
+
+def _md_universality(r: dict) -> list[str]:
+    bm = r["best_match_a_to_b"]
+    return [
         "## The linear model",
         "",
-        *fig("linear", "norms of the linear model's features"),
+        *_md_figure(r, "linear", "norms of the linear model's features"),
         f"## Universality between the two seeds at density {r['universality_at_density']}",
         "",
-        "Best-match correlation of each output feature of seed A with seed B: "
-        f"{r['best_match_a_to_b']['max_corr']} (partners {r['best_match_a_to_b']['match']});",
+        f"Best-match correlation of each output feature of seed A with seed B: {bm['max_corr']} "
+        f"(partners {bm['match']});",
         f"matched fraction at τ = 0.9: {r['matched_fraction_tau_0.9']:.2f}.",
         f"Firing densities of seed A's outputs: {r['density_seed_a']}; mean L0 {r['mean_l0_seed_a']:.3f}.",
         "",
     ]
-    return "\n".join(lines)
 
 
-def _cmd_toy(args: argparse.Namespace) -> int:
-    report = run_toy_tour(
-        args.out, quick=args.quick, seed=args.seed, progress=not args.no_progress, planted=args.planted
-    )
-    print()
-    for name, rep in report["reproductions"].items():
-        print(f"{name}: {'pass' if rep['pass'] else 'FAIL'} ({rep['expected']})")
-    pent = report["reproductions"]["pentagon"]
-    print(f"  pentagon D_i = {pent['dims']}; angles {pent['angles_deg']}")
-    print(f"  D* over 1/p = {report['reproductions']['sticky_d_star']['d_star']}")
-    print(f"matched fraction (τ=0.9) between seeds: {report['matched_fraction_tau_0.9']:.2f}")
-    if "planted" in report:
-        d = report["planted"]["summary"]["density"]
-        print(f"planted: median relative density error {d['median_rel_error']} ({'pass' if d['pass'] else 'FAIL'})")
-    print(f"report: {os.path.join(args.out, 'report.md')} and report.json ({report['seconds']} s)")
-    return 0 if all(rep["pass"] for rep in report["reproductions"].values()) else 1
-
-
-def add_toy_parser(sub) -> None:
-    p = sub.add_parser("toy", help="toy models of superposition: reproduce Elhage et al. with the library's ops")
-    p.add_argument("--quick", action="store_true", help="smaller training budgets (CI smoke, < 1 minute)")
-    p.add_argument("--out", default="supanalysis-out/toy", help="output folder (default: %(default)s)")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--planted", action="store_true", help="also run the whole test on planted ground truth")
-    p.add_argument("--no-progress", action="store_true", help="no progress bars")
-    p.set_defaults(func=_cmd_toy)
+def _markdown(r: dict) -> str:
+    """The tour's report.md: the three reproductions with pass/fail, then each figure with its numbers."""
+    timings = ", ".join(f"{k} {v} s" for k, v in r["timings_s"].items())
+    head = [
+        "# supanalysis toy: toy models of superposition",
+        "",
+        f"{r['what']}. {'Quick run' if r['quick'] else 'Full run'}, seed {r['seed']}, {r['seconds']} s "
+        f"(training: {timings}).",
+        "",
+    ]
+    return "\n".join(head + _md_reproductions(r) + _md_sweep(r) + _md_pentagon(r) + _md_universality(r))

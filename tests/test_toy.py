@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import math
 
 import pytest
@@ -10,7 +9,7 @@ import torch
 
 from supanalysis.ops.interference import interference
 from supanalysis.toy import ToyConfig, adjacent_angles, forward, sample_features, train_toy_models
-from supanalysis.toy_tour import QUICK, check_linear, check_pentagon, check_sticky, run_toy_tour
+from supanalysis.toy_tour import check_linear, check_pentagon, check_sticky
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # see conftest.py
 
@@ -127,22 +126,3 @@ def test_adjacent_angles():
 def test_config_errors(kwargs, match):
     with pytest.raises(ValueError, match=match):
         ToyConfig(**kwargs)
-
-
-def test_quick_tour_report(tmp_path):
-    # The CLI's quick path end to end: every reproduction passes and the report embeds the figures.
-    report = run_toy_tour(str(tmp_path), quick=True, progress=False)
-    assert QUICK.sweep_steps <= 1000  # --quick must stay a CI smoke run
-    for name, rep in report["reproductions"].items():
-        assert rep["pass"], (name, rep)
-    md = (tmp_path / "report.md").read_text()
-    for name in ("d_star", "dims", "pentagon", "linear"):
-        png = tmp_path / f"{name}.png"
-        assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
-        assert f"]({name}.png)" in md
-    assert md.count("**pass**") == 3
-    data = json.loads((tmp_path / "report.json").read_text())
-    assert data["reproductions"]["sticky_d_star"]["d_star_at_density_1"] == pytest.approx(1.0, abs=0.05)
-    # Two pentagon seeds reconstruct the same inputs: feature i's best match is feature i.
-    assert data["best_match_a_to_b"]["match"] == [0, 1, 2, 3, 4]
-    assert min(data["best_match_a_to_b"]["max_corr"]) > 0.8

@@ -1,0 +1,281 @@
+"""The report as sections of paragraphs, lists and tables: the one intermediate form that the
+Markdown and HTML renderers share, so the two can never disagree.
+
+Only reads the report dict (``docs/report-schema.md``); every number shown is the one in ``report.json``.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from .access import config_value, ordered_fields, sites_of
+from .format import MISSING, as_estimate, finite, flatten, fmt
+from .schema import (
+    MODEL_FIELDS,
+    PAIR_MATCH_FIELDS,
+    PAIR_SPARSITY_FIELDS,
+    PER_MODEL_FIELDS,
+    SITE_GEOMETRY_FIELDS,
+    SITE_SPARSITY_FIELDS,
+)
+
+OUTCOME_WORDS = {
+    "premises_not_met": "Premises not met: the test does not apply to this pair of models",
+    "non_universal_features": "Non-universal features: the models do not share most of their features, "
+    "which resolves the tension",
+    "contradiction": "Contradiction: features are shared and keep their sparsity although the degrees of "
+    "superposition differ, so superposition within a layer cannot be the whole story",
+    "sparsity_follows_prediction": "Sparsity follows the prediction: shared features change density as the "
+    "superposition bound predicts, so universality in the strong sense fails",
+    "inconclusive": "Inconclusive",
+}
+
+
+DECISION_RULES = (
+    "premises not met → the verdict says which premise fails and by how much;",
+    "matched fraction < φ (or no better than its baseline) → non-universal features;",
+    "CI of the median ln density ratio r contains 0 but not ln π → contradiction;",
+    "CI contains ln π but not 0 → sparsity follows the prediction;",
+    "otherwise (both, neither, no matched pairs, or π null for lack of pressure) → inconclusive.",
+)
+
+
+@dataclass
+class Table:
+    """A table of already formatted cells: ``rows`` is [n_rows][len(headers)]."""
+
+    headers: list[str]
+    rows: list[list[str]]
+
+
+@dataclass
+class Section:
+    """One section of the report: a title and blocks (str paragraph, list of str bullets, Table, or
+    a ("h3", text) sub-heading)."""
+
+    title: str
+    blocks: list[Any]
+
+
+def _verdict_blocks(report: Mapping) -> list[Any]:
+    """The overall verdict: outcome in words, the reason, its numbers, and the per-pair decisions."""
+    v = report.get("verdict") or {}
+    outcome = str(v.get("outcome", "inconclusive"))
+    blocks: list[Any] = [
+        f"**{OUTCOME_WORDS.get(outcome, outcome)}** (`{outcome}`)",
+        f"Reason: {v.get('reason') or MISSING}",
+    ]
+    nums = flatten(v.get("numbers") or {})
+    if nums:
+        blocks.append(Table(["number", "value"], [[k, fmt(x)] for k, x in nums]))
+    # A failed premise decides every pair, so say which one and by how much right here.
+    failed = [p for p in report.get("premises") or [] if p.get("holds") is False]
+    if failed:
+        blocks.append("Premises that do not hold:")
+        blocks.append([f"{p.get('name', MISSING)}: {p.get('detail') or MISSING}" for p in failed])
+    pairs = report.get("pairs") or []
+    if pairs:
+        blocks.append(("h3", "How each site pair was decided"))
+        blocks.append(_decision_table(report, pairs))
+    blocks.append("Decision rules (SCIENCE.md), applied in this order to each site pair:")
+    blocks.append(list(DECISION_RULES))
+    return blocks
+
+
+def _decision_table(report: Mapping, pairs: Sequence[Mapping]) -> Table:
+    """One row per pair with exactly the numbers the decision rules compare, and the comparisons."""
+    phi_default = config_value(report, "phi")
+    rows = []
+    for p in pairs:
+        pv = p.get("verdict") or {}
+        n = pv.get("numbers") or {}
+        mf = n.get("matched_fraction", p.get("matched_fraction_a"))
+        bf = n.get("baseline_fraction", p.get("baseline_fraction_a"))
+        phi = n.get("phi", phi_default)
+        r = as_estimate(n.get("median_log_ratio", p.get("median_log_ratio")))
+        lpi = n.get("log_predicted_ratio", p.get("log_predicted_ratio"))
+        lo, hi = finite(r.get("lo")), finite(r.get("hi"))
+        lpi_f = finite(lpi)
+        zero_in = None if lo is None or hi is None else lo <= 0.0 <= hi
+        pi_in = None if lo is None or hi is None or lpi_f is None else lo <= lpi_f <= hi
+        rows.append(
+            [
+                f"{p.get('site_a')} ↔ {p.get('site_b')}",
+                fmt(mf),
+                fmt(bf),
+                fmt(phi),
+                fmt(r) if r else MISSING,
+                fmt(lpi),
+                fmt(zero_in),
+                fmt(pi_in),
+                str(pv.get("outcome", MISSING)),
+            ]
+        )
+    headers = [
+        "pair",
+        "matched fraction",
+        "baseline fraction",
+        "φ",
+        "median r = ln(p_B/p_A) [CI]",
+        "ln π",
+        "0 in CI",
+        "ln π in CI",
+        "outcome",
+    ]
+    return Table(headers, rows)
+
+
+def _premise_section(report: Mapping) -> Section:
+    prem = report.get("premises") or []
+    rows = [
+        [
+            str(p.get("name", MISSING)),
+            fmt(p.get("holds")),
+            str(p.get("detail") or MISSING),
+            "; ".join(f"{k} = {fmt(v)}" for k, v in flatten(p.get("numbers") or {})) or MISSING,
+        ]
+        for p in prem
+    ]
+    blocks: list[Any] = [Table(["premise", "holds", "detail", "numbers"], rows)] if rows else ["No premises reported."]
+    return Section("Premises", blocks)
+
+
+def _ab_table(objs: Mapping, known: Sequence[str], ratio: bool = False) -> Table:
+    """A field × {A, B} table; with ``ratio`` a B/A column for numeric fields."""
+    a, b = objs.get("A") or {}, objs.get("B") or {}
+    headers = ["field", "A", "B"] + (["B/A"] if ratio else [])
+    rows = []
+    for f in ordered_fields([a, b], known):
+        row = [f, fmt(a.get(f)), fmt(b.get(f))]
+        if ratio:
+            va, vb = finite(a.get(f)), finite(b.get(f))
+            row.append(fmt(vb / va) if va and vb is not None else MISSING)
+        rows.append(row)
+    return Table(headers, rows)
+
+
+def _models_section(report: Mapping) -> Section:
+    models = report.get("models") or {}
+    blocks: list[Any] = [
+        "Non-embedding parameters are exact (all parameters except token/position embeddings and unembedding); "
+        "kaplan_params is 12·L·d²; eval_loss is the cross-entropy in nats/token with its bootstrap CI.",
+        _ab_table(models, MODEL_FIELDS, ratio=True),
+    ]
+    return Section("Models", blocks)
+
+
+def _per_model_section(report: Mapping) -> Section:
+    blocks: list[Any] = [
+        "Two neuron-counting conventions: per site (m_s, in the site tables below) and per model "
+        "(M = Σ_s m_s). The direction of the comparison can flip between them.",
+        _ab_table(report.get("per_model") or {}, PER_MODEL_FIELDS, ratio=True),
+    ]
+    return Section("Neuron-counting conventions", blocks)
+
+
+def _site_section(report: Mapping) -> Section:
+    blocks: list[Any] = [
+        "n_alive is the feature count n_s (latents with density above the floor), sigma = n_s/m, "
+        "C_star = σ / g(median p), p_star = g⁻¹(σ/C) (— when σ/C < e: no superposition pressure). "
+        "Geometry is of the dictionary's decoder directions: dims_sum = Σ D_i, d_star = m/‖W‖²_F."
+    ]
+    for model in ("A", "B"):
+        sites = sites_of(report, model)
+        name = ((report.get("models") or {}).get(model) or {}).get("name")
+        blocks.append(("h3", f"Model {model}" + (f" ({name})" if name else "")))
+        if not sites:
+            blocks.append("No sites.")
+            continue
+        sparsity = ordered_fields(sites, SITE_SPARSITY_FIELDS, exclude=[*SITE_GEOMETRY_FIELDS[1:], "model"])
+        blocks.append(Table(sparsity, [[fmt(s.get(f)) for f in sparsity] for s in sites]))
+        geometry = list(SITE_GEOMETRY_FIELDS)
+        blocks.append(Table(geometry, [[fmt(s.get(f)) for f in geometry] for s in sites]))
+    return Section("Sites", blocks)
+
+
+def _pairs_section(report: Mapping) -> Section:
+    pairs = report.get("pairs") or []
+    if not pairs:
+        return Section("Site pairs", ["No site pairs were analysed."])
+    match = list(PAIR_MATCH_FIELDS)
+    sparsity = ordered_fields(pairs, PAIR_SPARSITY_FIELDS, exclude=PAIR_MATCH_FIELDS)
+    blocks: list[Any] = [
+        "Sites paired by relative depth ℓ/L. Best-match correlations and matched fractions (ρ* ≥ τ, τ = "
+        f"{fmt(config_value(report, 'tau'))}) among alive features, each against the token-shuffled baseline.",
+        Table(match, [[fmt(p.get(f)) for f in match] for p in pairs]),
+        "Sparsity of matched features: r = ln(p_B(j)/p_A(i)) over matched pairs, against the predicted "
+        "ratio π = p*_B/p*_A (— when a site has no superposition pressure).",
+        Table(sparsity, [[fmt(p.get(f)) for f in sparsity] for p in pairs]),
+        ("h3", "Verdict of each pair"),
+    ]
+    items = []
+    for p in pairs:
+        pv = p.get("verdict") or {}
+        nums = "; ".join(f"{k} = {fmt(v)}" for k, v in flatten(pv.get("numbers") or {}))
+        items.append(
+            f"{p.get('site_a')} ↔ {p.get('site_b')}: `{pv.get('outcome', MISSING)}`: {pv.get('reason') or MISSING}"
+            + (f" (numbers: {nums})" if nums else "")
+        )
+    blocks.append(items)
+    return Section("Site pairs", blocks)
+
+
+def _any_layer_section(report: Mapping) -> Section:
+    entries = report.get("any_layer") or []
+    if not entries:
+        return Section("Any-layer matches", ["No any-layer matching in this run."])
+    rows = []
+    for e in entries:
+        mmc = e.get("mean_max_corr") or {}
+        # Best candidates first, so the cross-layer structure reads left to right.
+        items = sorted(mmc.items(), key=lambda kv: -(finite(kv[1]) if finite(kv[1]) is not None else -math.inf))
+        rows.append(
+            [
+                str(e.get("site_a", MISSING)),
+                str(e.get("best_site_b", MISSING)),
+                fmt(e.get("matched_fraction")),
+                ", ".join(f"{k}: {fmt(v, 3)}" for k, v in items) or MISSING,
+            ]
+        )
+    blocks: list[Any] = [
+        "For each site of A, the site of B whose features match its alive features best (any depth): a best "
+        "match away from the depth-paired site points to cross-layer representation.",
+        Table(["site_a", "best_site_b", "matched_fraction", "mean_max_corr per site of B (best first)"], rows),
+    ]
+    return Section("Any-layer matches", blocks)
+
+
+def _notes_section(report: Mapping) -> Section:
+    notes = [str(n) for n in report.get("notes") or []]
+    return Section("Notes", [notes] if notes else ["No notes."])
+
+
+def _provenance_section(report: Mapping) -> Section:
+    lib = report.get("library") or {}
+    blocks: list[Any] = [
+        f"Schema `{report.get('schema', MISSING)}`, created {report.get('created', MISSING)}.",
+        Table(["component", "value"], [[str(k), fmt(v)] for k, v in lib.items()]) if lib else "No library info.",
+    ]
+    cfg = flatten(report.get("config") or {})
+    if cfg:
+        blocks.append(("h3", "Configuration"))
+        blocks.append(Table(["setting", "value"], [[k, fmt(v)] for k, v in cfg]))
+    return Section("Run", blocks)
+
+
+def build_sections(report: Mapping) -> list[Section]:
+    """The report as sections, verdict first; shared by the Markdown and HTML renderers."""
+    return [
+        Section("Verdict", _verdict_blocks(report)),
+        _premise_section(report),
+        _models_section(report),
+        _per_model_section(report),
+        _site_section(report),
+        _pairs_section(report),
+        _any_layer_section(report),
+        _notes_section(report),
+        _provenance_section(report),
+    ]

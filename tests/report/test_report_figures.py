@@ -1,0 +1,76 @@
+"""The report's figures: PNGs of every figure, also from missing, empty or null data."""
+
+from __future__ import annotations
+
+import copy
+import io
+import warnings
+
+import numpy as np
+import pytest
+from sample_report import PNG_MAGIC, estimate
+
+from supanalysis import report as rep
+from supanalysis.report.figures import histogram
+
+pytest.importorskip("matplotlib")
+
+
+def _png_shape(png: bytes) -> tuple[int, ...]:
+    import matplotlib.image as mpimg
+
+    return mpimg.imread(io.BytesIO(png), format="png").shape
+
+
+def test_figures_are_pngs(figures):
+    assert list(figures) == [name for name, _, _ in rep.FIGURES]
+    for name, png in figures.items():
+        assert png[:8] == PNG_MAGIC, name
+        assert len(png) > 5_000, name
+    h, w, _ = _png_shape(figures["sigma_vs_capacity"])
+    assert 300 <= h <= 2000 and 400 <= w <= 2000
+
+
+def test_null_predicted_ratio_missing_and_empty_arrays(report, arrays):
+    """π null everywhere, an empty median-ratio estimate, half the arrays missing, the rest empty."""
+    nulls = copy.deepcopy(report)
+    for p in nulls["pairs"]:
+        p.update(predicted_ratio=None, log_predicted_ratio=None, median_log_ratio=estimate(None, None, None, 0))
+        p["verdict"]["numbers"].update(predicted_ratio=None, log_predicted_ratio=None)
+    partial = {k: v[:0] for k, v in arrays.items() if not k.startswith(("density/", "matched/"))}
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        figs = rep.render_figures(nulls, partial)
+    assert list(figs) == [name for name, _, _ in rep.FIGURES]
+    assert all(png[:8] == PNG_MAGIC for png in figs.values())
+    md = rep.render_markdown(nulls)
+    row = next(line for line in md.splitlines() if line.startswith("| resid_post.0 | resid_post.1 | 40 |"))
+    assert row.count(rep.MISSING) >= 3  # median ratio, π and ln π
+
+
+def test_each_figure_is_drawn_once(monkeypatch, report, arrays):
+    """Drawing is the slow part: one draw per figure (savefig on a constrained layout draws twice)."""
+    from matplotlib.figure import Figure
+
+    drawn = []
+    real_draw = Figure.draw
+
+    def counting_draw(self, renderer):
+        drawn.append(self)
+        return real_draw(self, renderer)
+
+    monkeypatch.setattr(Figure, "draw", counting_draw)
+    rep.render_figures(report, arrays)
+    assert len(drawn) == len(rep.FIGURES)
+
+
+def test_histogram_is_one_patch_with_numpys_counts():
+    x = np.random.default_rng(0).normal(size=500)
+    bins = np.linspace(-3, 3, 41)
+    fig, (ax,) = rep.new_figure(1)
+    histogram(ax, x, bins, fill=True, color="C0")
+    histogram(ax, x, bins, color="C1")
+    assert len(ax.patches) == 2  # ax.hist would add one bar per bin for the filled one
+    for patch in ax.patches:
+        np.testing.assert_array_equal(patch.get_data().values, np.histogram(x, bins)[0])
+    assert rep.png(fig)[:8] == PNG_MAGIC
