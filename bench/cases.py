@@ -23,19 +23,34 @@ from functools import partial
 import torch
 
 from supanalysis.ops import activation_stats as AS
-from supanalysis.ops import coactivation as CO
-from supanalysis.ops import correlation as CR
-from supanalysis.ops import interference as IF
+from supanalysis.ops.registry import entries
 
 Dims = dict[str, int]
 Calls = dict[str, Callable[[], object]]
 F64 = 8  # bytes
 
 
+def launchers(op: str) -> dict[str, Callable]:
+    """The registered op's launchers by backend (ops/registry.py)."""
+    return dict(entries()[op].implementations)
+
+
+def backend_calls(op: str, *args) -> Calls:
+    """One call per backend of the registered op, and one per named variant ("cuda <name>"),
+    all on the same arguments."""
+    entry = entries()[op]
+    calls: Calls = {b: partial(f, *args) for b, f in entry.implementations.items()}
+    for backend, named in entry.all_variants().items():
+        calls.update({f"{backend} {v}": partial(f, *args) for v, f in named.items()})
+    return calls
+
+
 @dataclass(frozen=True)
 class Op:
+    """One benchmark case of the registered op ``op`` (its entry lists the case in bench_cases)."""
+
     name: str
-    implemented: tuple[str, ...]
+    op: str
     unit: str  # "B", "FLOP" or "incr"
     work: Callable[[Dims, int], float]  # (dims, element size) -> work per call
     mem: Callable[[Dims, int], dict[str, float]]  # baseline -> rough peak temporary bytes
@@ -43,6 +58,10 @@ class Op:
     scale: tuple[str, int]  # baseline cost ~ dims[name] ** power (to estimate from a probe)
     shapes: dict[str, Dims]  # "cpu", "cuda", "quick"
     dtype: torch.dtype | None = None  # fixed dtype (ignores --dtype), else None
+
+    @property
+    def implemented(self) -> tuple[str, ...]:
+        return entries()[self.op].backends
 
 
 @dataclass(frozen=True)
@@ -76,7 +95,7 @@ def stats_user(x: torch.Tensor) -> tuple:
 
 def build_stats(d: Dims, dtype, device) -> Calls:
     x = torch.randn(d["T"], d["n"], device=device).to(dtype)
-    calls: Calls = {b: partial(f, x, 0.0) for b, f in AS.IMPLS.items()}
+    calls = backend_calls("activation_stats", x, 0.0)
     calls["user"] = partial(stats_user, x)
     # One read of the same tensor, timed right beside the backends (after the eager
     # baseline, as they are): the issue's ratio, without the drift between this case and
@@ -89,7 +108,7 @@ def build_stats_sparse(d: Dims, dtype, device) -> Calls:
     T, k, n = d["T"], d["k"], d["n"]
     idx = topk_indices(T, k, n, device)
     val = (torch.rand(T, k, device=device) + 0.1).to(dtype)
-    calls: Calls = {b: partial(f, idx, val, n, 0.0) for b, f in AS.SPARSE_IMPLS.items()}
+    calls = backend_calls("activation_stats_sparse", idx, val, n, 0.0)
     # Densify-then-update, the way a user with a dense kernel would: chunks of ~256 MiB
     # of dense codes, each through the fused dense update (auto backend).
     rows = _chunk_rows(T, n * torch.empty(0, dtype=dtype).element_size())
@@ -117,17 +136,18 @@ def interference_user(W: torch.Tensor) -> tuple:
 def build_interference(d: Dims, dtype, device) -> Calls:
     W = torch.randn(d["n"], d["m"], device=device).to(dtype)
     k = d.get("k", 0)
-    calls: Calls = {b: partial(f, W, None, k, 0) for b, f in IF.IMPLS.items()}
+    impl = launchers("interference")
+    calls = backend_calls("interference", W, None, k, 0)
     if device.type == "cuda" and dtype == torch.float32:  # the opt-in TF32 dot (+ exact rescoring)
-        calls["triton tf32"] = partial(IF.IMPLS["triton"], W, None, k, 0, "tf32")
+        calls["triton tf32"] = partial(impl["triton"], W, None, k, 0, "tf32")
     if device.type == "cuda" and not k:  # symmetric tiles (the default here) against row sweeps
-        calls["triton rows"] = partial(IF.IMPLS["triton"], W, None, k, 0, "ieee", False)
+        calls["triton rows"] = partial(impl["triton"], W, None, k, 0, "ieee", False)
         if dtype in (torch.float16, torch.bfloat16):  # the default 128-wide tiles against 64
-            calls["triton 64"] = partial(IF.IMPLS["triton"], W, None, k, 64)
-        calls["cuda rows"] = partial(IF.IMPLS["cuda"], W, None, k, 0, "ieee", False)
+            calls["triton 64"] = partial(impl["triton"], W, None, k, 64)
+        calls["cuda rows"] = partial(impl["cuda"], W, None, k, 0, "ieee", False)
     if k:  # the cost of top-k: the same op without it is the bare row
         best = "cuda" if device.type == "cuda" else "cpp"
-        calls[f"bare k=0 ({best})"] = partial(IF.IMPLS[best], W, None, 0, 0)
+        calls[f"bare k=0 ({best})"] = partial(impl[best], W, None, 0, 0)
         return calls
     calls["user"] = partial(interference_user, W)
     calls["bare W@W.T"] = lambda: W @ W.T
@@ -142,15 +162,16 @@ def build_cross(d: Dims, dtype, device) -> Calls:
     C = torch.zeros(na, nb, dtype=torch.float64, device=device)
     ma = torch.zeros(na, dtype=torch.float64, device=device)
     mb = torch.zeros(nb, dtype=torch.float64, device=device)
-    calls: Calls = {b: partial(f, C, T, ma, mb, xa, xb) for b, f in CR.UPDATE_IMPLS.items()}
+    impl = launchers("cross_moments_update")
+    calls = backend_calls("cross_moments_update", C, T, ma, mb, xa, xb)
 
     def user():
         a, b = xa.double(), xb.double()
         C.addmm_((a - a.mean(0)).T, b - b.mean(0))
 
     if device.type == "cuda" and dtype != torch.float64:  # opt-in precision "bf16" (tensor cores)
-        calls["triton bf16"] = partial(CR.UPDATE_IMPLS["triton"], C, T, ma, mb, xa, xb, "bf16")
-        calls["cuda bf16"] = partial(CR.UPDATE_IMPLS["cuda"], C, T, ma, mb, xa, xb, "bf16")
+        calls["triton bf16"] = partial(impl["triton"], C, T, ma, mb, xa, xb, "bf16")
+        calls["cuda bf16"] = partial(impl["cuda"], C, T, ma, mb, xa, xb, "bf16")
     calls["user"] = user
     calls["bare xa.T@xb"] = lambda: xa.T @ xb
     return calls
@@ -161,7 +182,7 @@ def build_best_match(d: Dims, dtype, device) -> Calls:
     C = torch.randn(na, nb, dtype=torch.float64, device=device) * 0.3
     ia = torch.rand(na, dtype=torch.float64, device=device) + 0.5
     ib = torch.rand(nb, dtype=torch.float64, device=device) + 0.5
-    calls: Calls = {b: partial(f, C, ia, ib) for b, f in CR.BEST_MATCH_IMPLS.items()}
+    calls = backend_calls("best_match", C, ia, ib)
 
     def user():
         corr = C * ia[:, None] * ib[None, :]
@@ -176,7 +197,7 @@ def build_best_match(d: Dims, dtype, device) -> Calls:
 def build_coact(d: Dims, dtype, device) -> Calls:
     x = torch.randn(d["T"], d["n"], device=device).to(dtype)
     counts = torch.zeros(d["n"], d["n"], dtype=torch.int64, device=device)
-    calls: Calls = {b: partial(f, counts, x, 0.0) for b, f in CO.IMPLS.items()}
+    calls = backend_calls("coactivation_update", counts, x, 0.0)
 
     def user():
         B = (x > 0).float()
@@ -190,7 +211,7 @@ def build_coact_sparse(d: Dims, dtype, device) -> Calls:
     T, k, n = d["T"], d["k"], d["n"]
     idx = topk_indices(T, k, n, device)
     counts = torch.zeros(n, n, dtype=torch.int64, device=device)
-    calls: Calls = {b: partial(f, counts, idx) for b, f in CO.SPARSE_IMPLS.items()}
+    calls = backend_calls("coactivation_update_sparse", counts, idx)
 
     # Densify, then the dense binarised B.T @ B, chunk by chunk of tokens (linear in T);
     # 64 MiB chunks keep one chunk's GEMM within the time budget on a small CPU.
@@ -206,12 +227,12 @@ def build_coact_sparse(d: Dims, dtype, device) -> Calls:
 
 
 # ----------------------------------------------------------------------------- the table
-OPS: dict[str, Op] = {
+OPS: dict[str, Op] = {  # each case's op lists the case in its registry entry's bench_cases
     op.name: op
     for op in (
         Op(
             "stats",
-            AS.IMPLEMENTED,
+            "activation_stats",
             "B",
             work=lambda d, e: d["T"] * d["n"] * e + d["T"] * F64 + 7 * d["n"] * F64,
             mem=lambda d, e: {"reference": 48 * d["T"] * d["n"], "user": 6 * d["T"] * d["n"]},
@@ -225,7 +246,7 @@ OPS: dict[str, Op] = {
         ),
         Op(
             "stats_sparse",
-            AS.IMPLEMENTED,
+            "activation_stats_sparse",
             "B",
             work=lambda d, e: d["T"] * d["k"] * (F64 + e) + d["T"] * F64 + 7 * d["n"] * F64,
             mem=lambda d, e: {"reference": 56 * d["T"] * d["n"], "user": 2 * (256 << 20)},
@@ -239,7 +260,7 @@ OPS: dict[str, Op] = {
         ),
         Op(
             "interference",
-            IF.IMPLEMENTED,
+            "interference",
             "FLOP",
             work=lambda d, e: 2 * d["n"] ** 2 * d["m"],
             mem=lambda d, e: {
@@ -257,7 +278,7 @@ OPS: dict[str, Op] = {
         ),
         Op(
             "interference_topk",
-            IF.IMPLEMENTED,
+            "interference",
             "FLOP",
             work=lambda d, e: 2 * d["n"] ** 2 * d["m"],
             mem=lambda d, e: {"reference": 3 * F64 * d["n"] * d["m"] + 6 * F64 * 1024 * d["n"]},
@@ -271,7 +292,7 @@ OPS: dict[str, Op] = {
         ),
         Op(
             "cross",
-            CR.IMPLEMENTED,
+            "cross_moments_update",
             "FLOP",
             work=lambda d, e: 2 * d["T"] * d["n_a"] * d["n_b"],
             mem=lambda d, e: {
@@ -289,7 +310,7 @@ OPS: dict[str, Op] = {
         ),
         Op(
             "best_match",
-            CR.IMPLEMENTED,
+            "best_match",
             "B",
             work=lambda d, e: F64 * d["n_a"] * d["n_b"] + 3 * F64 * (d["n_a"] + d["n_b"]),
             mem=lambda d, e: {
@@ -307,7 +328,7 @@ OPS: dict[str, Op] = {
         ),
         Op(
             "coact",
-            CO.IMPLEMENTED,
+            "coactivation_update",
             "FLOP",
             work=lambda d, e: 2 * d["T"] * d["n"] ** 2,
             mem=lambda d, e: {
@@ -324,7 +345,7 @@ OPS: dict[str, Op] = {
         ),
         Op(
             "coact_sparse",
-            CO.IMPLEMENTED,
+            "coactivation_update_sparse",
             "incr",
             work=lambda d, e: d["T"] * d["k"] ** 2,
             mem=lambda d, e: {

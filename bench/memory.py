@@ -17,7 +17,7 @@ from pathlib import Path
 
 import torch
 
-from supanalysis.ops import interference as IF
+from supanalysis.ops.interference import ENTRY as INTERFERENCE
 
 
 def _status_kib(field: str) -> int:
@@ -59,10 +59,10 @@ def main(argv: list[str] | None = None) -> int:
     dtype = getattr(torch, args.dtype)
     backend = args.backend or ("cuda" if dev.type == "cuda" else "cpp")
     W = torch.randn(args.n, args.m, device=dev, dtype=dtype)
-    IF.IMPLS[backend](W[:64], None, args.topk, 0)  # warm-up: one-time allocations, thread pools, JIT
+    INTERFERENCE.implementation(backend)(W[:64], None, args.topk, 0)  # warm-up: one-time allocations, thread pools, JIT
     nn_bytes = args.n * args.n * W.element_size()
     t0 = time.perf_counter()
-    extra = peak_extra_bytes(lambda: IF.IMPLS[backend](W, None, args.topk, 0), dev)
+    extra = peak_extra_bytes(lambda: INTERFERENCE.implementation(backend)(W, None, args.topk, 0), dev)
     seconds = time.perf_counter() - t0  # one call, synchronised (wall clock, not a median)
     print(
         f"interference {backend} n={args.n:,} m={args.m} topk={args.topk} {args.dtype} on {dev}: "

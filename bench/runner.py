@@ -20,7 +20,8 @@ from bench.report import Row
 from bench.timing import median_time, once
 from supanalysis import dispatch
 from supanalysis._backend import BACKENDS, available_backends, backend_status
-from supanalysis.accumulators._state import atomic_write
+from supanalysis.durable import write_text
+from supanalysis.ops.registry import entries
 
 ROOT = Path(__file__).resolve().parents[1]
 SIXTEEN_BIT = (torch.float16, torch.bfloat16)
@@ -361,31 +362,41 @@ NOTES = [
 
 
 # ----------------------------------------------------------------------------- dispatch
-# Bench cases -> the op names `auto` resolves (interference_topk times the same op as
-# interference with top-k; its choice is interference's).
-DISPATCH_OP = {
-    "stats": "activation_stats",
-    "stats_sparse": "activation_stats_sparse",
-    "interference": "interference",
-    "cross": "cross_moments_update",
-    "best_match": "best_match",
-    "coact": "coactivation_update",
-    "coact_sparse": "coactivation_update_sparse",
-}
+def dispatch_ops() -> dict[str, str]:
+    """Bench case -> the registered op whose ``auto`` choice it measures (each registry
+    entry's bench_cases; interference_topk times the same op as interference with top-k,
+    and its choice is interference's, so that entry lists interference first)."""
+    out: dict[str, str] = {}
+    for entry in entries().values():
+        out.update({case: entry.name for case in entry.bench_cases[:1]})
+    return out
+
+
+DISPATCH_OP = dispatch_ops()
 
 
 def dispatch_choices(rows: list[Row], device: torch.device, source: str) -> list[dispatch.Choice]:
     """The fastest backend of every (op, dtype) where two or more backends were timed."""
     timed: dict[tuple[str, str, str], dict[str, float]] = {}
     for r in rows:
-        if r.op in DISPATCH_OP and r.seconds and r.backend in BACKENDS:
+        if r.op in DISPATCH_OP and r.seconds and _launcher(DISPATCH_OP[r.op], r.backend):
             timed.setdefault((DISPATCH_OP[r.op], r.dtype, r.shape), {})[r.backend] = r.seconds
     label = dispatch.device_label(device)
-    return [
-        dispatch.Choice(op, label, dt, min(secs, key=secs.__getitem__), secs, shape, source)
-        for (op, dt, shape), secs in sorted(timed.items())
-        if len(secs) >= 2
-    ]
+    out = []
+    for (op, dt, shape), secs in sorted(timed.items()):
+        if len(secs) < 2:
+            continue
+        backend, _, variant = min(secs, key=secs.__getitem__).partition(" ")
+        out.append(dispatch.Choice(op, label, dt, backend, secs, shape, source, variant))
+    return out
+
+
+def _launcher(op: str, row: str) -> bool:
+    """A row that times a backend of ``op`` or one of its registered variants ("cuda <name>")."""
+    backend, _, variant = row.partition(" ")
+    if backend not in BACKENDS:
+        return False
+    return not variant or variant in entries()[op].all_variants().get(backend, {})
 
 
 # ----------------------------------------------------------------------------- main
@@ -434,9 +445,7 @@ def run(args: argparse.Namespace, progress: Progress | None = None) -> tuple[dic
 def save(args: argparse.Namespace, h: dict, rows: list[Row], notes: list[str], final: bool = False) -> None:
     """Write the files asked for (atomically: a reader never sees half a table)."""
 
-    def write(path: Path, text: str) -> None:
-        atomic_write(path, lambda tmp: Path(tmp).write_text(text))
-
+    write = write_text
     if args.markdown:
         write(args.markdown, report.markdown(h, rows, notes))
     if args.json:

@@ -122,7 +122,7 @@ def _round_to_bf16(x):
 
 
 @triton.jit
-def _centre_kernel(
+def _center_kernel(
     out_ptr,  # [T, n] contiguous: bfloat16, or float32 holding bfloat16 values (ROUND_BF16)
     x_ptr,  # [T, n]
     m_ptr,  # [n] float32 mean (the float64 mean's leading part) ...
@@ -174,7 +174,7 @@ def _cross_moments_update_kernel(
     BLOCK_B: tl.constexpr,
     BLOCK_T: tl.constexpr,
     MERGE_T: tl.constexpr,
-    CENTRED: tl.constexpr,  # xa, xb are already centred (the "bf16" path: _centre_kernel)
+    CENTRED: tl.constexpr,  # xa, xb are already centred (the "bf16" path: _center_kernel)
     CORRECT: tl.constexpr,  # add Chan's rank-one correction (once per update)
 ):
     pid_a = tl.program_id(0).to(tl.int64)
@@ -305,7 +305,7 @@ def cross_moments_update_triton(
             (pa, xa[t0 : t0 + rows], ma_hi, ma_lo, na),
             (pb, xb[t0 : t0 + rows], mb_hi, mb_lo, nb),
         ):
-            _centre_kernel[(triton.cdiv(rows, CB_T), triton.cdiv(nx, CB_N))](
+            _center_kernel[(triton.cdiv(rows, CB_T), triton.cdiv(nx, CB_N))](
                 out, x, hi, lo, rows, nx, x.stride(0), x.stride(1),
                 ROUND_BF16=not gpu, BLOCK_T=CB_T, BLOCK_N=CB_N,
             )  # fmt: skip

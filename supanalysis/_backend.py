@@ -20,7 +20,7 @@ import importlib.util
 import logging
 import os
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 
@@ -29,6 +29,7 @@ from . import dispatch
 log = logging.getLogger("supanalysis")
 
 BACKENDS: tuple[str, ...] = ("reference", "cpp", "triton", "cuda")
+NATIVE = "supanalysis._C"  # the compiled extension: C++ and CUDA launchers, for lazy()
 _VALID_CHOICES = ("auto", *BACKENDS)
 
 
@@ -44,11 +45,13 @@ class BackendStatus:
     available: bool
     devices: tuple[str, ...]
     reason: str
+    variants: tuple[str, ...] = ()  # "op:variant" launchers of this backend (ops/registry.py)
 
     def __str__(self) -> str:
         where = ",".join(self.devices) if self.devices else "-"
         state = "available" if self.available else "unavailable"
-        return f"{self.name:<10} {state:<12} devices={where:<9} {self.reason}"
+        extra = f" variants={','.join(self.variants)}" if self.variants else ""
+        return f"{self.name:<10} {state:<12} devices={where:<9} {self.reason}{extra}"
 
 
 _native_error: str | None = None
@@ -92,8 +95,34 @@ def _kernels_importable() -> bool:
     return importlib.util.find_spec("supanalysis.kernels") is not None
 
 
+def backends() -> dict[str, BackendStatus]:
+    """Every backend with whether it can run here, on which devices, why not, and the named
+    variants of the registered ops it offers."""
+    from .ops.registry import variant_names  # the registry imports this module
+
+    named = variant_names()
+    return {k: replace(v, variants=named.get(k, ())) for k, v in backend_status().items()}
+
+
+def _status_key() -> tuple[str, str]:
+    return (os.environ.get("TRITON_INTERPRET", "0"), os.environ.get("SUPANALYSIS_BACKEND", ""))
+
+
+_status_cache: dict[tuple[str, str], dict[str, BackendStatus]] = {}
+
+
+def cached_status() -> dict[str, BackendStatus]:
+    """:func:`backend_status`, computed once per process and environment (TRITON_INTERPRET,
+    SUPANALYSIS_BACKEND): ``resolve`` runs on every op call."""
+    key = _status_key()
+    if key not in _status_cache:
+        _status_cache.clear()
+        _status_cache[key] = backend_status()
+    return _status_cache[key]
+
+
 def backend_status() -> dict[str, BackendStatus]:
-    """Availability of every backend; see :func:`supanalysis.backends`."""
+    """Availability of every backend, computed afresh; see :func:`backends`."""
     cuda_dev = torch.cuda.is_available()
     ext = native()
     out: dict[str, BackendStatus] = {
@@ -156,7 +185,7 @@ def resolve(
     order ``auto`` tries them in when the dispatch table has no measurement.
     """
     choice = requested_backend(backend)
-    status = backend_status()
+    status = cached_status()
     dev = device.type
 
     def usable(name: str) -> str | None:
@@ -193,7 +222,7 @@ def resolve(
 def available_backends(op_implemented: Sequence[str], device: str | torch.device) -> list[str]:
     """Backends of an op that can run on ``device`` here (for tests and benchmarks)."""
     dev = torch.device(device).type
-    status = backend_status()
+    status = cached_status()
     return [b for b in op_implemented if status[b].available and dev in status[b].devices]
 
 

@@ -23,6 +23,8 @@ from pathlib import Path
 
 import torch
 
+from .durable import write_text
+
 SCHEMA = 1
 SHIPPED = Path(__file__).with_name("dispatch.json")
 ENV = "SUPANALYSIS_DISPATCH"
@@ -40,6 +42,7 @@ class Choice:
     seconds: dict[str, float] = field(default_factory=dict)  # every backend timed
     shape: str = ""
     source: str = ""  # device name, commit and date of the bench run
+    variant: str = ""  # a named launcher of ``backend`` (ops/registry.py), "" for the default
 
     @property
     def key(self) -> tuple[str, str, str]:
@@ -73,6 +76,7 @@ def _parse(raw: object, where: str) -> dict[tuple[str, str, str], Choice]:
                 seconds={str(k): float(v) for k, v in dict(c.get("seconds", {})).items()},
                 shape=str(c.get("shape", "")),
                 source=str(c.get("source", "")),
+                variant=str(c.get("variant", "")),
             )
         except (KeyError, TypeError, ValueError) as exc:
             raise ValueError(f"{where}: choice {i} is malformed ({exc})") from exc
@@ -109,10 +113,20 @@ def table() -> dict[tuple[str, str, str], Choice]:
 
 def measured_choice(op: str, device: torch.device, dtype: torch.dtype | None) -> str | None:
     """The backend the benchmark found fastest for this op, device and dtype, if measured."""
+    c = _lookup(op, device, dtype)
+    return c.backend if c is not None else None
+
+
+def measured_variant(op: str, device: torch.device, dtype: torch.dtype | None) -> str:
+    """The named variant of the measured backend, "" when the table names none."""
+    c = _lookup(op, device, dtype)
+    return c.variant if c is not None else ""
+
+
+def _lookup(op: str, device: torch.device, dtype: torch.dtype | None) -> Choice | None:
     if dtype is None:
         return None
-    c = _load(str(table_path())).get((op, device_label(device), dtype_label(dtype)))
-    return c.backend if c is not None else None
+    return _load(str(table_path())).get((op, device_label(device), dtype_label(dtype)))
 
 
 def write(path: Path, choices: Iterable[Choice]) -> list[Choice]:
@@ -126,10 +140,8 @@ def write(path: Path, choices: Iterable[Choice]) -> list[Choice]:
     doc = {
         "schema": SCHEMA,
         "about": "Fastest backend per (op, device, dtype), written by `python -m bench --write-dispatch`.",
-        "choices": [asdict(c) for c in ordered],
+        "choices": [{k: v for k, v in asdict(c).items() if k != "variant" or v} for c in ordered],
     }
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(doc, indent=2) + "\n")
-    os.replace(tmp, path)
+    write_text(path, json.dumps(doc, indent=2) + "\n")
     _load.cache_clear()
     return ordered

@@ -12,6 +12,8 @@ import supanalysis as sa
 from supanalysis import _backend
 from supanalysis.ops import activation_stats as stats_op
 
+STATS = (stats_op.DENSE.backends, stats_op.DENSE.preferred)  # (implemented, preferred) for resolve
+
 
 def test_cpp_extension_loaded_when_required():
     # CI sets SUPANALYSIS_REQUIRE_CPP=1: a silent fallback to the reference must fail it.
@@ -27,7 +29,7 @@ def test_cpp_extension_loaded_when_required():
 _SMALL_TEAM = """
 import torch
 from supanalysis.ops.activation_stats import activation_stats_cpu
-from supanalysis.ops.correlation import best_match_cpu, best_match_reference
+from supanalysis.ops.best_match import best_match_cpu, best_match_reference
 torch.set_num_threads(2)
 assert activation_stats_cpu(torch.randn(512, 4), 0.0)[0].tolist() == [512] * 4
 C, ones = torch.randn(8, 5, dtype=torch.float64), torch.ones(8, dtype=torch.float64)
@@ -61,18 +63,12 @@ def test_backends_reports_every_backend():
 def test_explicit_backend_wins_over_env(monkeypatch):
     monkeypatch.setenv("SUPANALYSIS_BACKEND", "cpp")
     x = torch.randn(10, 3)
-    assert (
-        _backend.resolve("activation_stats", x.device, "reference", stats_op.IMPLEMENTED, stats_op.PREFERRED)
-        == "reference"
-    )
+    assert _backend.resolve("activation_stats", x.device, "reference", *STATS) == "reference"
 
 
 def test_env_backend_used(monkeypatch):
     monkeypatch.setenv("SUPANALYSIS_BACKEND", "reference")
-    assert (
-        _backend.resolve("activation_stats", torch.device("cpu"), None, stats_op.IMPLEMENTED, stats_op.PREFERRED)
-        == "reference"
-    )
+    assert _backend.resolve("activation_stats", torch.device("cpu"), None, *STATS) == "reference"
 
 
 def test_unknown_backend_name_raises(monkeypatch):
@@ -94,7 +90,7 @@ def test_triton_on_cpu_needs_interpreter(monkeypatch):
         pytest.skip("triton not installed")
     monkeypatch.setenv("TRITON_INTERPRET", "0")
     with pytest.raises(sa.BackendUnavailable, match="triton"):
-        _backend.resolve("activation_stats", torch.device("cpu"), "triton", stats_op.IMPLEMENTED, stats_op.PREFERRED)
+        _backend.resolve("activation_stats", torch.device("cpu"), "triton", *STATS)
 
 
 def test_auto_falls_back_and_logs_once(monkeypatch, caplog):
@@ -112,10 +108,7 @@ def test_auto_falls_back_and_logs_once(monkeypatch, caplog):
 def test_auto_prefers_cpp_on_cpu():
     if not sa.backends()["cpp"].available:
         pytest.skip("C++ extension not built")
-    assert (
-        _backend.resolve("activation_stats", torch.device("cpu"), "auto", stats_op.IMPLEMENTED, stats_op.PREFERRED)
-        == "cpp"
-    )
+    assert _backend.resolve("activation_stats", torch.device("cpu"), "auto", *STATS) == "cpp"
 
 
 def test_info_cli_prints_backends(capsys):

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import sys
+import types
 
 import pytest
 import torch
@@ -22,7 +24,7 @@ def write_table(path, choices):
 
 
 def pick(dtype, backend=None):
-    return resolve("activation_stats", CPU, backend, AS.IMPLEMENTED, AS.PREFERRED, dtype)
+    return resolve("activation_stats", CPU, backend, AS.DENSE.backends, AS.DENSE.preferred, dtype)
 
 
 def test_shipped_table_is_valid():
@@ -105,3 +107,17 @@ def test_bench_choices_and_merged_write(tmp_path):
     merged = dispatch.write(path, [newer])
     assert [(c.op, c.backend) for c in merged] == [("activation_stats", "cuda"), ("interference", "cuda")]
     assert json.loads(path.read_text())["schema"] == 1
+
+
+def test_a_registered_variant_can_win_and_is_recorded_by_name(tmp_path, monkeypatch):
+    mod = types.ModuleType("supanalysis.ops.cuda_variants")
+    mod.VARIANTS = {"activation_stats": {"fast": lambda x, threshold: None}}
+    monkeypatch.setitem(sys.modules, mod.__name__, mod)
+    rows = [row("stats", "cuda", 3.0), row("stats", "cuda fast", 1.0), row("stats", "cuda slow", 0.5)]
+    (got,) = dispatch_choices(rows, CPU, "test run")
+    assert (got.backend, got.variant) == ("cuda", "fast")  # "cuda slow" is no registered variant
+    assert got.seconds == {"cuda": 3.0, "cuda fast": 1.0}
+    path = dispatch.write(tmp_path / "d.json", [got]) and tmp_path / "d.json"
+    monkeypatch.setenv(dispatch.ENV, str(path))
+    assert dispatch.measured_variant("activation_stats", CPU, torch.bfloat16) == "fast"
+    assert dispatch.measured_variant("activation_stats", CPU, torch.float32) == ""

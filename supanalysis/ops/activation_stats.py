@@ -24,21 +24,24 @@ from typing import NamedTuple
 
 import torch
 
-from .._backend import lazy, native, resolve
+from .._backend import NATIVE, lazy
 from ._common import (
     check_float,
     check_index,
+    check_index_bounds,
     check_indices_range,
     check_rank,
     check_same_device,
+    check_threshold,
     flatten_tokens,
+    plant_special,
 )
-
-IMPLEMENTED = ("reference", "cpp", "triton", "cuda")
-PREFERRED = {"cpu": ("cpp",), "cuda": ("cuda", "triton")}
+from .registry import Example, entry_from, fake_like, register
 
 
 class StatsBatch(NamedTuple):
+    """One batch's statistics (shapes in the module docstring), float64 / int64."""
+
     finite_count: torch.Tensor
     fire_count: torch.Tensor
     mean: torch.Tensor
@@ -93,77 +96,73 @@ def activation_stats_sparse_reference(
 
 
 # ----------------------------------------------------------------------------- native
-def activation_stats_cpu(x: torch.Tensor, threshold: float) -> list[torch.Tensor]:
-    return native().activation_stats_cpu(x, float(threshold))
+activation_stats_cpu = lazy(NATIVE, "activation_stats_cpu")
 
+activation_stats_sparse_cpu = lazy(NATIVE, "activation_stats_sparse_cpu")
 
-def activation_stats_sparse_cpu(
-    indices: torch.Tensor, values: torch.Tensor, n: int, threshold: float
-) -> list[torch.Tensor]:
-    return native().activation_stats_sparse_cpu(indices, values, int(n), float(threshold))
+activation_stats_cuda = lazy(NATIVE, "activation_stats_cuda")
 
-
-def activation_stats_cuda(x: torch.Tensor, threshold: float) -> list[torch.Tensor]:
-    return native().activation_stats_cuda(x, float(threshold))
-
-
-def activation_stats_sparse_cuda(
-    indices: torch.Tensor, values: torch.Tensor, n: int, threshold: float
-) -> list[torch.Tensor]:
-    return native().activation_stats_sparse_cuda(indices, values, int(n), float(threshold))
-
+activation_stats_sparse_cuda = lazy(NATIVE, "activation_stats_sparse_cuda")
 
 activation_stats_triton = lazy("supanalysis.kernels.activation_stats", "activation_stats_triton")
 activation_stats_sparse_triton = lazy("supanalysis.kernels.activation_stats", "activation_stats_sparse_triton")
 
-IMPLS = {
-    "reference": activation_stats_reference,
-    "cpp": activation_stats_cpu,
-    "triton": activation_stats_triton,
-    "cuda": activation_stats_cuda,
-}
-SPARSE_IMPLS = {
-    "reference": activation_stats_sparse_reference,
-    "cpp": activation_stats_sparse_cpu,
-    "triton": activation_stats_sparse_triton,
-    "cuda": activation_stats_sparse_cuda,
-}
-
 
 # ----------------------------------------------------------------------------- registration
 def _fake_outputs(like: torch.Tensor, n: int, T: int) -> list[torch.Tensor]:
-    i64 = dict(dtype=torch.int64, device=like.device)
-    f64 = dict(dtype=torch.float64, device=like.device)
-    return [
-        like.new_empty(n, **i64),
-        like.new_empty(n, **i64),
-        *(like.new_empty(n, **f64) for _ in range(5)),
-        like.new_empty(T, **i64),
-    ]
+    i64, f64 = torch.int64, torch.float64
+    return fake_like(like, (i64, n), (i64, n), *[(f64, n)] * 5, (i64, T))
 
 
-@torch.library.custom_op("supanalysis::activation_stats", mutates_args=())
-def _activation_stats_op(x: torch.Tensor, threshold: float, backend: str) -> list[torch.Tensor]:
-    name = resolve("activation_stats", x.device, backend or None, IMPLEMENTED, PREFERRED, x.dtype)
-    return list(IMPLS[name](x, threshold))
+def _activation_stats_check(backend: str, x: torch.Tensor, threshold: float) -> None:
+    check_rank("x", x, 2, "[tokens, features]")
+    check_threshold("threshold", threshold)
 
 
-@_activation_stats_op.register_fake
-def _(x, threshold, backend):
+def _activation_stats_sparse_check(
+    backend: str, indices: torch.Tensor, values: torch.Tensor, n: int, threshold: float
+) -> None:
+    check_threshold("threshold", threshold)
+    if n < 0:
+        raise ValueError(f"n must be >= 0, got {n}")
+    check_rank("indices", indices, 2, "[tokens, k]")
+    if values.shape != indices.shape:
+        raise ValueError(f"values must have the shape of indices {tuple(indices.shape)}, got {tuple(values.shape)}")
+    check_index_bounds("indices", indices, n)
+
+
+def _activation_stats_example(e: Example) -> tuple:
+    x = torch.randn(e.T, e.n, generator=e.generator()).to(e.dtype)
+    return plant_special(x, e.special).to(e.device), 0.0
+
+
+def _activation_stats_sparse_example(e: Example) -> tuple:
+    k = min(e.k, e.n)
+    g = e.generator()
+    idx = torch.stack([torch.randperm(e.n, generator=g)[:k] for _ in range(e.T)]) if e.T else torch.zeros(0, k)
+    idx = idx.long()
+    if e.bad_index is not None and idx.numel():
+        idx = idx.long() if abs(e.bad_index) >= 2**31 else idx
+        idx.view(-1)[0] = e.bad_index
+    val = plant_special(torch.rand(e.T, k, generator=g).to(e.dtype), e.special)
+    return idx.to(e.device), val.to(e.device), e.n, 0.0
+
+
+def _activation_stats_fake(x, threshold, backend):
     return _fake_outputs(x, x.shape[1], x.shape[0])
 
 
-@torch.library.custom_op("supanalysis::activation_stats_sparse", mutates_args=())
-def _activation_stats_sparse_op(
-    indices: torch.Tensor, values: torch.Tensor, n: int, threshold: float, backend: str
-) -> list[torch.Tensor]:
-    name = resolve("activation_stats_sparse", indices.device, backend or None, IMPLEMENTED, PREFERRED, values.dtype)
-    return list(SPARSE_IMPLS[name](indices, values, n, threshold))
-
-
-@_activation_stats_sparse_op.register_fake
-def _(indices, values, n, threshold, backend):
+def _activation_stats_sparse_fake(indices, values, n, threshold, backend):
     return _fake_outputs(values, n, indices.shape[0])
+
+
+_DENSE_SCHEMA = "(Tensor x, float threshold, str backend) -> Tensor[]"
+_SPARSE_SCHEMA = "(Tensor indices, Tensor values, int n, float threshold, str backend) -> Tensor[]"
+
+DENSE = register(entry_from(globals(), "activation_stats", _DENSE_SCHEMA, "x", bench_cases=("stats",)))
+SPARSE = register(
+    entry_from(globals(), "activation_stats_sparse", _SPARSE_SCHEMA, "values", bench_cases=("stats_sparse",))
+)
 
 
 # ----------------------------------------------------------------------------- public
@@ -176,8 +175,9 @@ def activation_stats(x: torch.Tensor, threshold: float = 0.0, backend: str | Non
     check_float("x", x)
     if x.dim() == 0:
         raise ValueError("x must have a feature dimension, got a scalar")
+    threshold = check_threshold("threshold", threshold)
     x2 = flatten_tokens(x)
-    return StatsBatch(*torch.ops.supanalysis.activation_stats(x2, float(threshold), backend or ""))
+    return StatsBatch(*torch.ops.supanalysis.activation_stats(x2, threshold, backend or ""))
 
 
 def check_sparse_codes(
@@ -208,8 +208,9 @@ def activation_stats_sparse(
     """
     if not validated:
         check_sparse_codes(indices, values, n)
+    threshold = check_threshold("threshold", threshold)
     return StatsBatch(
         *torch.ops.supanalysis.activation_stats_sparse(
-            indices.contiguous(), values.contiguous(), int(n), float(threshold), backend or ""
+            indices.contiguous(), values.contiguous(), int(n), threshold, backend or ""
         )
     )

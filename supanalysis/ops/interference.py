@@ -23,11 +23,10 @@ from dataclasses import dataclass
 
 import torch
 
-from .._backend import lazy, native, resolve
-from ._common import check_float, check_rank, check_same_device
+from .._backend import lazy, native
+from ._common import check_float, check_rank, check_same_device, clamp_topk, plant_special
+from .registry import Example, entry_from, fake_like, register
 
-IMPLEMENTED = ("reference", "cpp", "triton", "cuda")
-PREFERRED = {"cpu": ("cpp",), "cuda": ("cuda", "triton")}
 PRECISIONS = ("ieee", "tf32")
 DEFAULT_MAX_BYTES = 1 << 30  # dense interference_matrix refuses beyond 1 GiB
 
@@ -155,37 +154,48 @@ def interference_cuda(
 
 interference_triton = lazy("supanalysis.kernels.interference", "interference_triton")
 
-IMPLS = {
-    "reference": interference_reference,
-    "cpp": interference_cpu,
-    "triton": interference_triton,
-    "cuda": interference_cuda,
-}
+
+# ----------------------------------------------------------------------------- registration
+def _interference_fake(W, V, topk, block, backend, precision):
+    n, f64, i64 = W.shape[0], torch.float64, torch.int64
+    dims = n if V is None else 0
+    return fake_like(
+        W, (f64, n), (f64, n), (f64, n), (f64, dims), (f64, n), (i64, n), (f64, (n, topk)), (i64, (n, topk))
+    )
 
 
-@torch.library.custom_op("supanalysis::interference", mutates_args=())
-def _interference_op(
-    W: torch.Tensor, V: torch.Tensor | None, topk: int, block: int, backend: str, precision: str
-) -> list[torch.Tensor]:
-    name = resolve("interference", W.device, backend or None, IMPLEMENTED, PREFERRED, W.dtype)
-    return list(IMPLS[name](W, V, topk, block, precision))
+def _interference_check(
+    backend: str, W: torch.Tensor, V: torch.Tensor | None, topk: int, block: int, precision: str
+) -> None:
+    if precision not in PRECISIONS:
+        raise ValueError(f"precision must be one of {PRECISIONS}, got {precision!r}")
+    _check_directions("W", W)
+    if V is not None:
+        _check_directions("V", V)
+        if V.shape[1] != W.shape[1]:
+            raise ValueError(f"V must have W's dim m={W.shape[1]}, got shape {tuple(V.shape)}")
+        check_same_device(W=W, V=V)
+    partners = W.shape[0] - 1 if V is None else V.shape[0]
+    if topk != clamp_topk(topk, partners):
+        raise ValueError(f"topk must be in [0, {max(partners, 0)}] (the partners a row has), got {topk}")
+    if block < 0:
+        raise ValueError(f"block must be >= 0, got {block}")
 
 
-@_interference_op.register_fake
-def _(W, V, topk, block, backend, precision):
-    n = W.shape[0]
-    f64 = dict(dtype=torch.float64, device=W.device)
-    i64 = dict(dtype=torch.int64, device=W.device)
-    return [
-        W.new_empty(n, **f64),
-        W.new_empty(n, **f64),
-        W.new_empty(n, **f64),
-        W.new_empty(n if V is None else 0, **f64),
-        W.new_empty(n, **f64),
-        W.new_empty(n, **i64),
-        W.new_empty(n, topk, **f64),
-        W.new_empty(n, topk, **i64),
-    ]
+def _interference_example(e: Example) -> tuple:
+    g = e.generator()
+    m = e.k + 3  # in one or two dimensions every pair ties in |cos|
+    W = plant_special(torch.randn(e.n, m, generator=g).to(e.dtype), e.special)
+    V = torch.randn(e.T, m, generator=g).to(e.dtype) if e.T % 2 else None
+    topk = min(2, e.n - 1 if V is None else V.shape[0])
+    return W.to(e.device), None if V is None else V.to(e.device), max(topk, 0), 0, "ieee"
+
+
+# Directions must be finite: every special value is refused.
+_CASES = {"bench_cases": ("interference", "interference_topk"), "special_values": ()}
+_SCHEMA = "(Tensor W, Tensor? V, int topk, int block, str backend, str precision) -> Tensor[]"
+
+ENTRY = register(entry_from(globals(), "interference", _SCHEMA, "W", **_CASES))
 
 
 # ----------------------------------------------------------------------------- public
@@ -194,6 +204,11 @@ def _check_directions(name: str, X: torch.Tensor) -> None:
     check_rank(name, X, 2, "[features, dim]")
     if X.numel() and not bool(torch.isfinite(X).all()):
         raise ValueError(f"{name} contains non-finite values (NaN or Inf); directions must be finite")
+
+
+def _check_rank_only(name: str, X: torch.Tensor) -> None:
+    check_float(name, X)
+    check_rank(name, X, 2, "[features, dim]")
 
 
 def interference(
@@ -208,6 +223,7 @@ def interference(
     """Interference of feature directions. W: (n, m); V: (k, m) or None; see module doc.
 
     ``block`` sets the tile edge (0 = the backend's default); memory stays O(block * n).
+    ``topk`` is clamped to the partners a row has (n - 1, or k with V).
     ``precision="tf32"`` (opt-in, float32 inputs, Triton backend on a GPU) multiplies on
     TF32 tensor cores: max_abs_cos, argmax and top-k stay exact (candidates are rescored in
     float64), the sums (sq_interference, sq_cos, dims) carry ~1e-3 relative error. Other
@@ -215,16 +231,10 @@ def interference(
     """
     if precision not in PRECISIONS:
         raise ValueError(f"precision must be one of {PRECISIONS}, got {precision!r}")
-    _check_directions("W", W)
+    _check_rank_only("W", W)  # the rest is checked at the op boundary (_check)
     if V is not None:
-        _check_directions("V", V)
-        if V.shape[1] != W.shape[1]:
-            raise ValueError(f"V must have W's dim m={W.shape[1]}, got shape {tuple(V.shape)}")
-        check_same_device(W=W, V=V)
-    if not isinstance(topk, int) or topk < 0:
-        raise ValueError(f"topk must be a non-negative int, got {topk!r}")
-    if block < 0:
-        raise ValueError(f"block must be >= 0, got {block}")
+        _check_rank_only("V", V)
+    topk = clamp_topk(topk, W.shape[0] - 1 if V is None else V.shape[0])
     out = torch.ops.supanalysis.interference(W, V, topk, block, backend or "", precision)
     norms, sq, sqcos, dims, maxabs, argmax, tk_cos, tk_idx = out
     return InterferenceResult(

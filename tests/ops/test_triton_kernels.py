@@ -17,11 +17,12 @@ from supanalysis.ops.activation_stats import (
     activation_stats_reference,
     activation_stats_sparse_reference,
 )
+from supanalysis.ops.best_match import best_match_reference
 from supanalysis.ops.coactivation import (
     coactivation_update_reference,
     coactivation_update_sparse_reference,
 )
-from supanalysis.ops.correlation import best_match_reference, cross_moments_update_reference
+from supanalysis.ops.cross_moments import cross_moments_update_reference
 from supanalysis.ops.interference import interference_reference
 
 pytest.importorskip("triton")

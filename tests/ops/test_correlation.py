@@ -72,7 +72,7 @@ def test_streaming_matches_numpy(backend_device, T, na, nb):
 
 def test_best_match_ops_agree_on_ties(backend_device):
     backend, device = backend_device
-    from supanalysis.ops.correlation import best_match, best_match_reference
+    from supanalysis.ops.best_match import best_match, best_match_reference
 
     C = torch.tensor([[1.0, 1.0, 0.5], [0.2, 0.2, 0.2], [-1.0, 0.0, 0.0]], dtype=torch.float64)
     ia = torch.tensor([1.0, 1.0, 0.0], dtype=torch.float64)
@@ -92,7 +92,7 @@ def test_best_match_equals_reference_with_constant_features_and_ties(backend_dev
     duplicated rows and columns (exact ties: the first index wins), every output exactly the
     float64 reference's, which computes the same products."""
     backend, device = backend_device
-    from supanalysis.ops.correlation import best_match, best_match_reference
+    from supanalysis.ops.best_match import best_match, best_match_reference
 
     if interpreting(backend, device):
         na, nb = min(na, 40), min(nb, 70)
@@ -248,7 +248,7 @@ def test_bf16_dot_on_gpu_within_bfloat16_rounding(backend, dtype):
     """precision "bf16" on the GPU's tensor cores: centred values rounded to bfloat16 cost
     ~2^-9 relative each, so the co-moment stays within a few 2^-9 of the exact one (in units
     of sum |ca||cb|), and a planted best match survives."""
-    from supanalysis.ops.correlation import UPDATE_IMPLS
+    from supanalysis.ops.cross_moments import ENTRY
 
     g = torch.Generator().manual_seed(7)
     T, na, nb = 3000, 150, 70
@@ -261,7 +261,7 @@ def test_bf16_dot_on_gpu_within_bfloat16_rounding(backend, dtype):
     exact, scale = ca.T @ cb, ca.abs().T @ cb.abs()
     zeros = lambda n: torch.zeros(n, dtype=torch.float64, device="cuda")  # noqa: E731
     C = torch.zeros(na, nb, dtype=torch.float64, device="cuda")
-    UPDATE_IMPLS[backend](C, 0, zeros(na), zeros(nb), xa.cuda(), xb.cuda(), "bf16")
+    ENTRY.implementation(backend)(C, 0, zeros(na), zeros(nb), xa.cuda(), xb.cuda(), "bf16")
     err = ((C.cpu() - exact).abs() / scale).max().item()
     assert err < 4 * 2**-9, err
     corr = C.cpu() / torch.outer(ca.norm(dim=0), cb.norm(dim=0))
@@ -286,7 +286,7 @@ def test_bf16_precision_multiplies_the_rounded_values(backend_device, dtype, T, 
     """Every backend's "bf16" update multiplies exactly the bfloat16-rounded centred values:
     it matches the float64 product of those values to float32 summation error, and it is
     measurably not the "ieee" update (the test fails if the rounding is skipped)."""
-    from supanalysis.ops.correlation import UPDATE_IMPLS, cross_moments_update_reference
+    from supanalysis.ops.cross_moments import ENTRY, cross_moments_update_reference
 
     backend, device = backend_device
     xa, xb = _bf16_case(11, dtype, T, na, nb)
@@ -299,7 +299,7 @@ def test_bf16_precision_multiplies_the_rounded_values(backend_device, dtype, T, 
     scale = (a - a.mean(0)).abs().T @ (b - b.mean(0)).abs()
     C = torch.zeros(na, nb, dtype=torch.float64, device=device)
     zd = lambda n: torch.zeros(n, dtype=torch.float64, device=device)  # noqa: E731
-    UPDATE_IMPLS[backend](C, 0, zd(na), zd(nb), xa.to(device), xb.to(device), "bf16")
+    ENTRY.implementation(backend)(C, 0, zd(na), zd(nb), xa.to(device), xb.to(device), "bf16")
     err = ((C.cpu() - want).abs() / scale).max().item()
     rounding = ((exact - want).abs() / scale).max().item()
     assert err < 2e-6, err  # measured: 5e-8 (cpp, Triton interpreter)
@@ -329,7 +329,7 @@ def test_bf16_cross_correlation_keeps_the_best_match(backend_device):
 
 
 def test_precision_bad_values_refused_and_state_kept(tmp_path):
-    from supanalysis.ops.correlation import cross_moments_update
+    from supanalysis.ops.cross_moments import cross_moments_update
 
     with pytest.raises(ValueError, match="precision"):
         sa.CrossCorrelation(3, 2, precision="tf32")
