@@ -11,7 +11,7 @@ from __future__ import annotations
 import torch  # noqa: F401  (loads libtorch before the extension)
 
 from . import data, dictionary, models, sites
-from ._backend import BACKENDS, BackendStatus, BackendUnavailable, backend_status
+from ._backend import BACKENDS, BackendStatus, BackendUnavailable, backends
 from .accumulators import ActivationStats, BestMatch, CoActivation, CrossCorrelation, SparseCoActivation
 from .accumulators.tiled import TiledBestMatch, best_match_tiled
 from .capture import ActivationSource, capture
@@ -24,11 +24,6 @@ from .ops.activation_stats import activation_stats, activation_stats_sparse
 from .ops.interference import InterferenceResult, interference, interference_matrix
 
 __version__ = "0.1.0"
-
-
-def backends() -> dict[str, BackendStatus]:
-    """Every backend with whether it can run here, on which devices, and why not."""
-    return backend_status()
 
 
 __all__ = [

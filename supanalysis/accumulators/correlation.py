@@ -10,7 +10,9 @@ import torch
 
 from ..ops._common import check_float, check_rank, flatten_tokens
 from ..ops.activation_stats import activation_stats_sparse, check_sparse_codes
-from ..ops.correlation import PRECISIONS, best_match, check_precision, cross_moments_update, sparse_outer_update
+from ..ops.best_match import best_match
+from ..ops.cross_moments import PRECISIONS, check_precision, cross_moments_update
+from ..ops.sparse_outer import sparse_outer_update
 from ._state import (
     Spec,
     chan_merge,

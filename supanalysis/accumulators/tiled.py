@@ -18,7 +18,7 @@ from dataclasses import dataclass
 import torch
 from tqdm.auto import tqdm
 
-from ..ops.correlation import check_precision
+from ..ops.cross_moments import check_precision
 from .correlation import BestMatch, CrossCorrelation
 
 Batch = tuple[torch.Tensor, torch.Tensor] | tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]
