@@ -5,13 +5,27 @@ This package only reads them: it never recomputes a statistic, so every number a
 the number in ``report.json``. Markdown and HTML share one intermediate form
 (:func:`~supanalysis.report.sections.build_sections`) so the two can never disagree.
 
-Modules: ``schema`` (names and field orders), ``format`` (one value as a cell), ``sections``,
-``markdown``, ``html``, ``figures``, ``write`` (the report folder), ``summary`` (terminal lines).
+Modules: ``schema`` (names and field orders), ``format`` (one value as a cell), ``blocks`` (what a
+section is made of), ``sections`` and ``sections_family`` (a family's verdict, models, ceilings and U),
+``markdown``, ``html``, ``figures`` and ``figures_family``, ``write`` (the report folder), ``summary``
+(terminal lines).
 """
 
 from __future__ import annotations
 
-from .figures import COLORS, DENSITY_EPS, DIM_REFERENCES, FIGURES, MARKERS, new_figure, png, render_figures
+from .blocks import Figure
+from .figures import (
+    COLORS,
+    DENSITY_EPS,
+    DIM_REFERENCES,
+    FIGURES,
+    MARKERS,
+    figure_specs,
+    new_figure,
+    png,
+    render_figures,
+)
+from .figures_family import FAMILY_FIGURES
 from .format import MISSING, fmt, fmt_estimate
 from .html import render_html
 from .markdown import md_table, render_markdown
@@ -35,6 +49,7 @@ __all__ = [
     "DECISION_RULES",
     "DENSITY_EPS",
     "DIM_REFERENCES",
+    "FAMILY_FIGURES",
     "FIGURES",
     "MARKERS",
     "MISSING",
@@ -46,9 +61,11 @@ __all__ = [
     "SCHEMA",
     "SITE_GEOMETRY_FIELDS",
     "SITE_SPARSITY_FIELDS",
+    "Figure",
     "Section",
     "Table",
     "build_sections",
+    "figure_specs",
     "fmt",
     "fmt_estimate",
     "load_report",

@@ -443,17 +443,28 @@ def _error_figure(name: str, exc: Exception) -> bytes:
     return png(fig)
 
 
+def figure_specs(report: Mapping) -> tuple[tuple[str, str, str], ...]:
+    """(name, heading, caption) of every figure of ``report``: :data:`FIGURES`, and the family's
+    figures when it has a family."""
+    from .figures_family import FAMILY_FIGURES
+
+    return FIGURES + (FAMILY_FIGURES if report.get("family") else ())
+
+
 def render_figures(report: Mapping, arrays: Mapping | None) -> dict[str, bytes]:
-    """PNG bytes of each figure, keyed as in :data:`FIGURES` (in that order).
+    """PNG bytes of each figure, keyed as in :func:`figure_specs` (in that order).
 
     Missing arrays or empty data give a panel saying "no data". A figure that fails anyway
     becomes a PNG with the error (and a warning), so one bad array never costs the whole report.
     """
+    from .figures_family import FAMILY_BUILDERS
+
+    builders = {**_FIGURE_BUILDERS, **FAMILY_BUILDERS}
     arrays = arrays or {}
     out = {}
-    for name, _, _ in FIGURES:
+    for name, _, _ in figure_specs(report):
         try:
-            out[name] = png(_FIGURE_BUILDERS[name](report, arrays))
+            out[name] = png(builders[name](report, arrays))
         except ImportError:
             raise
         except Exception as exc:

@@ -10,8 +10,9 @@ from collections.abc import Mapping
 from typing import Any
 
 from . import figures as _figures
+from .blocks import Figure, Section, Table
 from .markdown import TITLE
-from .sections import Section, Table, build_sections
+from .sections import build_sections
 
 # Colours of the verdict box (background, border): a contradiction should stand out.
 OUTCOME_COLORS = {
@@ -20,6 +21,7 @@ OUTCOME_COLORS = {
     "contradiction": ("#fdecea", "#c0392b"),
     "sparsity_follows_prediction": ("#fff4e0", "#d98c00"),
     "inconclusive": ("#f2f2f2", "#666666"),
+    "universal_within_reproducibility": ("#eaf6ec", "#1a9850"),
 }
 
 CSS = """
@@ -49,7 +51,37 @@ def _html_inline(text: str) -> str:
     return re.sub(r"`(.+?)`", r"<code>\1</code>", s)
 
 
-def _html_block(block: Any) -> str:
+class _Figures:
+    """The rendered figures, and their numbers in order of first appearance on the page."""
+
+    def __init__(self, report: Mapping, arrays: Mapping | None, figures: Mapping[str, bytes] | None) -> None:
+        self.specs = {name: (heading, caption) for name, heading, caption in _figures.figure_specs(report)}
+        self.error = None
+        if figures is None:
+            try:
+                figures = _figures.render_figures(report, arrays)
+            except ImportError as exc:
+                self.error, figures = str(exc), {}
+        self.figures = figures
+        self.numbers: dict[str, int] = {}
+
+    def html(self, name: str) -> str:
+        png = self.figures.get(name)
+        heading, caption = self.specs.get(name, (name, ""))
+        if png is None:
+            return f"<p><em>Figure {html.escape(heading)}: {html.escape(self.error or 'not drawn')}</em></p>"
+        i = self.numbers.setdefault(name, len(self.numbers) + 1)
+        b64 = base64.b64encode(png).decode("ascii")
+        return (
+            f'<figure id="fig-{name}"><img alt="{html.escape(heading)}" src="data:image/png;base64,{b64}">'
+            f"<figcaption><strong>Figure {i}. {html.escape(heading)}.</strong> {html.escape(caption)}"
+            "</figcaption></figure>"
+        )
+
+
+def _html_block(block: Any, figs: _Figures) -> str:
+    if isinstance(block, Figure):
+        return figs.html(block.name)
     if isinstance(block, Table):
         head = "".join(f"<th>{html.escape(h)}</th>" for h in block.headers)
         body = "".join("<tr>" + "".join(f"<td>{_html_inline(c)}</td>" for c in row) + "</tr>" for row in block.rows)
@@ -61,10 +93,10 @@ def _html_block(block: Any) -> str:
     return f"<p>{_html_inline(str(block))}</p>"
 
 
-def _html_verdict(section: Section, outcome: str) -> str:
+def _html_verdict(section: Section, outcome: str, figs: _Figures) -> str:
     bg, border = OUTCOME_COLORS.get(outcome, OUTCOME_COLORS["inconclusive"])
     first, *rest = section.blocks
-    inner = f'<p class="outcome">{_html_inline(first)}</p>' + "".join(_html_block(b) for b in rest)
+    inner = f'<p class="outcome">{_html_inline(first)}</p>' + "".join(_html_block(b, figs) for b in rest)
     return (
         f'<section id="verdict" class="verdict" style="background:{bg};border-color:{border}">'
         f"<h2 style='margin-top:0;border:none'>Verdict</h2>{inner}</section>"
@@ -76,13 +108,15 @@ def _anchor(title: str) -> str:
 
 
 def render_html(report: Mapping, arrays: Mapping | None, figures: Mapping[str, bytes] | None = None) -> str:
-    """A single self-contained HTML page: the verdict box first, then the Markdown's sections as HTML
-    tables, then the figures (inline base64 PNGs) with captions on how to read them.
+    """A single self-contained HTML page: the verdict box first with the figure the verdict rests on,
+    then the Markdown's sections as HTML tables, each figure (inline base64 PNG, with a caption on how
+    to read it) in the section whose numbers it explains.
 
     ``figures`` may be passed when already rendered (as :func:`write_report` does) to draw them once.
     """
     sections = build_sections(report)
     outcome = str((report.get("verdict") or {}).get("outcome", "inconclusive"))
+    figs = _Figures(report, arrays, figures)
     title = TITLE
     models = report.get("models") or {}
     names = " vs ".join(str((models.get(m) or {}).get("name", m)) for m in ("A", "B"))
@@ -93,36 +127,12 @@ def render_html(report: Mapping, arrays: Mapping | None, figures: Mapping[str, b
         f"<title>{html.escape(title)}</title><style>{CSS}</style></head><body>",
         f"<h1>{html.escape(title)}</h1>",
         f"<p>{html.escape(names)} · {html.escape(str(report.get('created', '')))}</p>",
-        _html_verdict(sections[0], outcome),
-        "<nav>"
-        + "".join(f'<a href="#{_anchor(s.title)}">{html.escape(s.title)}</a>' for s in sections[1:])
-        + '<a href="#figures">Figures</a></nav>',
+        _html_verdict(sections[0], outcome, figs),
+        "<nav>" + "".join(f'<a href="#{_anchor(s.title)}">{html.escape(s.title)}</a>' for s in sections[1:]) + "</nav>",
     ]
     for sec in sections[1:]:
         parts.append(f'<section id="{_anchor(sec.title)}"><h2>{html.escape(sec.title)}</h2>')
-        parts += [_html_block(b) for b in sec.blocks]
+        parts += [_html_block(b, figs) for b in sec.blocks]
         parts.append("</section>")
-    parts.append(_html_figures(report, arrays, figures))
     parts.append("</body></html>")
     return "\n".join(parts)
-
-
-def _html_figures(report: Mapping, arrays: Mapping | None, figures: Mapping[str, bytes] | None) -> str:
-    if figures is None:
-        try:
-            figures = _figures.render_figures(report, arrays)
-        except ImportError as exc:
-            return f'<section id="figures"><h2>Figures</h2><p>{html.escape(str(exc))}</p></section>'
-    out = ['<section id="figures"><h2>Figures</h2>']
-    for i, (name, heading, caption) in enumerate(_figures.FIGURES, 1):
-        png = figures.get(name)
-        if png is None:
-            continue
-        b64 = base64.b64encode(png).decode("ascii")
-        out.append(
-            f'<figure id="fig-{name}"><img alt="{html.escape(heading)}" src="data:image/png;base64,{b64}">'
-            f"<figcaption><strong>Figure {i}. {html.escape(heading)}.</strong> {html.escape(caption)}"
-            "</figcaption></figure>"
-        )
-    out.append("</section>")
-    return "\n".join(out)

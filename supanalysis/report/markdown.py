@@ -5,9 +5,14 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 from typing import Any
 
-from .sections import Table, build_sections
+from .blocks import Figure, Table
+from .figures import figure_specs
+from .sections import build_sections
 
 TITLE = "Superposition versus universality: test report"
+
+#: the report folder's subfolder of figure PNGs, as the Markdown links them
+FIGURE_DIR = "figures"
 
 
 def md_text(s: str) -> str:
@@ -28,6 +33,16 @@ def md_table(headers: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
     return "\n".join(lines)
 
 
+def md_figure(name: str, number: int, specs: Mapping[str, tuple[str, str]], figure_dir: str | None) -> str:
+    """A figure as an image link to ``figure_dir/<name>.png`` and its caption; without a folder of
+    figures, the caption alone, saying so."""
+    heading, caption = specs.get(name, (name, ""))
+    text = f"*Figure {number}. {heading}.* {caption}"
+    if figure_dir is None:
+        return md_text(f"{text} (figure not drawn: matplotlib is not installed)")
+    return f"![Figure {number}. {heading}]({figure_dir}/{name}.png)\n\n{md_text(text)}"
+
+
 def md_block(block: Any) -> str:
     """One section block (Table, ("h3", text), list of bullets, or a paragraph) as Markdown."""
     if isinstance(block, Table):
@@ -39,12 +54,19 @@ def md_block(block: Any) -> str:
     return md_text(str(block))
 
 
-def render_markdown(report: Mapping) -> str:
-    """The report as Markdown: verdict first, then premises, models, conventions, sites, pairs,
-    any-layer matches, notes and the run's provenance."""
+def render_markdown(report: Mapping, figure_dir: str | None = FIGURE_DIR) -> str:
+    """The report as Markdown: verdict first, then premises, models, the family, conventions, sites,
+    pairs, any-layer matches, notes and the run's provenance; each figure linked (as
+    ``figure_dir/<name>.png``, where :func:`write_report` puts them) beside the numbers it explains."""
+    specs = {name: (heading, caption) for name, heading, caption in figure_specs(report)}
+    numbers: dict[str, int] = {}
     out = [f"# {TITLE}", ""]
     for sec in build_sections(report):
         out += [f"## {sec.title}", ""]
         for block in sec.blocks:
-            out += [md_block(block), ""]
+            if isinstance(block, Figure):
+                n = numbers.setdefault(block.name, len(numbers) + 1)
+                out += [md_figure(block.name, n, specs, figure_dir), ""]
+            else:
+                out += [md_block(block), ""]
     return "\n".join(out)

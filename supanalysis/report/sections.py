@@ -8,10 +8,10 @@ from __future__ import annotations
 
 import math
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
 from typing import Any
 
 from .access import config_value, ordered_fields, sites_of
+from .blocks import Figure, Section, Table
 from .format import MISSING, as_estimate, finite, flatten, fmt
 from .schema import (
     MODEL_FIELDS,
@@ -20,6 +20,15 @@ from .schema import (
     PER_MODEL_FIELDS,
     SITE_GEOMETRY_FIELDS,
     SITE_SPARSITY_FIELDS,
+)
+from .sections_family import (
+    DECISION_HEADERS,
+    decision_columns,
+    family_section,
+    has_universality,
+    universality_blocks,
+    universality_table,
+    verdict_figure,
 )
 
 OUTCOME_WORDS = {
@@ -41,23 +50,11 @@ DECISION_RULES = (
     "CI contains ln π but not 0 → sparsity follows the prediction;",
     "otherwise (both, neither, no matched pairs, or π null for lack of pressure) → inconclusive.",
 )
-
-
-@dataclass
-class Table:
-    """A table of already formatted cells: ``rows`` is [n_rows][len(headers)]."""
-
-    headers: list[str]
-    rows: list[list[str]]
-
-
-@dataclass
-class Section:
-    """One section of the report: a title and blocks (str paragraph, list of str bullets, Table, or
-    a ("h3", text) sub-heading)."""
-
-    title: str
-    blocks: list[Any]
+#: the universality rule of a report with ceilings (docs/science.md, "Calibration")
+CALIBRATED_RULE = (
+    "upper CI bound of U (cross-shape matched fraction / within-shape ceiling) below 1 → non-universal "
+    "features; without a ceiling (uncalibrated): matched fraction < φ or no better than its baseline;"
+)
 
 
 def _verdict_blocks(report: Mapping) -> list[Any]:
@@ -65,8 +62,10 @@ def _verdict_blocks(report: Mapping) -> list[Any]:
     v = report.get("verdict") or {}
     outcome = str(v.get("outcome", "inconclusive"))
     blocks: list[Any] = [
+        *universality_blocks(report),
         f"**{OUTCOME_WORDS.get(outcome, outcome)}** (`{outcome}`)",
         f"Reason: {v.get('reason') or MISSING}",
+        verdict_figure(report),
     ]
     nums = flatten(v.get("numbers") or {})
     if nums:
@@ -81,13 +80,17 @@ def _verdict_blocks(report: Mapping) -> list[Any]:
         blocks.append(("h3", "How each site pair was decided"))
         blocks.append(_decision_table(report, pairs))
     blocks.append("Decision rules (SCIENCE.md), applied in this order to each site pair:")
-    blocks.append(list(DECISION_RULES))
+    rules = list(DECISION_RULES)
+    if has_universality(pairs):
+        rules[1] = CALIBRATED_RULE
+    blocks.append(rules)
     return blocks
 
 
 def _decision_table(report: Mapping, pairs: Sequence[Mapping]) -> Table:
     """One row per pair with exactly the numbers the decision rules compare, and the comparisons."""
     phi_default = config_value(report, "phi")
+    calibrated = has_universality(pairs)
     rows = []
     for p in pairs:
         pv = p.get("verdict") or {}
@@ -101,10 +104,12 @@ def _decision_table(report: Mapping, pairs: Sequence[Mapping]) -> Table:
         lpi_f = finite(lpi)
         zero_in = None if lo is None or hi is None else lo <= 0.0 <= hi
         pi_in = None if lo is None or hi is None or lpi_f is None else lo <= lpi_f <= hi
+        ceiling = decision_columns(report, p) if calibrated else []
         rows.append(
             [
                 f"{p.get('site_a')} ↔ {p.get('site_b')}",
                 fmt(mf),
+                *ceiling,
                 fmt(bf),
                 fmt(phi),
                 fmt(r) if r else MISSING,
@@ -117,6 +122,7 @@ def _decision_table(report: Mapping, pairs: Sequence[Mapping]) -> Table:
     headers = [
         "pair",
         "matched fraction",
+        *(DECISION_HEADERS if calibrated else []),
         "baseline fraction",
         "φ",
         "median r = ln(p_B/p_A) [CI]",
@@ -193,22 +199,29 @@ def _site_section(report: Mapping) -> Section:
         blocks.append(Table(sparsity, [[fmt(s.get(f)) for f in sparsity] for s in sites]))
         geometry = list(SITE_GEOMETRY_FIELDS)
         blocks.append(Table(geometry, [[fmt(s.get(f)) for f in geometry] for s in sites]))
+    blocks += [("h3", "Figures of the sites")]
+    blocks += [Figure(n) for n in ("density_histograms", "sigma_vs_capacity", "decoder_dims")]
     return Section("Sites", blocks)
 
 
 def _pairs_section(report: Mapping) -> Section:
     pairs = report.get("pairs") or []
+    # The match correlations explain the verdict of a report without a family: they sit there then.
+    corr = [Figure("match_correlations")] if report.get("family") else []
     if not pairs:
-        return Section("Site pairs", ["No site pairs were analysed."])
+        return Section("Site pairs", ["No site pairs were analysed.", *corr, Figure("matched_densities")])
     match = list(PAIR_MATCH_FIELDS)
     sparsity = ordered_fields(pairs, PAIR_SPARSITY_FIELDS, exclude=PAIR_MATCH_FIELDS)
     blocks: list[Any] = [
         "Sites paired by relative depth ℓ/L. Best-match correlations and matched fractions (ρ* ≥ τ, τ = "
         f"{fmt(config_value(report, 'tau'))}) among alive features, each against the token-shuffled baseline.",
         Table(match, [[fmt(p.get(f)) for f in match] for p in pairs]),
+        *corr,
+        *universality_table(report, pairs),
         "Sparsity of matched features: r = ln(p_B(j)/p_A(i)) over matched pairs, against the predicted "
         "ratio π = p*_B/p*_A (— when a site has no superposition pressure).",
         Table(sparsity, [[fmt(p.get(f)) for f in sparsity] for p in pairs]),
+        Figure("matched_densities"),
         ("h3", "Verdict of each pair"),
     ]
     items = []
@@ -268,10 +281,12 @@ def _provenance_section(report: Mapping) -> Section:
 
 def build_sections(report: Mapping) -> list[Section]:
     """The report as sections, verdict first; shared by the Markdown and HTML renderers."""
+    family = family_section(report)
     return [
         Section("Verdict", _verdict_blocks(report)),
         _premise_section(report),
         _models_section(report),
+        *([family] if family else []),
         _per_model_section(report),
         _site_section(report),
         _pairs_section(report),

@@ -11,6 +11,12 @@ def print_summary(report: Mapping, out: str | os.PathLike) -> None:
     v = report["verdict"]
     print()
     print(f"verdict: {v['outcome']}: {v['reason']}")
+    uni = v.get("universality")
+    if uni:
+        u = uni.get("U_min")
+        u_text = "—" if not u or u.get("value") is None else f"{u['value']:.3f} [{u['lo']:.3f}, {u['hi']:.3f}]"
+        flag = "calibrated" if uni.get("calibrated") else "UNCALIBRATED: no within-shape ceiling was measured"
+        print(f"universality: {uni.get('outcome')}, U_min {u_text} ({flag})")
     for p in report["premises"]:
         print(f"  {'ok ' if p['holds'] else 'NOT'} {p['name']}: {p['detail']}")
     for pr in report["pairs"]:

@@ -1,4 +1,4 @@
-"""The report folder: report.json, arrays.safetensors, report.md and report.html.
+"""The report folder: report.json, arrays.safetensors, report.md, report.html and figures/*.png.
 
 Each file is written durably (temp file, fsync, rename) and report.json last: a folder whose
 report.json exists holds a complete report, and a failed write leaves no report.json behind.
@@ -17,9 +17,10 @@ from typing import Any
 import numpy as np
 import torch
 
-from ..durable import WriteError, durable_write, write_text
+from ..durable import WriteError, durable_write, write_bytes, write_text
+from . import figures as _figures
 from .html import render_html
-from .markdown import render_markdown
+from .markdown import FIGURE_DIR, render_markdown
 from .schema import SCHEMA
 
 
@@ -60,8 +61,9 @@ def _storable(name: str, value: Any) -> torch.Tensor:
 
 
 def write_report(folder: str | os.PathLike, report: Mapping, arrays: Mapping | None) -> dict[str, Path]:
-    """Write arrays.safetensors, report.md, report.html and then report.json into ``folder`` (created
-    if needed), each durably. Returns {"json", "arrays", "markdown", "html"} → path.
+    """Write arrays.safetensors, the figures (``figures/<name>.png``, linked from report.md),
+    report.md, report.html and then report.json into ``folder`` (created if needed), each durably.
+    Returns {"json", "arrays", "markdown", "html"} → path.
 
     The JSON is the report with NaN/inf turned into null; Markdown and HTML are rendered from that
     same cleaned dict, so all three agree. Everything is rendered before the first byte is written,
@@ -81,17 +83,25 @@ def write_report(folder: str | os.PathLike, report: Mapping, arrays: Mapping | N
         "markdown": folder / "report.md",
         "html": folder / "report.html",
     }
+    try:  # drawn once: the HTML inlines the same PNGs the Markdown links
+        figures: dict[str, bytes] | None = _figures.render_figures(clean, tensors)
+    except ImportError:
+        figures = None
     text = {
-        "markdown": render_markdown(clean),
-        "html": render_html(clean, tensors),
+        "markdown": render_markdown(clean, FIGURE_DIR if figures is not None else None),
+        "html": render_html(clean, tensors, figures),
         "json": json.dumps(clean, indent=2, allow_nan=False, ensure_ascii=False) + "\n",
     }
     try:
         folder.mkdir(parents=True, exist_ok=True)
         paths["json"].unlink(missing_ok=True)
+        if figures:
+            (folder / FIGURE_DIR).mkdir(exist_ok=True)
     except OSError as exc:
         raise WriteError(exc.errno, f"cannot write {paths['json']}: {exc.strerror or exc}") from exc
     durable_write(paths["arrays"], lambda tmp: save_file(tensors, tmp, metadata={"schema": SCHEMA}))
+    for name, data in (figures or {}).items():
+        write_bytes(folder / FIGURE_DIR / f"{name}.png", data)
     write_text(paths["markdown"], text["markdown"])
     write_text(paths["html"], text["html"])
     write_text(paths["json"], text["json"])

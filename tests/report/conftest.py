@@ -5,7 +5,7 @@ from __future__ import annotations
 import warnings
 
 import pytest
-from sample_report import make_arrays, make_report
+from sample_report import make_arrays, make_family_report, make_report
 
 from supanalysis import report as rep
 from supanalysis.report import figures as report_figures
@@ -43,3 +43,17 @@ def cached_figures(monkeypatch, figures):
 
     monkeypatch.setattr(report_figures, "render_figures", fake)
     return calls
+
+
+@pytest.fixture(scope="session")
+def family_report():
+    return make_family_report()
+
+
+@pytest.fixture(scope="session")
+def family_figures(family_report, arrays):
+    """Every figure of the family report (the base ones and the family's), drawn once."""
+    pytest.importorskip("matplotlib")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        return rep.render_figures(family_report, arrays)

@@ -207,3 +207,87 @@ def make_arrays(report: dict, seed: int = 0) -> dict[str, torch.Tensor]:
         arrays[f"matched/{key}/p_a"] = pa
         arrays[f"matched/{key}/p_b"] = pa * torch.exp(0.3 * torch.randn(40, generator=g, dtype=torch.float64))
     return arrays
+
+
+FAMILY_SECTIONS = ("## Verdict", "## Premises", "## Models", "## Family", "## Sites", "## Site pairs")
+# Shapes of the family: A and A' share one, B and B' the other; listed out of shape order on purpose.
+FAMILY_MODELS = (
+    ("A", "L2d64", "0", 2, 64),
+    ("B", "L4d48", "0", 4, 48),
+    ("A'", "L2d64", "1", 2, 64),
+    ("B'", "L4d48", "1", 4, 48),
+)
+
+
+def _p4(holds: bool) -> dict:
+    return {
+        "name": "P4 adequate dictionaries",
+        "holds": holds,
+        "detail": "4 of 6 dictionaries within FVU ≤ 0.1, dead ≤ 10%" if holds else "outside: A resid_post.0",
+        "numbers": {"max_fvu": 0.1, "max_dead": 0.1, "worst_fvu": 0.37 if not holds else 0.08, "worst_dead": 0.25},
+    }
+
+
+def _relative(model, into, ceiling, site, site_into, u, cross, ceiling_fraction):
+    return {
+        "model": model,
+        "into": into,
+        "ceiling_model": ceiling,
+        "site": site,
+        "site_into": site_into,
+        "U": u,
+        "cross_fraction": cross,
+        "ceiling_fraction": ceiling_fraction,
+    }
+
+
+def make_family_report(calibrated: bool = True, p4_holds: bool = True) -> dict:
+    """:func:`make_report` with a family of two shapes × two seeds, U on both sides of each pair,
+    the calibrated (or uncalibrated) universality verdict and P4."""
+    rep_ = make_report()
+    models = [
+        {"label": lab, "name": f"tiny-{lab}", "shape": sh, "seed": seed, "n_layers": L, "d_model": d,
+         "non_embedding_params": 12 * L * d * d + 17, "aspect_ratio": d / L,
+         "eval_loss": estimate(3.2 + 0.01 * L + 0.002 * int(seed), 3.18, 3.26, 20000)}
+        for lab, sh, seed, L, d in FAMILY_MODELS
+    ]  # fmt: skip
+    # values[r][c]: row r's features matched in column c; same shape (A,A' / B,B') ≈ 0.8, across ≈ 0.3
+    values = [[None, 0.31, 0.81, 0.29], [0.27, None, 0.26, 0.78], [0.79, 0.33, None, 0.30], [0.28, 0.77, 0.25, None]]
+    ceilings = [
+        {"shape": sh, "model_x": x, "model_y": y, "site_x": s, "site_y": s,
+         "matched_fraction": estimate(0.8, 0.75, 0.85, 400), "mean_best_match": estimate(0.7, 0.68, 0.72, 400)}
+        for sh, x, y, s in (("L2d64", "A", "A'", "resid_post.0"), ("L4d48", "B", "B'", "resid_post.1"))
+    ]  # fmt: skip
+    u_a, u_b = estimate(0.3875, 0.31, 0.46, 400), estimate(0.35, 0.28, 0.43, 330)
+    relative = []
+    for p in rep_["pairs"]:
+        relative.append(_relative("A", "B", "A'", p["site_a"], p["site_b"], u_a, 0.31, 0.8))
+        relative.append(_relative("B", "A", "B'", p["site_b"], p["site_a"], u_b, 0.27, 0.78))
+        p["universality"] = {
+            "outcome": "non_universal_features",
+            "calibrated": calibrated,
+            "reason": ("" if calibrated else "uncalibrated: ") + "U below 1 on both sides",
+            "U_a": u_a if calibrated else None,
+            "U_b": u_b if calibrated else None,
+        }
+    rep_["family"] = {
+        "models": models,
+        "matched_fraction_matrix": {"labels": [m[0] for m in FAMILY_MODELS], "values": values},
+        "ceilings": ceilings if calibrated else [],
+        "relative_universality": relative if calibrated else [],
+    }
+    reason = "2 of 2 depth pairs non-universal; smallest U = 0.350 [0.280, 0.430]"
+    rep_["verdict"] = {
+        "outcome": "non_universal_features",
+        "reason": reason if calibrated else "uncalibrated: " + reason,
+        "numbers": {"tally": {"non_universal_features": 2}},
+        "calibrated": calibrated,
+        "universality": {
+            "outcome": "non_universal_features",
+            "calibrated": calibrated,
+            "U_min": u_b if calibrated else None,
+            "reason": reason if calibrated else "uncalibrated: " + reason,
+        },
+    }
+    rep_["premises"].append(_p4(p4_holds))
+    return rep_
