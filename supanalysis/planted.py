@@ -1,20 +1,15 @@
 """The whole test on planted ground truth: does the pipeline recover what was put in?
 
-Data: :mod:`supanalysis.planted_data` (sparse features with known firing probabilities
-spanning decades, and the label of every position). Two TinyTransformers of equal
-non-embedding parameters and aspect ratios 16x apart train on it; a TopK SAE is trained per
-layer with the test's own :class:`~supanalysis.config.SAETraining` settings; then the full
-:func:`~supanalysis.experiment.run_test` runs on the pair. Finally every planted feature is
-looked up in every dictionary (the latent whose activation correlates best with the
-feature's indicator, streamed through :class:`~supanalysis.accumulators.CrossCorrelation`
-over the same statistics tokens the test used) and the test's numbers are held against the
-truth:
-
-- density: the test's measured density of that latent against the planted p_f;
-- universality: every planted feature is shared by construction, so the test's matched
-  fraction must stand well above its token-shuffled baseline, and the two models' latents
-  of one planted feature should be matched to each other;
-- density ratio: a planted feature has one density, so ln(p_B / p_A) of its latents is 0.
+Data: :mod:`supanalysis.planted_data`, in one of two planting modes. A run is a family of four
+TinyTransformers of equal non-embedding parameters, two shapes 16x apart in aspect ratio, two
+seeds each (A0, A1 train on family A's stream, B0, B1 on family B's), a TopK SAE per site
+trained with the test's own :class:`~supanalysis.config.SAETraining`, and one
+:func:`~supanalysis.experiment.run_test` on ``[A0, B0, A1, B1]`` (primary pair A0/B0; the
+second seeds give the within-shape ceilings). Then every planted feature is looked up in the
+primary pair's dictionaries (best-correlated latent over the test's statistics tokens) and
+held against the truth: its density against p_f; which planted features the test matched
+across the models (none absent from B's data should be); ln(p_B / p_A) of those against 0.
+:mod:`supanalysis.commands.planted` judges the verdict's universality against the mode.
 """
 
 from __future__ import annotations
@@ -30,7 +25,7 @@ import torch
 
 from .accumulators import ActivationStats, CrossCorrelation
 from .capture import ActivationSource
-from .config import ModelSpec, SAETraining, TestConfig, Thresholds
+from .config import ModelSpec, TestConfig, Thresholds
 from .data import TokenSequences
 from .dictionary import load_dictionary, save_saelens
 from .durable import write_text
@@ -39,7 +34,7 @@ from .experiment.features import train_site_sae
 from .experiment.plan import sequence_budget
 from .models import TinyConfig, TinyTransformer
 from .models.train import LMTrainConfig, train_language_model
-from .planted_data import PlantedSpec, generate, indicators
+from .planted_data import FAMILY, FULL, PRIMARY, QUICK, PlantedSize, PlantedSpec, family_streams, indicators
 
 #: relative density error below which the planted densities count as recovered
 DENSITY_TARGET = 0.20
@@ -51,102 +46,59 @@ REPRESENTED_CORR = 0.9
 MATCH_MARGIN, MATCH_RATIO = 0.25, 3.0
 
 
-@dataclass(frozen=True)
-class PlantedSize:
-    """Sizes of one planted run (the full one and --quick share every code path)."""
-
-    spec: PlantedSpec
-    shape_a: tuple[int, int, int]  # (n_layers, d_model, n_heads)
-    shape_b: tuple[int, int, int]
-    lm_tokens: int  # training stream of the language models
-    lm_steps: int
-    sae: SAETraining
-    eval_tokens: int
-    stats_tokens: int
-    match_tokens: int
-    bootstrap: int
-    sites_b: tuple[str, ...] | None = None  # None: every layer of B
-    seq_len: int = 64
-
-
-# Model A wide-shallow, B narrow-deep, 12·L·d² equal. Densities span 1.7 decades (quick) / 2 (full).
-FULL = PlantedSize(
-    PlantedSpec(n_features=16, p_min=5e-4, p_max=0.05, background=32), (2, 64, 4), (8, 32, 4),
-    lm_tokens=2_000_000, lm_steps=1500, sae=SAETraining(expansion=4, k=4, tokens=400_000, batch_size=128, lr=1e-2),
-    eval_tokens=20_000, stats_tokens=200_000, match_tokens=100_000, bootstrap=1000,
-)  # fmt: skip
-QUICK = PlantedSize(
-    PlantedSpec(n_features=16, p_min=1e-3, p_max=0.05, background=32), (1, 32, 2), (4, 16, 2),
-    lm_tokens=1_000_000, lm_steps=1000, sae=SAETraining(expansion=4, k=4, tokens=300_000, batch_size=128, lr=1e-2),
-    eval_tokens=4_000, stats_tokens=60_000, match_tokens=30_000, bootstrap=200,
-    sites_b=("resid_post.1", "resid_post.3"),
-)  # fmt: skip
-
-
 @dataclass
 class PlantedRun:
-    """What :func:`prepare_planted` built: the test config and the truth for its statistics slice."""
+    """What :func:`prepare_planted` built: the test config, the truth for its statistics slice,
+    and per family label ("A0", "B0", "A1", "B1") the model, its spec and its training loss."""
 
     config: TestConfig
     spec: PlantedSpec
+    mode: str
+    absent: tuple[int, ...]  # features family B never saw in training
     stats_labels: np.ndarray  # label per position of the statistics slice, in stream order
     stats_start: int  # first sequence of the statistics slice in the token file
     models: dict[str, TinyTransformer] = field(default_factory=dict)
+    specs: dict[str, ModelSpec] = field(default_factory=dict)
     sae_summary: list[dict] = field(default_factory=list)
     lm_loss: dict[str, float] = field(default_factory=dict)
 
 
-def prepare_planted(out: str, size: PlantedSize, seed: int = 0, progress: bool = True) -> PlantedRun:
-    """Generate the data, train both models and their dictionaries, write ``config.json``."""
+def prepare_planted(
+    out: str,
+    size: PlantedSize,
+    seed: int = 0,
+    mode: str = "universal",
+    progress: bool = True,
+    shared: PlantedRun | None = None,
+) -> PlantedRun:
+    """Generate the data, train the family and its dictionaries, write ``config.json``.
+
+    shared: a run at the same size and seed whose family-A models (and dictionaries) are
+    reused: A's stream does not depend on the mode, so retraining them would repeat the work.
+    """
     spec, L = size.spec, size.seq_len
     # The test's token file is exactly eval | statistics (dictionaries are given, so the
     # test cuts no SAE-training slice); experiment.plan.plan_tokens's slicing is reproduced
     # here so the labels line up with the tokens the test measures.
     n_eval = sequence_budget(size.eval_tokens + size.eval_tokens // L, L)
     n_stats = sequence_budget(size.stats_tokens, L)
-    test_len = (n_eval + n_stats) * L
-    sae_len = size.sae.tokens + L
-    tokens, labels = generate(spec, size.lm_tokens + sae_len + test_len, seed=seed)
-    lm_tok = tokens[: size.lm_tokens]
-    sae_tok = tokens[size.lm_tokens : size.lm_tokens + sae_len]
-    test_tok, test_lab = tokens[-test_len:], labels[-test_len:]
+    streams = family_streams(spec, mode, size.lm_tokens + size.sae.tokens + L, (n_eval + n_stats) * L, seed)
     os.makedirs(os.path.join(out, "data"), exist_ok=True)
     tokens_path = os.path.abspath(os.path.join(out, "data", "tokens.npy"))
-    np.save(tokens_path, test_tok)
-    np.save(os.path.join(out, "data", "labels.npy"), test_lab)
-
-    run = PlantedRun(TestConfig(), spec, test_lab[n_eval * L :], n_eval)
-    specs = []
-    for label, (n_layers, d, heads) in (("A", size.shape_a), ("B", size.shape_b)):
-        torch.manual_seed(seed + (0 if label == "A" else 1))
-        model = TinyTransformer(
-            TinyConfig(n_layers=n_layers, d_model=d, n_heads=heads, d_ff=4 * d, vocab_size=spec.vocab_size, n_ctx=L)
-        )
-        # A higher peak lr than the demo's: these models are tiny and the data simple.
-        lm_cfg = LMTrainConfig(steps=size.lm_steps, batch_size=16, seq_len=L, lr=1e-2, warmup=20, seed=seed)
-        losses = train_language_model(
-            model, lm_tok, lm_cfg, progress=progress, desc=f"training model {label} (L={n_layers}, d={d})"
-        )
-        run.lm_loss[label] = float(np.mean(losses[-50:]))
-        folder = os.path.join(out, "models", label)
-        model.save(folder)
-        run.models[label] = model
-        sites = list(size.sites_b) if (label == "B" and size.sites_b) else [f"resid_post.{i}" for i in range(n_layers)]
-        dict_dir = os.path.abspath(os.path.join(out, "saes", label))
-        for site in sites:
-            run.sae_summary.append(_train_dictionary(model, sae_tok, site, size, seed, dict_dir, label, progress))
-        shape = "wide-shallow" if label == "A" else "narrow-deep"
-        specs.append(
-            ModelSpec(
-                path=os.path.abspath(folder),
-                name=f"{label}: {shape} (L={n_layers}, d={d})",
-                sites=sites,
-                dictionary=dict_dir,
-            )
-        )
+    np.save(tokens_path, streams.test)
+    np.save(os.path.join(out, "data", "labels.npy"), streams.test_labels)
+    run = PlantedRun(TestConfig(), spec, mode, streams.absent, streams.test_labels[n_eval * L :], n_eval)
+    for i, (shape, s) in enumerate(FAMILY):
+        label = shape + s
+        if shape == "A" and shared is not None:
+            run.models[label], run.specs[label] = shared.models[label], shared.specs[label]
+            run.lm_loss[label] = shared.lm_loss[label]
+            run.sae_summary += [d for d in shared.sae_summary if d["model"] == label]
+            continue
+        train = streams.train_a if shape == "A" else streams.train_b
+        _build_model(run, out, size, train, label, seed + i, progress)
     run.config = TestConfig(
-        model_a=specs[0],
-        model_b=specs[1],
+        models=[run.specs[shape + s] for shape, s in FAMILY],
         tokens=tokens_path,
         seq_len=L,
         batch_size=16,
@@ -163,71 +115,102 @@ def prepare_planted(out: str, size: PlantedSize, seed: int = 0, progress: bool =
     return run
 
 
-def _train_dictionary(
-    model: TinyTransformer,
-    tokens: np.ndarray,
-    site: str,
-    size: PlantedSize,
-    seed: int,
-    folder: str,
-    label: str,
-    progress: bool,
-) -> dict:
-    """A TopK SAE on ``site`` exactly as the test trains one for dictionary="train" (SAETraining)."""
-    seqs = TokenSequences(tokens, size.seq_len, 16)
-    result = train_site_sae(model, seqs, site, model.config.d_model, size.sae, seed, progress=progress)
-    save_saelens(result.dictionary, os.path.join(folder, site))
-    return {
-        "model": label,
-        "site": site,
-        "d_sae": result.dictionary.W_dec.shape[0],
-        "fvu": result.fvu,
-        "l0": result.l0,
-        "dead_fraction": result.dead_fraction,
-    }
+def _build_model(
+    run: PlantedRun, out: str, size: PlantedSize, train: np.ndarray, label: str, seed: int, progress: bool
+) -> None:
+    """Train one family member on ``train`` (LM stream | SAE stream) and its dictionaries."""
+    shape, L = label[0], size.seq_len
+    n_layers, d, heads = size.shape_a if shape == "A" else size.shape_b
+    torch.manual_seed(seed)
+    model = TinyTransformer(
+        TinyConfig(n_layers=n_layers, d_model=d, n_heads=heads, d_ff=4 * d, vocab_size=run.spec.vocab_size, n_ctx=L)
+    )
+    # A higher peak lr than the demo's: these models are tiny and the data simple.
+    lm_cfg = LMTrainConfig(steps=size.lm_steps, batch_size=16, seq_len=L, lr=1e-2, warmup=20, seed=seed)
+    losses = train_language_model(
+        model, train[: size.lm_tokens], lm_cfg, progress=progress, desc=f"training {label} (L={n_layers}, d={d})"
+    )
+    run.lm_loss[label] = float(np.mean(losses[-50:]))
+    folder = os.path.abspath(os.path.join(out, "models", label))
+    model.save(folder)
+    run.models[label] = model.eval()
+    sites = list(size.sites_b) if (shape == "B" and size.sites_b) else [f"resid_post.{i}" for i in range(n_layers)]
+    dict_dir = os.path.abspath(os.path.join(out, "saes", label))
+    # A TopK SAE per site exactly as the test trains one for dictionary="train" (SAETraining).
+    sae_seqs = TokenSequences(train[size.lm_tokens :], L, 16)
+    for site in sites:
+        sae = train_site_sae(model, sae_seqs, site, d, size.sae, seed, progress=progress)
+        save_saelens(sae.dictionary, os.path.join(dict_dir, site))
+        run.sae_summary.append(
+            {"model": label, "site": site, "d_sae": sae.dictionary.W_dec.shape[0], "fvu": sae.fvu, "l0": sae.l0}
+            | {"dead_fraction": sae.dead_fraction}
+        )
+    kind = "wide-shallow" if shape == "A" else "narrow-deep"
+    run.specs[label] = ModelSpec(
+        path=folder,
+        name=f"{label}: {kind} (L={n_layers}, d={d})",
+        sites=sites,
+        dictionary=dict_dir,
+        shape=shape,
+        seed=label[1:],
+    )
 
 
 # ----------------------------------------------------------------------------- the truth pass
-@torch.no_grad()
-def _best_latents(run: PlantedRun, label: str, site: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, int]:
-    """For each planted feature: best latent, its correlation; plus the latents' densities here.
+@dataclass
+class _TruthPass:
+    """Per (label, site): each planted feature's best latent [F], its correlation [F], the
+    latents' densities [n]; per depth pair (site_a, site_b): the latents' best match both ways."""
 
-    Streams the same statistics tokens the test used (same slice, same order) through the
-    model and the site's dictionary, correlating every latent with every planted indicator.
-    """
-    cfg = run.config
-    spec = cfg.model_a if label == "A" else cfg.model_b
-    model = run.models[label].eval()
-    d = load_dictionary(os.path.join(spec.dictionary, site))
+    best: dict[tuple[str, str], tuple[torch.Tensor, torch.Tensor, torch.Tensor]]
+    cross: dict[tuple[str, str], object]
+    tokens: int
+
+
+@torch.no_grad()
+def _truth_pass(run: PlantedRun, sites: dict[str, list[str]], pairs: list[tuple[str, str]]) -> _TruthPass:
+    """Stream the statistics tokens the test used (same slice, same order) through the primary
+    pair and its dictionaries: every latent against every planted indicator, and A0's latents
+    against B0's at each depth pair."""
+    cfg, F = run.config, run.spec.n_features
     tokens = np.load(cfg.tokens, mmap_mode="r")
     n_stats = sequence_budget(cfg.stats_tokens, cfg.seq_len)
-    seqs = TokenSequences(tokens, cfg.seq_len, cfg.batch_size, start=run.stats_start, max_sequences=n_stats)
-    F = run.spec.n_features
-    cc = CrossCorrelation(d.W_dec.shape[0], F)
-    stats = ActivationStats(d.W_dec.shape[0], cfg.activation_threshold)
+    dicts, sources = {}, []
+    for label in PRIMARY:
+        for site in sites[label]:
+            dicts[(label, site)] = load_dictionary(os.path.join(run.specs[label].dictionary, site))
+        seqs = TokenSequences(tokens, cfg.seq_len, cfg.batch_size, start=run.stats_start, max_sequences=n_stats)
+        model = run.models[label]
+        sources.append(ActivationSource(model, seqs, sites[label], max_tokens=cfg.stats_tokens, progress=False))
+    width = {k: d.W_dec.shape[0] for k, d in dicts.items()}
+    ind_cc = {k: CrossCorrelation(n, F) for k, n in width.items()}
+    stats = {k: ActivationStats(n, cfg.activation_threshold) for k, n in width.items()}
+    cross = {(sa, sb): CrossCorrelation(width[("A0", sa)], width[("B0", sb)]) for sa, sb in pairs}
     offset = 0
-    for batch in ActivationSource(model, seqs, [site], max_tokens=cfg.stats_tokens, progress=False):
-        x = batch[site].float()
-        T = x.shape[0]
-        codes = d.encode(x)
+    for batches in zip(*sources):
+        codes = {(lab, s): dicts[(lab, s)].encode(b[s].float()) for lab, b in zip(PRIMARY, batches) for s in b}
+        T = next(iter(codes.values())).shape[0]
         ind = torch.from_numpy(indicators(run.stats_labels[offset : offset + T], F))
-        cc.update(codes, ind)
-        stats.update(codes)
+        for k, c in codes.items():
+            ind_cc[k].update(c, ind)
+            stats[k].update(c)
+        for (sa, sb), cc in cross.items():
+            cc.update(codes[("A0", sa)], codes[("B0", sb)])
         offset += T
-    bm = cc.best_match()
-    # best_match's "b" side is the indicators: for each planted feature, its best latent.
-    return bm.match_b.cpu(), bm.max_corr_b.cpu(), stats.density.cpu(), offset
+    best = {}
+    for k, cc in ind_cc.items():
+        bm = cc.best_match()  # its "b" side is the indicators: for each planted feature, its best latent
+        best[k] = (bm.match_b.cpu(), bm.max_corr_b.cpu(), stats[k].density.cpu())
+    return _TruthPass(best, {k: cc.best_match() for k, cc in cross.items()}, offset)
 
 
-def _site_truth(run: PlantedRun, report: TestReport, label: str, site: str) -> tuple[dict, torch.Tensor]:
-    """One site: the test's density of each planted feature's best latent against the truth.
-
-    -> (the site's entry of planted.json, the best latent of each planted feature [F])"""
+def _site_truth(run: PlantedRun, report: TestReport, tp: _TruthPass, label: str, site: str) -> dict:
+    """One site: the test's density of each planted feature's best latent against the truth."""
     spec, tau, p_true = run.spec, run.config.thresholds.tau, run.spec.densities
-    latent, corr, dens_here, n = _best_latents(run, label, site)
-    dens = report.arrays[f"density/{label}/{site}"].cpu()
+    latent, corr, dens, n = *tp.best[(label, site)], tp.tokens
+    tested = report.arrays.get(f"density/{label[0]}/{site}")
     # Same tokens, same dictionary: the test's densities must equal this pass's.
-    if not torch.allclose(dens.double(), dens_here.double(), atol=1e-9):
+    if tested is not None and not torch.allclose(tested.cpu().double(), dens.double(), atol=1e-9):
         raise RuntimeError(f"{label} {site}: the test measured other densities than the truth pass")
     labels = run.stats_labels[:n]
     realised = np.bincount(labels[labels >= 0], minlength=spec.n_features) / n
@@ -249,7 +232,7 @@ def _site_truth(run: PlantedRun, report: TestReport, label: str, site: str) -> t
         }
         for f in range(spec.n_features)
     ]
-    entry = {
+    return {
         "model": label,
         "site": site,
         "tokens": n,
@@ -260,22 +243,26 @@ def _site_truth(run: PlantedRun, report: TestReport, label: str, site: str) -> t
         "median_rel_error_at_tau": _median(rel[at_tau]),
         "features": features,
     }
-    return entry, latent
+
+
+def _primary_sites(run: PlantedRun, data: dict) -> dict[str, list[str]]:
+    """The primary pair's sites, as the report lists them (the config's where it does not)."""
+    return {
+        lab: [r["site"] for r in data.get("sites", {}).get(lab[0], [])] or list(run.specs[lab].sites or [])
+        for lab in PRIMARY
+    }
 
 
 def compare_with_truth(run: PlantedRun, report: TestReport) -> dict:
     """The test's numbers against the planted ones (see the module docstring)."""
     spec, tau = run.spec, run.config.thresholds.tau
     data = report.data
-    sites = []
-    best: dict[tuple[str, str], torch.Tensor] = {}
-    for label in ("A", "B"):
-        for row in data["sites"][label]:
-            entry, best[(label, row["site"])] = _site_truth(run, report, label, row["site"])
-            sites.append(entry)
+    site_names = _primary_sites(run, data)
+    tp = _truth_pass(run, site_names, [(p["site_a"], p["site_b"]) for p in data["pairs"]])
+    sites = [_site_truth(run, report, tp, lab, s) for lab in PRIMARY for s in site_names[lab]]
     errors = np.array([f["rel_error"] for s in sites for f in s["features"] if f["represented"]])
     errors_tau = np.array([f["rel_error"] for s in sites for f in s["features"] if f["corr"] >= tau])
-    pairs = [_pair_truth(p, best, report, tau, spec.n_features) for p in data["pairs"]]
+    pairs = [_pair_truth(p, tp, tau, spec.n_features, run.absent) for p in data["pairs"]]
     summary = {
         "density": {
             "target_median_rel_error": DENSITY_TARGET,
@@ -295,29 +282,35 @@ def compare_with_truth(run: PlantedRun, report: TestReport) -> dict:
             "pairs": pairs,
             "pass": bool(pairs) and all(p["well_above_baseline"] for p in pairs),
         },
+        "universality": _universality(data),
     }
     return {"sites": sites, "summary": summary}
 
 
-def _pair_truth(pair: dict, best: dict, report: TestReport, tau: float, F: int) -> dict:
+def _universality(data: dict) -> dict:
+    """What the test decided on universality: the verdict's decision, each depth pair's, and
+    the family's relative-universality rows (judged against the mode by ``commands.planted``)."""
+    pairs = data["pairs"]
+    return {
+        "verdict": data["verdict"].get("universality"),
+        "pairs": [{"site_a": p["site_a"], "site_b": p["site_b"]} | (p.get("universality") or {}) for p in pairs],
+        "relative": (data.get("family") or {}).get("relative_universality", []),
+    }
+
+
+def _pair_truth(pair: dict, tp: _TruthPass, tau: float, F: int, absent: tuple[int, ...]) -> dict:
     """One depth pair: matched fraction vs baseline, and what the test did with planted features."""
     sa, sb = pair["site_a"], pair["site_b"]
-    la, lb = best[("A", sa)], best[("B", sb)]
-    key = f"{sa}__{sb}"
-    corr_a = report.arrays[f"max_corr/{key}/a"]
-    meas = report.measurements
-    i = next(k for k, s in enumerate(meas.a.sites) if s.site == sa)
-    j = next(k for k, s in enumerate(meas.b.sites) if s.site == sb)
-    bm = meas.cross[(i, j)].best_match()
-    pa = report.arrays[f"density/A/{sa}"]
-    pb = report.arrays[f"density/B/{sb}"]
-    same, logr = 0, []
+    (la, _, pa), (lb, _, pb) = tp.best[("A0", sa)], tp.best[("B0", sb)]
+    bm = tp.cross[(sa, sb)]
+    same, same_absent, logr = 0, 0, []
     for f in range(F):
         a, b = int(la[f]), int(lb[f])
         # The test matches planted feature f across the models when A's latent for f has
         # B's latent for f as its best match, above τ.
-        if int(bm.match_a[a]) == b and float(corr_a[a]) >= tau:
+        if int(bm.match_a[a]) == b and float(bm.max_corr_a[a]) >= tau:
             same += 1
+            same_absent += f in absent
             if pa[a] > 0 and pb[b] > 0:
                 logr.append(math.log(float(pb[b]) / float(pa[a])))
     mf, bf = pair["matched_fraction_a"], pair["baseline_fraction_a"]
@@ -331,6 +324,9 @@ def _pair_truth(pair: dict, best: dict, report: TestReport, tau: float, F: int) 
         "well_above_baseline": mf - bf >= MATCH_MARGIN and mf >= MATCH_RATIO * bf,
         "planted_matched": same,
         "planted_features": F,
+        # Features B never saw cannot be shared: a match among them is a false one.
+        "planted_matched_absent": same_absent,
+        "planted_absent": len(absent),
         "planted_median_log_ratio": _median(np.array(logr)) if logr else None,
         "test_median_log_ratio": pair["median_log_ratio"],
     }
@@ -349,30 +345,45 @@ def _quantiles(x: np.ndarray) -> dict | None:
 
 # ----------------------------------------------------------------------------- entry point
 def run_planted(out_dir: str, quick: bool = False, seed: int = 0, progress: bool = True) -> dict:
+    """One universal-mode run (see :func:`run_planted_mode`); -> the planted.json dict."""
+    return run_planted_mode(out_dir, QUICK if quick else FULL, seed, progress)[0]
+
+
+def run_planted_mode(
+    out_dir: str,
+    size: PlantedSize,
+    seed: int = 0,
+    progress: bool = True,
+    mode: str = "universal",
+    shared: PlantedRun | None = None,
+) -> tuple[dict, PlantedRun]:
     """Build, test and compare with the truth; writes planted.json, planted.md and the test's
-    report (report.json/md/html) into ``out_dir``; returns the planted.json dict."""
+    report (report.json/md/html) into ``out_dir``; -> (the planted.json dict, the run, whose
+    family-A models a run of the other mode at the same seed can reuse via ``shared``)."""
     t0 = time.time()
-    size = QUICK if quick else FULL
-    run = prepare_planted(out_dir, size, seed, progress)
+    run = prepare_planted(out_dir, size, seed, mode, progress, shared)
     t_prep = time.time() - t0
-    report = run_test(run.config, run.models["A"], run.models["B"], progress=progress)
+    report = run_test(run.config, progress=progress)
     report.write(out_dir)
     truth = compare_with_truth(run, report)
     data = report.data
     result = {
         "what": "the superposition-versus-universality test on planted ground truth",
-        "quick": quick,
+        "quick": size == QUICK,
         "seed": seed,
+        "mode": mode,
+        "absent_features": list(run.absent),
         "planted": asdict(run.spec) | {"p_f": run.spec.densities.tolist(), "vocab_size": run.spec.vocab_size},
         "models": {
             k: {
                 "name": data["models"][k]["name"],
                 "non_embedding_params": data["models"][k]["non_embedding_params"],
-                "train_loss": run.lm_loss[k],
+                "train_loss": run.lm_loss[k + "0"],
                 "eval_loss": data["models"][k]["eval_loss"]["value"],
             }
             for k in ("A", "B")
         },
+        "train_loss": run.lm_loss,
         "dictionaries": run.sae_summary,
         "verdict": data["verdict"]["outcome"],
         **truth,
@@ -380,7 +391,7 @@ def run_planted(out_dir: str, quick: bool = False, seed: int = 0, progress: bool
     }
     write_text(os.path.join(out_dir, "planted.json"), json.dumps(result, indent=2))
     write_text(os.path.join(out_dir, "planted.md"), planted_markdown(result))
-    return result
+    return result, run
 
 
 def planted_markdown(r: dict, level: int = 1) -> str:
@@ -399,7 +410,10 @@ def planted_markdown(r: dict, level: int = 1) -> str:
             f"{m['name']}, {m['non_embedding_params']:,} non-embedding parameters, eval loss {m['eval_loss']:.3f}"
             for m in r["models"].values()
         )
-        + f". Test verdict on the pair: `{r['verdict']}`.",
+        + f". Test verdict on the primary pair: `{r['verdict']}`.",
+        "",
+        f"Planting mode: **{r.get('mode', 'universal')}** (features absent from family B's training data: "
+        f"{', '.join(map(str, r.get('absent_features', []))) or 'none'}).",
         "",
         f"{h}# Densities",
         "",
@@ -434,31 +448,38 @@ def planted_markdown(r: dict, level: int = 1) -> str:
     for f in range(pl["n_features"]):
         cells = [f"{v['features'][f]['p_measured']:.2e} ({v['features'][f]['corr']:.2f})" for v in firsts.values()]
         lines.append(f"| {f} | {pl['p_f'][f]:.2e} | " + " | ".join(cells) + " |")
-    lines += _universality_markdown(s["matching"], h)
+    lines += _universality_markdown(s["matching"], s.get("universality"), h)
     return "\n".join(lines)
 
 
-def _universality_markdown(m: dict, h: str) -> list[str]:
-    """The matching half of planted.md: matched fraction against baseline, per depth pair."""
+def _universality_markdown(m: dict, u: dict | None, h: str) -> list[str]:
+    """The matching half of planted.md: the calibrated decision, and matched fraction against
+    baseline per depth pair."""
+    v = (u or {}).get("verdict") or {}
+    um = v.get("U_min") or {}
     lines = [
         "",
         f"{h}# Universality",
         "",
-        "Every planted feature is shared by construction. Matched fraction of A's alive latents (ρ* ≥ τ) against "
-        "the token-shuffled baseline; planted features whose two latents the test matches to each other; and "
-        "the ln density ratio of those (truth: 0).",
+        f"Verdict: `{v.get('outcome')}` ({'calibrated' if v.get('calibrated') else 'uncalibrated'}); U_min "
+        f"{format_number(um.get('value'))} [{format_number(um.get('lo'))}, {format_number(um.get('hi'))}]. "
+        f"{v.get('reason') or ''}",
         "",
-        "| site A | site B | matched | baseline | well above | planted matched | median ln ratio (planted) | "
-        "test's median ln ratio [CI] |",
+        "Matched fraction of A's alive latents (ρ* ≥ τ) against the token-shuffled baseline; planted features "
+        "whose two latents the test matches to each other (of them, absent from B's training data: truth 0); "
+        "and the ln density ratio of those (truth: 0).",
+        "",
+        "| site A | site B | matched | baseline | well above | planted matched (absent) | "
+        "median ln ratio (planted) | test's median ln ratio [CI] |",
         "|---|---|---|---|---|---|---|---|",
     ]
     for p in m["pairs"]:
         t = p["test_median_log_ratio"] or {}
         lines.append(
             f"| {p['site_a']} | {p['site_b']} | {p['matched_fraction_a']:.2f} | {p['baseline_fraction_a']:.2f} | "
-            f"{'yes' if p['well_above_baseline'] else 'no'} | {p['planted_matched']}/{p['planted_features']} | "
-            f"{format_number(p['planted_median_log_ratio'])} | {format_number(t.get('value'))} "
-            f"[{format_number(t.get('lo'))}, {format_number(t.get('hi'))}] |"
+            f"{'yes' if p['well_above_baseline'] else 'no'} | {p['planted_matched']}/{p['planted_features']} "
+            f"({p['planted_matched_absent']}/{p['planted_absent']}) | {format_number(p['planted_median_log_ratio'])}"
+            f" | {format_number(t.get('value'))} [{format_number(t.get('lo'))}, {format_number(t.get('hi'))}] |"
         )
     lines += [
         "",

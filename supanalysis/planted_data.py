@@ -12,6 +12,12 @@ The stream is generated as *slots*: a slot is one background token or one two-to
 signature. With slot probabilities q_f = p_f / (1 − P), P = Σ p_f, the expected fraction
 of positions holding a_f is exactly p_f (a slot covers 1 + Q positions on average,
 Q = Σ q_f = P / (1 − P)), and the background takes 1 − 2P of the positions.
+
+Planting modes (:func:`family_streams`) build the two-sided test of the test: in
+``"universal"`` both model families train on streams where every feature occurs; in
+``"non-universal"`` the second family's stream omits half of the features (their slots have
+probability 0, so neither a_f nor b_f ever appears), while every model is measured on the same
+test tokens, which hold all features.
 """
 
 from __future__ import annotations
@@ -21,8 +27,15 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from .config import SAETraining
+
 #: label of a position where no planted feature fires (background or an outcome token)
 NO_FEATURE = -1
+#: the planting modes: every feature shared, or half of them absent from family B's training data
+MODES = ("universal", "non-universal")
+#: the family of one planted run, in run_test's order (primary pair first): (shape, seed label)
+FAMILY = (("A", "0"), ("B", "0"), ("A", "1"), ("B", "1"))
+PRIMARY = ("A0", "B0")
 
 
 @dataclass(frozen=True)
@@ -77,12 +90,20 @@ class PlantedSpec:
         return math.log10(self.p_max / self.p_min)
 
 
-def generate(spec: PlantedSpec, n_tokens: int, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
-    """``n_tokens`` token ids (uint16) and their labels (int16: the feature firing there, else -1)."""
+def generate(
+    spec: PlantedSpec, n_tokens: int, seed: int = 0, absent: tuple[int, ...] = ()
+) -> tuple[np.ndarray, np.ndarray]:
+    """``n_tokens`` token ids (uint16) and their labels (int16: the feature firing there, else -1).
+
+    absent: features that never fire in this stream; the others keep their p_f.
+    """
     if n_tokens < 1:
         raise ValueError(f"n_tokens must be positive, got {n_tokens}")
+    if any(not 0 <= f < spec.n_features for f in absent):
+        raise ValueError(f"absent features must lie in [0, {spec.n_features}), got {absent}")
     rng = np.random.default_rng(seed)
-    p = spec.densities
+    p = spec.densities.copy()
+    p[list(absent)] = 0.0
     P = float(p.sum())
     q = p / (1.0 - P)
     ranks = np.arange(1, spec.background + 1, dtype=np.float64)
@@ -118,3 +139,70 @@ def indicators(labels: np.ndarray, n_features: int) -> np.ndarray:
     on = labels >= 0
     out[np.nonzero(on)[0], labels[on]] = 1.0
     return out
+
+
+def absent_features(spec: PlantedSpec, mode: str) -> tuple[int, ...]:
+    """The features family B never sees in ``mode``: none, or every other one (1, 3, 5, ...),
+    so the absent half spans the whole density range."""
+    if mode not in MODES:
+        raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
+    return tuple(range(1, spec.n_features, 2)) if mode == "non-universal" else ()
+
+
+@dataclass
+class FamilyStreams:
+    """The token streams of one planted run (uint16 tokens, int16 labels).
+
+    train_a / train_b: training streams of family A and family B [n_train]; labels_b: B's labels.
+    test / test_labels: the measurement tokens every model sees [n_test]; all features occur.
+    absent: the features missing from train_b.
+    """
+
+    train_a: np.ndarray
+    train_b: np.ndarray
+    labels_b: np.ndarray
+    test: np.ndarray
+    test_labels: np.ndarray
+    absent: tuple[int, ...]
+
+
+def family_streams(spec: PlantedSpec, mode: str, n_train: int, n_test: int, seed: int = 0) -> FamilyStreams:
+    """Deterministic streams for ``mode``: A's training stream and the test tokens are one draw
+    (train | test), B's training stream an independent draw with its absent features removed."""
+    absent = absent_features(spec, mode)
+    tokens, labels = generate(spec, n_train + n_test, seed=seed)
+    # Seeded apart from A's draw: in both modes family B trains on tokens family A never saw.
+    train_b, labels_b = generate(spec, n_train, seed=seed + 1_000_003, absent=absent)
+    return FamilyStreams(tokens[:n_train], train_b, labels_b, tokens[n_train:], labels[n_train:], absent)
+
+
+@dataclass(frozen=True)
+class PlantedSize:
+    """Sizes of one planted run (the full one and --quick share every code path)."""
+
+    spec: PlantedSpec
+    shape_a: tuple[int, int, int]  # (n_layers, d_model, n_heads)
+    shape_b: tuple[int, int, int]
+    lm_tokens: int  # training stream of the language models
+    lm_steps: int
+    sae: SAETraining
+    eval_tokens: int
+    stats_tokens: int
+    match_tokens: int
+    bootstrap: int
+    sites_b: tuple[str, ...] | None = None  # None: every layer of B
+    seq_len: int = 64
+
+
+# Model A wide-shallow, B narrow-deep, 12·L·d² equal. Densities span 2 decades (full) / 1.7 (quick).
+FULL = PlantedSize(
+    PlantedSpec(n_features=16, p_min=5e-4, p_max=0.05, background=32), (2, 64, 4), (8, 32, 4),
+    lm_tokens=2_000_000, lm_steps=1500, sae=SAETraining(expansion=4, k=4, tokens=400_000, batch_size=128, lr=1e-2),
+    eval_tokens=20_000, stats_tokens=200_000, match_tokens=100_000, bootstrap=1000,
+)  # fmt: skip
+QUICK = PlantedSize(
+    PlantedSpec(n_features=16, p_min=1e-3, p_max=0.05, background=16), (1, 32, 2), (4, 16, 2),
+    lm_tokens=400_000, lm_steps=400, sae=SAETraining(expansion=4, k=4, tokens=150_000, batch_size=128, lr=1e-2),
+    eval_tokens=2_000, stats_tokens=40_000, match_tokens=20_000, bootstrap=200,
+    sites_b=("resid_post.3",),
+)  # fmt: skip

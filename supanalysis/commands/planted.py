@@ -1,31 +1,169 @@
-"""``supanalysis planted``: the whole test on planted ground truth, compared with the truth."""
+"""``supanalysis planted``: the test of the test, on planted ground truth.
+
+``--seeds N`` runs, at N independent seeds, both planting modes of
+:mod:`supanalysis.planted_data` (every feature shared; half of them absent from family B's
+training data), each a full :func:`~supanalysis.planted.run_planted_mode`, and tabulates the
+truth against the verdict's universality outcome (a confusion table, with U_min per run).
+The universal and non-universal runs of one seed share family A's models, whose data does
+not depend on the mode. Exit status 0 when the table meets its target (:func:`meets_target`).
+"""
 
 from __future__ import annotations
 
 import argparse
+import json
+import math
 import os
+import time
 
 from .demo import add_run_verb
+
+#: the verdict's universality outcome each planting mode must produce
+EXPECTED = {"universal": "universal_within_reproducibility", "non-universal": "non_universal_features"}
+#: seeds of consecutive runs lie this far apart: a run uses seed .. seed + 3 for its four models
+SEED_STRIDE = 10
+#: full setting: at least this fraction of the runs of each mode judged correctly
+FULL_TARGET = 0.9
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
     """Add the ``planted`` sub-command."""
-    add_run_verb(subparsers, "planted", "the whole test on planted ground truth, compared with the truth",
-                 "supanalysis-out/planted", "smaller everything, same code path (about a minute)", run)  # fmt: skip
+    what = "the test of the test: planted universal and non-universal features"
+    p = add_run_verb(subparsers, "planted", what, "supanalysis-out/planted", "smaller everything, same code path", run)
+    p.add_argument("--seeds", type=int, default=1, help="runs per planting mode (default: %(default)s)")
+
+
+def judge_run(result: dict) -> dict:
+    """One run's planted.json -> its row of the table: truth, outcome, correct, U_min."""
+    mode = result["mode"]
+    v = (result["summary"].get("universality") or {}).get("verdict") or {}
+    u = v.get("U_min") or {}
+    pairs = result["summary"]["matching"]["pairs"]
+    return {
+        "seed": result["seed"],
+        "truth": mode,
+        "outcome": v.get("outcome"),
+        "correct": v.get("outcome") == EXPECTED[mode],
+        "calibrated": bool(v.get("calibrated")),
+        "U_min": u.get("value"),
+        "U_min_lo": u.get("lo"),
+        "U_min_hi": u.get("hi"),
+        "planted_matched": sum(p["planted_matched"] for p in pairs),
+        "planted_matched_absent": sum(p["planted_matched_absent"] for p in pairs),
+        "density_median_rel_error": result["summary"]["density"]["median_rel_error"],
+        "seconds": result["seconds"]["total"],
+    }
+
+
+def confusion_table(rows: list[dict]) -> dict:
+    """Truth (planting mode) against outcome over the judged runs.
+
+    -> {"matrix": {truth: {outcome: count}}, "runs", "correct": {truth: count},
+        "mean_U_min": {truth: mean of the runs' U_min values, or None}}; an outcome that is
+    missing counts under "none" and as wrong."""
+    outcomes = [*EXPECTED.values(), "none"]
+    table = {"matrix": {}, "runs": {}, "correct": {}, "mean_U_min": {}}
+    for truth in EXPECTED:
+        mine = [r for r in rows if r["truth"] == truth]
+        table["matrix"][truth] = {o: sum((r["outcome"] or "none") == o for r in mine) for o in outcomes}
+        table["runs"][truth] = len(mine)
+        table["correct"][truth] = sum(bool(r["correct"]) for r in mine)
+        us = [r["U_min"] for r in mine if r["U_min"] is not None and math.isfinite(r["U_min"])]
+        table["mean_U_min"][truth] = sum(us) / len(us) if us else None
+    return table
+
+
+def meets_target(table: dict, quick: bool) -> tuple[bool, str]:
+    """The table's target.
+
+    Full setting: at least ceil(0.9 n) of the n runs of each mode judged correctly. Quick
+    setting (too small to be judged run by run), the direction on both sides: the
+    non-universal runs' mean U_min below the universal runs', and below 1."""
+    runs, correct, mean_u = table["runs"], table["correct"], table["mean_U_min"]
+    if not all(runs.values()):
+        return False, "a planting mode has no runs"
+    if not quick:
+        need = {t: math.ceil(FULL_TARGET * n) for t, n in runs.items()}
+        ok = all(correct[t] >= need[t] for t in runs)
+        text = "; ".join(f"{t}: {correct[t]}/{runs[t]} correct (need {need[t]})" for t in runs)
+        return ok, text
+    u, n = mean_u["universal"], mean_u["non-universal"]
+    if u is None or n is None:
+        return False, "a planting mode has no finite U_min (uncalibrated verdict?)"
+    ok = n < u and n < 1.0
+    return ok, f"mean U_min: non-universal {n:.3f}, universal {u:.3f} (need non-universal < universal and < 1)"
+
+
+def run_seeds(out: str, seeds: int, quick: bool = False, seed: int = 0, progress: bool = True) -> dict:
+    """``seeds`` runs of each planting mode into ``out``/seed-<s>/<mode>; writes planted.json
+    and planted.md (the table) into ``out`` and returns the planted.json dict."""
+    from ..durable import write_text
+    from ..planted import FULL, QUICK, run_planted_mode
+
+    if seeds < 1:
+        raise ValueError(f"--seeds must be at least 1, got {seeds}")
+    t0, size, rows = time.time(), (QUICK if quick else FULL), []
+    for i in range(seeds):
+        s = seed + SEED_STRIDE * i
+        shared = None
+        for mode in EXPECTED:
+            folder = os.path.join(out, f"seed-{s}", mode)
+            result, run = run_planted_mode(folder, size, s, progress, mode, shared)
+            shared = shared or run
+            rows.append(judge_run(result) | {"folder": os.path.relpath(folder, out)})
+    table = confusion_table(rows)
+    ok, why = meets_target(table, quick)
+    summary = {"what": "the test of the test on planted universal and non-universal features", "quick": quick,
+               "seeds": seeds, "table": table, "meets_target": ok, "target": why, "runs": rows,
+               "seconds": round(time.time() - t0, 1)}  # fmt: skip
+    write_text(os.path.join(out, "planted.json"), json.dumps(summary, indent=2))
+    write_text(os.path.join(out, "planted.md"), seeds_markdown(summary))
+    return summary
+
+
+def seeds_markdown(summary: dict) -> str:
+    """The confusion table and the runs behind it, as Markdown."""
+    from ..planted import format_number
+
+    table, outcomes = summary["table"], [*EXPECTED.values(), "none"]
+    lines = [
+        "# The test of the test: planted universal and non-universal features",
+        "",
+        f"{summary['seeds']} seed(s) per planting mode ({'quick' if summary['quick'] else 'full'} setting). "
+        "Rows: the truth; columns: the verdict's universality outcome.",
+        "",
+        "| truth \\ verdict | " + " | ".join(outcomes) + " | correct | mean U_min |",
+        "|---|" + "---|" * (len(outcomes) + 2),
+    ]
+    for truth, counts in table["matrix"].items():
+        cells = " | ".join(str(counts[o]) for o in outcomes)
+        lines.append(
+            f"| {truth} | {cells} | {table['correct'][truth]}/{table['runs'][truth]} | "
+            f"{format_number(table['mean_U_min'][truth])} |"
+        )
+    lines += [
+        "",
+        f"Target: {summary['target']}: **{'met' if summary['meets_target'] else 'NOT met'}**.",
+        "",
+        "| seed | truth | outcome | calibrated | U_min [CI] | planted matched (absent) | density error | s | run |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
+    for r in summary["runs"]:
+        lines.append(
+            f"| {r['seed']} | {r['truth']} | {r['outcome']} | {'yes' if r['calibrated'] else 'no'} | "
+            f"{format_number(r['U_min'])} [{format_number(r['U_min_lo'])}, {format_number(r['U_min_hi'])}] | "
+            f"{r['planted_matched']} ({r['planted_matched_absent']}) | "
+            f"{format_number(r['density_median_rel_error'])} | {r['seconds']} | "
+            f"[{r['folder']}]({r['folder']}/planted.md) |"
+        )
+    return "\n".join(lines) + "\n"
 
 
 def run(args: argparse.Namespace) -> int:
-    """Run it and print the density and matching outcomes in a few lines."""
-    from ..planted import format_number, run_planted
-
-    r = run_planted(args.out, quick=args.quick, seed=args.seed, progress=not args.no_progress)
-    d, m = r["summary"]["density"], r["summary"]["matching"]
-    print(
-        f"densities: {d['represented']}/{d['of']} represented, median relative error "
-        f"{format_number(d['median_rel_error'])} ({'pass' if d['pass'] else 'FAIL'})"
-    )
-    for p in m["pairs"]:
-        print(f"{p['site_a']} ~ {p['site_b']}: matched {p['matched_fraction_a']:.2f} vs baseline "
-              f"{p['baseline_fraction_a']:.2f}")  # fmt: skip
-    print(f"report: {os.path.join(args.out, 'planted.md')} ({r['seconds']['total']} s)")
-    return 0
+    """Run the seeds, print the table; 0 when it meets its target, else 1."""
+    summary = run_seeds(args.out, args.seeds, quick=args.quick, seed=args.seed, progress=not args.no_progress)
+    print(seeds_markdown(summary).split("\n\n| seed")[0])
+    for r in summary["runs"]:
+        print(f"seed {r['seed']} {r['truth']}: {r['outcome']} U_min {r['U_min']} ({r['seconds']} s)")
+    print(f"report: {os.path.join(args.out, 'planted.md')} ({summary['seconds']} s)")
+    return 0 if summary["meets_target"] else 1

@@ -7,8 +7,9 @@ import json
 import numpy as np
 import pytest
 
-from supanalysis.planted import DENSITY_TARGET, REPRESENTED_CORR, run_planted
-from supanalysis.planted_data import NO_FEATURE, PlantedSpec, generate, indicators
+from supanalysis.commands.planted import EXPECTED, confusion_table, judge_run, meets_target, run_seeds, seeds_markdown
+from supanalysis.planted import DENSITY_TARGET, REPRESENTED_CORR
+from supanalysis.planted_data import NO_FEATURE, PlantedSpec, absent_features, family_streams, generate, indicators
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # see conftest.py
 
@@ -58,19 +59,137 @@ def test_spec_errors(kwargs, match):
         generate(PlantedSpec(), 0)
 
 
-def test_quick_planted_run_compares_the_test_with_the_truth(tmp_path):
-    # Two equal-parameter TinyTransformers (L=1, d=32 and L=4, d=16) on planted data, a TopK SAE
-    # per site, the full run_test, then the comparison with the planted truth.
+def test_family_streams_universal_mode_plants_every_feature_everywhere():
+    spec = PlantedSpec(n_features=8, p_min=2e-3, p_max=0.05, background=16)
+    fs = family_streams(spec, "universal", 300_000, 100_000, seed=2)
+    assert fs.absent == () and absent_features(spec, "universal") == ()
+    for lab in (fs.labels_b, fs.test_labels):
+        assert set(np.unique(lab[lab >= 0])) == set(range(8))
+    assert fs.train_a.shape == fs.train_b.shape == (300_000,) and fs.test.shape == fs.test_labels.shape == (100_000,)
+    # A's training stream and the test tokens are one draw (train | test); B's is another.
+    tok, lab = generate(spec, 400_000, seed=2)
+    np.testing.assert_array_equal(fs.train_a, tok[:300_000])
+    np.testing.assert_array_equal(fs.test_labels, lab[300_000:])
+    assert not np.array_equal(fs.train_a, fs.train_b)
+    # Deterministic for a seed.
+    again = family_streams(spec, "universal", 300_000, 100_000, seed=2)
+    np.testing.assert_array_equal(again.train_b, fs.train_b)
+
+
+def test_family_streams_non_universal_mode_hides_half_the_features_from_b_only():
+    spec = PlantedSpec(n_features=8, p_min=2e-3, p_max=0.05, background=16)
+    fs = family_streams(spec, "non-universal", 300_000, 100_000, seed=3)
+    assert fs.absent == absent_features(spec, "non-universal") == (1, 3, 5, 7)
+    absent_tokens = [spec.trigger(f) for f in fs.absent] + [spec.outcome(f) for f in fs.absent]
+    # Neither the trigger nor the outcome of an absent feature ever occurs in B's training tokens...
+    assert not np.isin(fs.train_b, absent_tokens).any()
+    assert set(np.unique(fs.labels_b[fs.labels_b >= 0])) == {0, 2, 4, 6}
+    # ...while A's training tokens and the test tokens every model is measured on hold them all.
+    assert set(np.unique(fs.test_labels[fs.test_labels >= 0])) == set(range(8))
+    assert np.isin(fs.train_a, absent_tokens).any() and np.isin(fs.test, absent_tokens).any()
+    # The present features keep their planted densities in B's stream (4 standard errors).
+    p, n = spec.densities, fs.labels_b.size
+    realised = np.bincount(fs.labels_b[fs.labels_b >= 0], minlength=8) / n
+    present = [0, 2, 4, 6]
+    assert np.all(np.abs(realised[present] - p[present]) <= 4 * np.sqrt(p[present] / n)), realised
+    # A's stream and the test tokens are the universal mode's, so family A is the same in both modes.
+    uni = family_streams(spec, "universal", 300_000, 100_000, seed=3)
+    np.testing.assert_array_equal(uni.train_a, fs.train_a)
+    np.testing.assert_array_equal(uni.test, fs.test)
+    with pytest.raises(ValueError, match="mode"):
+        absent_features(spec, "sometimes")
+    with pytest.raises(ValueError, match="absent"):
+        generate(spec, 10, absent=(8,))
+
+
+def _row(truth: str, outcome: str | None, u: float | None) -> dict:
+    return {"truth": truth, "outcome": outcome, "correct": outcome == EXPECTED[truth], "U_min": u}
+
+
+def test_confusion_table_counts_truth_against_verdict():
+    rows = [_row("universal", "universal_within_reproducibility", 0.95)] * 9
+    rows += [_row("universal", "non_universal_features", 0.7)]
+    rows += [_row("non-universal", "non_universal_features", 0.5)] * 8
+    rows += [_row("non-universal", "universal_within_reproducibility", 0.9), _row("non-universal", None, None)]
+    t = confusion_table(rows)
+    assert t["matrix"]["universal"] == {"universal_within_reproducibility": 9, "non_universal_features": 1, "none": 0}
+    assert t["matrix"]["non-universal"] == {
+        "universal_within_reproducibility": 1,
+        "non_universal_features": 8,
+        "none": 1,
+    }
+    assert t["runs"] == {"universal": 10, "non-universal": 10}
+    assert t["correct"] == {"universal": 9, "non-universal": 8}
+    assert t["mean_U_min"]["universal"] == pytest.approx((9 * 0.95 + 0.7) / 10)
+    assert t["mean_U_min"]["non-universal"] == pytest.approx((8 * 0.5 + 0.9) / 9)  # the missing U is left out
+    # Full target: 9/10 per side; the non-universal side has 8, so it fails, and passes with one more.
+    ok, why = meets_target(t, quick=False)
+    assert not ok and "non-universal: 8/10" in why
+    rows[-1] = _row("non-universal", "non_universal_features", 0.4)
+    assert meets_target(confusion_table(rows), quick=False)[0]
+    # Quick target: the direction, judged on mean U_min.
+    assert meets_target(t, quick=True)[0]
+    flipped = [_row("universal", "universal_within_reproducibility", 0.5), _row("non-universal", "x", 0.8)]
+    assert not meets_target(confusion_table(flipped), quick=True)[0]
+    above_one = [_row("universal", "universal_within_reproducibility", 1.3), _row("non-universal", "x", 1.1)]
+    assert not meets_target(confusion_table(above_one), quick=True)[0]
+    assert not meets_target(confusion_table(rows[:10]), quick=True)[0]  # a mode without runs
+    assert not meets_target(confusion_table([_row("universal", None, None), _row("non-universal", None, None)]), True)[
+        0
+    ]
+
+
+def test_seeds_markdown_and_judge_run():
+    result = {
+        "mode": "non-universal",
+        "seed": 10,
+        "seconds": {"total": 12.0},
+        "summary": {
+            "universality": {"verdict": {"outcome": "non_universal_features", "calibrated": True,
+                                         "U_min": {"value": 0.55, "lo": 0.4, "hi": 0.7, "n": 20, "level": 0.95}}},
+            "matching": {"pairs": [{"planted_matched": 5, "planted_matched_absent": 1}]},
+            "density": {"median_rel_error": 0.1},
+        },
+    }  # fmt: skip
+    r = judge_run(result)
+    assert r["correct"] and r["U_min"] == 0.55 and r["U_min_hi"] == 0.7 and r["planted_matched_absent"] == 1
+    uni = judge_run(result | {"mode": "universal"})
+    assert not uni["correct"]
+    t = confusion_table([r | {"folder": "a"}, uni | {"folder": "b"}])
+    ok, why = meets_target(t, quick=False)
+    md = seeds_markdown({"seeds": 1, "quick": False, "table": t, "meets_target": ok, "target": why,
+                         "runs": [r | {"folder": "a"}, uni | {"folder": "b"}]})  # fmt: skip
+    assert "| non-universal | 0 | 1 | 0 | 1/1 | 0.55 |" in md and "**NOT met**" in md
+
+
+def test_quick_planted_seeds_run_compares_both_plantings_with_the_truth(tmp_path):
+    # One seed of each planting mode at the quick size: a family of four TinyTransformers (two
+    # shapes of equal 12·L·d², two seeds each) on planted data, a TopK SAE per site, one
+    # run_test, then the comparison with the planted truth and the confusion table.
     #
-    # What the quick size supports on every machine is asserted here: the comparison is made
-    # and is consistent, and the models' dictionaries match far above chance. Whether the
-    # density target is met depends on how cleanly these small, briefly trained SAEs separate
-    # the planted features, and that varies between machines and runs (BLAS rounding and
-    # thread counts change the training trajectory): it passed on the Intel machine of
-    # earlier sessions, while on an AMD EPYC the median error was 0.37-0.44 over 9-15
-    # represented features, their best latents also firing weakly on other trigger tokens.
-    # The full run (`supanalysis planted`) is where the target is judged (docs/toy.md).
-    r = run_planted(str(tmp_path), quick=True, progress=False)
+    # What the quick size supports is asserted: the comparison is made and is consistent, and
+    # the universal family's dictionaries match far above chance. The direction of U between
+    # the two plantings is not asserted: at this size the non-universal planting does not
+    # separate from the universal one beyond noise (docs/planted.md says why), so a test of it
+    # would be a coin flip. The confusion table's logic is tested on hand-made runs above.
+    summary = run_seeds(str(tmp_path), 1, quick=True, progress=False)
+    assert isinstance(summary["meets_target"], bool) and summary["target"], summary
+    t = summary["table"]
+    assert t["runs"] == {"universal": 1, "non-universal": 1}
+    assert set(t["mean_U_min"]) == {"universal", "non-universal"}, t
+    for row in summary["runs"]:
+        r = json.loads((tmp_path / row["folder"] / "planted.json").read_text())
+        _check_run(r, tmp_path / row["folder"])
+        if r["mode"] == "universal":
+            for p in r["summary"]["matching"]["pairs"]:
+                assert p["well_above_baseline"], p
+                assert p["matched_fraction_a"] >= p["baseline_fraction_a"] + 0.25, p
+    assert json.loads((tmp_path / "planted.json").read_text())["table"] == json.loads(json.dumps(t))
+    assert "| truth \\ verdict |" in (tmp_path / "planted.md").read_text()
+
+
+def _check_run(r: dict, folder) -> None:
+    """One run's planted.json is consistent with itself and its files."""
     d = r["summary"]["density"]
     assert d["represented"] >= 1, d
     errors = []
@@ -82,15 +201,11 @@ def test_quick_planted_run_compares_the_test_with_the_truth(tmp_path):
                 errors.append(f["rel_error"])
     assert d["median_rel_error"] == pytest.approx(float(np.median(errors)), rel=1e-12)
     assert d["pass"] == (d["median_rel_error"] < DENSITY_TARGET)
-    # Every planted feature is shared, so the models' dictionaries match far above chance.
-    for p in r["summary"]["matching"]["pairs"]:
-        assert p["well_above_baseline"], p
-        assert p["matched_fraction_a"] >= p["baseline_fraction_a"] + 0.25, p
+    assert r["absent_features"] == list(absent_features(PlantedSpec(**{k: r["planted"][k] for k in (
+        "n_features", "p_min", "p_max", "background", "zipf_exponent")}), r["mode"]))  # fmt: skip
     # P1 holds by construction (equal 12·L·d²), and the outputs are all there.
     n = [m["non_embedding_params"] for m in r["models"].values()]
     assert abs(n[0] - n[1]) / max(n) <= 0.05
-    on_disk = json.loads((tmp_path / "planted.json").read_text())
-    assert on_disk["summary"] == json.loads(json.dumps(r["summary"]))
-    md = (tmp_path / "planted.md").read_text()
+    md = (folder / "planted.md").read_text()
     assert "Planted ground truth" in md and ("**pass**" in md or "**FAIL**" in md)
-    assert (tmp_path / "report.json").is_file() and (tmp_path / "config.json").is_file()
+    assert (folder / "report.json").is_file() and (folder / "config.json").is_file()
