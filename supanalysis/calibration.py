@@ -148,7 +148,7 @@ def decide_universality(
         return UniversalityDecision(UNIVERSAL, True, f"{texts}: the CI reaches the ceiling")
     weak = [s for s in sides if fractions[s] < phi or fractions[s] <= baselines.get(s, -math.inf)]
     texts = ", ".join(f"matched fraction {s.upper()} {fractions[s]:.3f}" for s in sides)
-    note = "uncalibrated (no within-shape or dictionary ceiling was measured): "
+    note = "uncalibrated: no within-shape or dictionary ceiling was measured, so the absolute rule decides: "
     if weak:
         return UniversalityDecision(NON_UNIVERSAL, False, f"{note}{texts}; below φ = {phi} or its baseline")
     return UniversalityDecision(UNIVERSAL, False, f"{note}{texts}; at least φ = {phi}")

@@ -56,12 +56,22 @@ class ModelSpec:
     dictionary: ``"neuron"`` (the neuron basis), ``"train"`` (a TopK SAE per site, see
         :class:`SAETraining`), a folder holding one SAELens/sparsify dictionary per site
         in subfolders named after the sites, or a mapping site -> dictionary folder.
+    shape: label of the model's architecture; models sharing it are seeds of one shape, whose
+        matches are the within-shape ceiling (default "": the model's name, so unlabelled
+        models are all different shapes).
+    seed: label of the model's training seed within its shape (for the report only).
     """
 
     path: str = ""
     name: str = ""
     sites: list[str] | None = None
     dictionary: str | dict[str, str] = "neuron"
+    shape: str = ""
+    seed: str = ""
+
+    def shape_label(self, index: int) -> str:
+        """The shape this model belongs to (its own name, or its place in the config, when unlabelled)."""
+        return self.shape or self.name or self.path or f"model {index}"
 
 
 @dataclass
@@ -74,6 +84,8 @@ class Thresholds:
     params_tolerance: P1 holds when |N_A − N_B| / max ≤ this.
     loss_tolerance: P2 holds when the CI of (L_B − L_A)/L_A lies within ± this.
     C: the compressed-sensing constant in n/m ≤ C·g(p).
+    max_fvu: P4 holds when every dictionary's held-out FVU is at most this.
+    max_dead: P4 holds when every dictionary's dead fraction (1 − alive / latents) is at most this.
     """
 
     tau: float = 0.5
@@ -82,6 +94,8 @@ class Thresholds:
     params_tolerance: float = 0.05
     loss_tolerance: float = 0.03
     C: float = 1.0
+    max_fvu: float = 0.1
+    max_dead: float = 0.1
 
     def __post_init__(self) -> None:
         if not -1.0 <= self.tau <= 1.0:
@@ -94,7 +108,7 @@ class Thresholds:
         # had no check at all.
         if not (self.C > 0 and self.C < math.inf):
             raise ValueError(f"C must be a positive finite number, got {self.C}")
-        for name in ("params_tolerance", "loss_tolerance"):
+        for name in ("params_tolerance", "loss_tolerance", "max_fvu", "max_dead"):
             v = getattr(self, name)
             if not 0 <= v < math.inf:
                 raise ValueError(f"{name} must be a finite number >= 0, got {v}")
@@ -105,6 +119,10 @@ class TestConfig:
     """Everything one run of :func:`supanalysis.run_test` needs.
 
     model_a, model_b: the two models (equal parameters, different aspect ratio).
+    models: a family of models instead (several seeds of each shape): every pair is matched on
+        the same tokens, equal-shape pairs give the within-shape ceilings, and the primary pair
+        (the first two models of different shapes) becomes model_a and model_b. Empty: the
+        family is [model_a, model_b].
     tokens: token ids file (.npy / .bin of uint16/uint32) shared by both models.
     token_dtype: dtype of a headerless .bin file (``uint16`` or ``uint32``).
     seq_len, batch_size: sequences fed to the models.
@@ -133,6 +151,7 @@ class TestConfig:
 
     model_a: ModelSpec = field(default_factory=ModelSpec)
     model_b: ModelSpec = field(default_factory=ModelSpec)
+    models: list[ModelSpec] = field(default_factory=list)
     tokens: str = ""
     token_dtype: str | None = None
     seq_len: int = 128
@@ -154,6 +173,7 @@ class TestConfig:
     def __post_init__(self) -> None:
         for name in ("seq_len", "batch_size", "eval_tokens", "stats_tokens", "bootstrap", "match_max_bytes"):
             _positive_int(self, name)
+        self._adopt_family()
         if not isinstance(self.match_tokens, int) or isinstance(self.match_tokens, bool):
             raise ValueError(f"match_tokens must be an int, got {self.match_tokens!r}")
         if not _is_real(self.activation_threshold) or math.isnan(self.activation_threshold):
@@ -179,6 +199,39 @@ class TestConfig:
                 torch.device(self.device)
             except (RuntimeError, TypeError) as exc:
                 raise ValueError(f"device={self.device!r} is not a torch device ({exc})") from None
+
+    def _adopt_family(self) -> None:
+        """With a family, model_a and model_b are its primary pair (given otherwise: refused)."""
+        if not self.models:
+            return
+        if len(self.models) < 2:
+            raise ValueError(f"models must list at least two models, got {len(self.models)}")
+        ia, ib = self.primary_pair()
+        for name, given, member in (
+            ("model_a", self.model_a, self.models[ia]),
+            ("model_b", self.model_b, self.models[ib]),
+        ):
+            if given != ModelSpec() and given != member:
+                raise ValueError(
+                    f"{name} differs from the family's primary pair; give either models or model_a/model_b"
+                )
+        self.model_a, self.model_b = self.models[ia], self.models[ib]
+
+    def model_specs(self) -> list[ModelSpec]:
+        """Every model of the run, in config order (``models``, else ``[model_a, model_b]``)."""
+        return list(self.models) if self.models else [self.model_a, self.model_b]
+
+    def primary_pair(self) -> tuple[int, int]:
+        """Indices into :meth:`model_specs` of A and B: the first model and the first one of
+        another shape after it (a two-model config: always (0, 1))."""
+        specs = self.model_specs()
+        if not self.models:
+            return 0, 1
+        first = specs[0].shape_label(0)
+        other = next((k for k, s in enumerate(specs) if s.shape_label(k) != first), None)
+        if other is None:
+            raise ValueError("models are all of one shape: the test needs at least two shapes")
+        return 0, other
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -217,7 +270,8 @@ class TestConfig:
         except ValueError as exc:
             raise ValueError(f"{path}: {exc}") from exc
         # Relative paths in a config file are relative to the file, not the working directory.
-        for spec in (cfg.model_a, cfg.model_b):
+        specs = {id(s): s for s in (cfg.model_a, cfg.model_b, *cfg.models)}
+        for spec in specs.values():
             if spec.path and not os.path.isabs(spec.path):
                 spec.path = os.path.join(base, spec.path)
         if cfg.tokens and not os.path.isabs(cfg.tokens):
@@ -239,6 +293,11 @@ def _build(cls, data: dict[str, Any], where: str):
     hints = typing.get_type_hints(cls)
     for k, v in data.items():
         sub = _NESTED.get(k) if cls is TestConfig else None
+        if cls is TestConfig and k == "models":
+            if not isinstance(v, list):
+                raise ValueError(f"{where}.models must be a list of model tables, got {v!r}")
+            kwargs[k] = [_build(ModelSpec, m, f"{where}.models[{n}]") for n, m in enumerate(v)]
+            continue
         if sub is None and not _matches(v, hints[k]):
             # Without this, tokens = 5 or path = 5 failed later in os.path with a TypeError that
             # names no field, and any_layer = "no" (truthy) was silently taken as true.

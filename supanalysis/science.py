@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 
 import torch
 
@@ -235,13 +235,35 @@ class Verdict:
     """`Verdict`: the outcome of one site pair, or overall.
 
     outcome: one of the verdict outcomes below
-    reason: why, in words
+    reason: why, in words; starts with "uncalibrated: " when universality was judged by the absolute rule
     numbers: the numbers behind it
+    calibrated: universality was judged against within-shape ceilings (every pair, for the overall verdict)
+    universality: overall only: outcome (majority over the depth pairs), calibrated, U_min (the
+        smallest U over pairs and sides, null without any) and reason; null for a pair's verdict
     """
 
     outcome: str
     reason: str
     numbers: dict = field(default_factory=dict)
+    calibrated: bool = False
+    universality: dict | None = None
+
+
+UNCALIBRATED = "uncalibrated: "
+
+
+def labelled(verdict: Verdict, calibrated: bool, dictionaries: Premise | None = None) -> Verdict:
+    """The verdict marked with what it rests on: "uncalibrated: " first when universality was
+    judged by the absolute rule, and the inadequate dictionaries when premise P4 fails (the
+    verdict stands, so the universality numbers stay visible)."""
+    reason = verdict.reason.removeprefix(UNCALIBRATED)
+    numbers = dict(verdict.numbers)
+    if dictionaries is not None and not dictionaries.holds:
+        reason = f"resting on inadequate dictionaries ({dictionaries.name} fails: {dictionaries.detail}): {reason}"
+        numbers["inadequate_dictionaries"] = True
+    if not calibrated:
+        reason = UNCALIBRATED + reason
+    return replace(verdict, reason=reason, numbers=numbers, calibrated=calibrated)
 
 
 def site_verdict(
@@ -252,13 +274,16 @@ def site_verdict(
     pi: float | None,
     *,
     phi: float = 0.5,
+    universality=None,
 ) -> Verdict:
     """Apply SCIENCE.md's decision rules to one site pair.
 
     matched_fraction: fraction of features with best-match correlation ≥ τ;
     baseline_fraction: the same under the alignment-breaking baseline;
     log_ratio: median of r = ln(p_B(j)/p_A(i)) over matched pairs, with its CI;
-    pi: predicted density ratio p*_B/p*_A (None when σ/C < e at a site).
+    pi: predicted density ratio p*_B/p*_A (None when σ/C < e at a site);
+    universality: the pair's :class:`~supanalysis.calibration.UniversalityDecision` (outcome,
+    calibrated, reason), which then decides the universality step; None: the absolute φ rule.
     """
     nums = {
         "matched_fraction": matched_fraction,
@@ -271,7 +296,12 @@ def site_verdict(
     failed = [p for p in premises if not p.holds]
     if failed:
         return Verdict(PREMISES_NOT_MET, "; ".join(f"{p.name} fails: {p.detail}" for p in failed), nums)
-    if matched_fraction < phi or matched_fraction <= baseline_fraction:
+    if universality is not None:
+        nums["universality_calibrated"] = universality.calibrated
+        if universality.outcome == NON_UNIVERSAL:
+            return Verdict(NON_UNIVERSAL, f"{universality.reason}: the tension is resolved by non-universal features",
+                           nums, universality.calibrated)  # fmt: skip
+    elif matched_fraction < phi or matched_fraction <= baseline_fraction:
         why = (
             f"matched fraction {matched_fraction:.3f} < φ = {phi}"
             if matched_fraction < phi

@@ -66,7 +66,7 @@ def test_low_absolute_match_at_the_ceiling_is_not_called_non_universal():
     # The absolute rule, without the control, would have called it non-universal.
     d0 = decide_universality({"a": float((cross >= 0.5).double().mean())}, {"a": 0.0}, {"a": None})
     assert d0.outcome == NON_UNIVERSAL and not d0.calibrated
-    assert d0.reason.startswith("uncalibrated")
+    assert d0.reason.startswith("uncalibrated: ")
 
 
 def test_paired_bootstrap_is_tighter_for_the_same_features():

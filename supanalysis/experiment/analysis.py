@@ -14,15 +14,17 @@ import datetime as _dt
 import math
 import os
 import platform
-from dataclasses import asdict
+from dataclasses import asdict, replace
 
 import numpy as np
 import torch
 
+from .. import calibration as K
 from .. import science as S
 from ..accumulators import BestMatch
 from ..accumulators.tiled import TiledBestMatch
 from ..config import TestConfig, Thresholds
+from .family import FamilyAnalysis, analyse_family, overall_universality, pair_universality
 from .measurements import Measurements, ModelMeasurement, PairMeasurement, SiteMeasurement
 from .rows import (
     REPORT_SCHEMA,
@@ -58,27 +60,34 @@ def build_report(meas: Measurements, thresholds: Thresholds | None = None) -> tu
         sites[label] = [site_row(label, s, mm.shape.n_layers, th, arrays) for s in mm.sites]
         per_model[label] = per_model_row(sites[label])
     premises = model_premises(meas, th)
+    fam = analyse_family(meas, th)
+    p4 = dictionaries_premise(meas, sites, th)
     pairs, verdicts = [], []
     first_pair_premises = None
     for p in meas.pairs:
         pair_premises = [*premises, site_premise(meas, p, per_model)]
         first_pair_premises = first_pair_premises or pair_premises  # the premise table shows the first pair's P3
-        row = pair_row(meas, p, sites["A"][p.i], sites["B"][p.j], pair_premises, th, arrays)
+        row = pair_row(meas, p, sites["A"][p.i], sites["B"][p.j], pair_premises, th, arrays, fam)
+        row.verdict = S.labelled(row.verdict, row.universality.calibrated, p4)
         pairs.append(row)
         verdicts.append(row.verdict)
     any_layer = any_layer_rows(meas, th) if cfg.any_layer and meas.cross else []
+    universality = overall_universality([r.universality for r in pairs])
+    verdict = S.labelled(S.overall_verdict(verdicts), universality["calibrated"], p4)
+    verdict = replace(verdict, universality=universality)
     report = Report(
         schema=REPORT_SCHEMA,
         created=_dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
         library=library_row(meas),
         config=config_json(cfg, th),
-        verdict=S.overall_verdict(verdicts),
-        premises=first_pair_premises or premises,  # no pairs: still the model-level premises
+        verdict=verdict,
+        premises=[*(first_pair_premises or premises), p4],  # no pairs: still the model-level premises
         models=models,
         per_model=per_model,
         sites=sites,
         pairs=pairs,
         any_layer=any_layer,
+        family=fam.row if fam is not None else None,
         notes=notes(cfg, th),
     )
     return report, arrays
@@ -101,6 +110,24 @@ def model_row(mm: ModelMeasurement, cfg: TestConfig) -> ModelRow:
         aspect_ratio=sh.aspect_ratio,
         eval_loss=S.bootstrap(mm.losses, "mean", n_boot=cfg.bootstrap, seed=cfg.seed),
     )
+
+
+def dictionaries_premise(meas: Measurements, sites: dict[str, list[SiteRow]], th: Thresholds) -> S.Premise:
+    """P4 over every dictionary of every model (the family's, else A's and B's)."""
+    rows = [(label, r) for label in ("A", "B") for r in sites[label]]
+    fm = meas.family
+    if fm is not None:
+        primary = set(fm.primary)
+        for k, mm in enumerate(fm.models):
+            if k not in primary:
+                rows += [(fm.labels[k], site_row(fm.labels[k], s, mm.shape.n_layers, th, {})) for s in mm.sites]
+    quality = [
+        K.DictionaryQuality(f"{label} {r.site}", None, 0.0)
+        if r.dictionary.startswith("neuron basis")
+        else K.DictionaryQuality(f"{label} {r.site}", r.fvu, 1.0 - r.n_alive / max(r.n_latents, 1))
+        for label, r in rows
+    ]
+    return K.premise_adequate_dictionaries(quality, max_fvu=th.max_fvu, max_dead=th.max_dead)
 
 
 def site_row(label: str, s: SiteMeasurement, n_layers: int, th: Thresholds, arrays: Arrays) -> SiteRow:
@@ -136,6 +163,7 @@ def site_row(label: str, s: SiteMeasurement, n_layers: int, th: Thresholds, arra
         welch_bound=s.welch_bound,
         total_sq_cos=s.total_sq_cos,
         fvu=(s.sse / total_var) if (s.sse and total_var > 0) else None,
+        capture_convention=s.capture_convention,
     )
 
 
@@ -201,8 +229,9 @@ def pair_row(
     premises: list[S.Premise],
     th: Thresholds,
     arrays: Arrays,
+    fam: FamilyAnalysis | None = None,
 ) -> PairRow:
-    """One depth pair's matching, density ratio and verdict; adds its arrays."""
+    """One depth pair's matching, density ratio, universality and verdict; adds its arrays."""
     cfg = meas.config
     pa, pb = meas.a.sites[p.i].stats.density.cpu(), meas.b.sites[p.j].stats.density.cpu()
     alive_a, alive_b = pa > th.density_floor, pb > th.density_floor
@@ -215,6 +244,8 @@ def pair_row(
     lr = S.bootstrap(torch.log(pb[jj] / pa[ii]), "median", n_boot=cfg.bootstrap, seed=cfg.seed)
     pi = S.predicted_ratio(ra.sigma, rb.sigma, th.C)
     _pair_arrays(pair_key(ra.site, rb.site), bm, blm, pa[ii], pb[jj], arrays)
+    primary = meas.family.primary if meas.family is not None else (0, 1)
+    uni = pair_universality(fam, primary, (p.i, p.j), (mf_a, mf_b), (bf_a, bf_b), th.phi)
     return PairRow(
         site_a=ra.site,
         site_b=rb.site,
@@ -234,7 +265,8 @@ def pair_row(
         median_log_ratio=lr,
         predicted_ratio=pi,
         log_predicted_ratio=math.log(pi) if pi else None,
-        verdict=S.site_verdict(premises, mf_a, bf_a, lr, pi, phi=th.phi),
+        universality=uni,
+        verdict=S.site_verdict(premises, mf_a, bf_a, lr, pi, phi=th.phi, universality=uni),
     )
 
 

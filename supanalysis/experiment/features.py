@@ -16,7 +16,15 @@ from torch import nn
 from ..capture import ActivationSource
 from ..config import ModelSpec, SAETraining, TestConfig
 from ..data import TokenSequences
-from ..dictionary import Dictionary, NeuronBasis, TopKTrainConfig, TrainResult, load_dictionary, train_topk_sae
+from ..dictionary import (
+    Dictionary,
+    NeuronBasis,
+    TopKTrainConfig,
+    TrainResult,
+    check_dictionary_site,
+    load_dictionary,
+    train_topk_sae,
+)
 from ..dictionary.activations import TopK
 from ..dictionary.base import FeatureBasis
 from ..distributed import agree, broadcast_module, rank_world
@@ -111,8 +119,9 @@ def train_dictionary(
     return d, f"TopK SAE trained here (n={d.n_features}, k={sae.k}, {int(tokens)} tokens)"
 
 
-def load_site_dictionary(choice: str, site: str, m: int) -> tuple[FeatureBasis, str]:
-    """The dictionary in folder ``choice`` (or its subfolder named after the site)."""
+def load_site_dictionary(choice: str, site: str, m: int, model: nn.Module | None = None) -> tuple[FeatureBasis, str]:
+    """The dictionary in folder ``choice`` (or its subfolder named after the site), checked
+    against the site of ``model`` it is used at (its declared training site and capture convention)."""
     folder = Path(choice)
     if (folder / sanitize(site)).is_dir():
         folder = folder / sanitize(site)
@@ -121,6 +130,11 @@ def load_site_dictionary(choice: str, site: str, m: int) -> tuple[FeatureBasis, 
     d = load_dictionary(folder)
     if d.d_in != m:
         raise ValueError(f"dictionary {folder} has d_in={d.d_in}, but site {site!r} has {m} neurons")
+    if model is not None:
+        try:
+            check_dictionary_site(d, site, model)
+        except ValueError as exc:
+            raise ValueError(f"dictionary {folder}: {exc}") from exc
     return d, f"{folder}"
 
 
@@ -151,4 +165,4 @@ def resolve_dictionary(
         return NeuronBasis(m), f"neuron basis (m={m})"
     if choice == "train":
         return train_dictionary(site, m, model, cfg, train_seqs, sae_dir, progress, device)
-    return load_site_dictionary(choice, site, m)
+    return load_site_dictionary(choice, site, m, model)

@@ -32,6 +32,7 @@ class SiteMeasurement:
     d_star: float
     welch_bound: float
     total_sq_cos: float
+    capture_convention: dict | None = None  # the dictionary's, when it declares one
 
 
 @dataclass
@@ -53,6 +54,27 @@ class ModelMeasurement:
     sites: list[SiteMeasurement] = field(default_factory=list)
 
 
+FamilyPair = tuple[int, int]  # (x, y) with x < y: indices into the family's models
+
+
+@dataclass
+class FamilyMeasurement:
+    """Every model of the run and the cross-correlations of every model pair.
+
+    models: in config order (the primary pair's are the same objects as ``Measurements.a``/``.b``);
+    shapes / seeds / labels: per model; primary: (index of A, index of B);
+    cross: per model pair (x < y), per depth-paired site pair (index into x's sites, into y's),
+    x's codes against y's on the match tokens (the primary pair's are its depth pairs).
+    """
+
+    models: list[ModelMeasurement]
+    shapes: list[str]
+    seeds: list[str]
+    labels: list[str]
+    primary: tuple[int, int]
+    cross: dict[FamilyPair, dict[SitePair, Matcher]]
+
+
 @dataclass
 class Measurements:
     """The threshold-independent result of :func:`~supanalysis.experiment.measure`."""
@@ -64,3 +86,4 @@ class Measurements:
     cross: dict[SitePair, Matcher]  # all site pairs (any-layer matching)
     device: str
     backend: str | None
+    family: FamilyMeasurement | None = None  # None: measured without one (no ceilings: uncalibrated)

@@ -21,7 +21,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from ..accumulators import ActivationStats
+from ..accumulators import ActivationStats, CrossCorrelation
 from ..capture import ActivationSource
 from ..config import ModelSpec, TestConfig
 from ..dictionary import NeuronBasis
@@ -32,8 +32,25 @@ from ..sites import resolve_sites
 from .features import Codes, encode, resolve_dictionary
 from .losses import eval_losses
 from .matching import batch_seed, dense_correlations, is_tiled, match_tiled, update_dense
-from .measurements import Measurements, ModelMeasurement, PairMeasurement, SiteMeasurement
-from .plan import TokenPlan, open_models, open_token_file, plan_pairs, plan_tokens, run_device, site_names
+from .measurements import (
+    FamilyMeasurement,
+    Matcher,
+    Measurements,
+    ModelMeasurement,
+    PairMeasurement,
+    SiteMeasurement,
+    SitePair,
+)
+from .plan import (
+    TokenPlan,
+    open_models,
+    open_token_file,
+    pair_by_depth,
+    plan_pairs,
+    plan_tokens,
+    run_device,
+    site_names,
+)
 from .state import CheckpointMismatch, Kept, MeasureCheckpoint, PassState, module_hash, open_checkpoint
 
 Saved = tuple[dict[str, torch.Tensor], dict] | None  # a rank's checkpointed tensors and metadata
@@ -44,13 +61,17 @@ def measure(
     model_a: nn.Module | None = None,
     model_b: nn.Module | None = None,
     *,
+    models: list[nn.Module | None] | None = None,
     progress: bool = True,
     checkpoint_dir: str | os.PathLike | None = None,
     resume: bool = False,
     checkpoint_every_tokens: int | None = None,
     checkpoint_every_seconds: float | None = 600.0,
 ) -> Measurements:
-    """Run both models over the tokens and fill every accumulator (see the module docstring).
+    """Run every model over the tokens and fill every accumulator (see the module docstring).
+
+    ``models``: the family's modules in config order (None entries are loaded from their
+    folders); ``model_a``/``model_b`` are the two-model shorthand.
 
     Distributed (inside a torch.distributed process group, e.g. under torchrun): each rank
     takes a contiguous share of the eval sequences, of the dictionaries' rows for the
@@ -68,26 +89,31 @@ def measure(
     rank, world = rank_world()
     dev = run_device(cfg)
     tokens = open_token_file(cfg)
-    models = open_models(cfg, model_a, model_b, dev)
-    plan = plan_tokens(cfg, tokens, models)
+    specs = cfg.model_specs()
+    given = models if models is not None else ([model_a, model_b] if not cfg.models else [None] * len(specs))
+    mods = open_models(cfg, list(given), dev)
+    ia, ib = cfg.primary_pair()
+    order = [ia, ib, *(k for k in range(len(specs)) if k not in (ia, ib))]
+    plan = plan_tokens(cfg, tokens, mods)
     ck, saved = (None, None)
     if checkpoint_dir is not None:
-        ck, saved = open_checkpoint(checkpoint_dir, cfg, tokens, models, resume)
-    sides = [
-        measure_model(spec, model, label, cfg, plan, ck, saved, progress, dev)
-        for spec, model, label in zip((cfg.model_a, cfg.model_b), models, "AB")
-    ]
-    (a, dicts_a), (b, dicts_b) = sides
+        ck, saved = open_checkpoint(checkpoint_dir, cfg, tokens, [mods[k] for k in order], resume)
+    keys = {ia: "A", ib: "B", **{k: f"M{k}" for k in order[2:]}}
+    measured = {k: measure_model(specs[k], mods[k], keys[k], cfg, plan, ck, saved, progress, dev) for k in order}
+    a, b = measured[ia][0], measured[ib][0]
     pairs = plan_pairs(cfg, [s.layer for s in a.sites], a.shape.n_layers, [s.layer for s in b.sites], b.shape.n_layers)
     tiled = is_tiled(cfg, a, b, pairs)
+    family = family_correlations(cfg, [measured[k][0] for k in range(len(specs))], (ia, ib), dev)
     state = PassState(
         a,
         b,
         {} if tiled else dense_correlations(cfg, a, b, pairs.all, dev),
         {} if tiled else dense_correlations(cfg, a, b, pairs.depth, dev),
         Kept.for_sites(len(a.sites), len(b.sites), tiled),
+        {k: measured[k][0] for k in order[2:]},
+        family,
     )
-    stats = StatisticsPass(cfg, plan, models, [dicts_a, dicts_b], state, tiled, dev)
+    stats = StatisticsPass(cfg, plan, [mods[k] for k in order], [measured[k][1] for k in order], state, tiled, dev)
     saver = Saver(ck, state, stats.dictionary_hashes(), checkpoint_every_tokens, checkpoint_every_seconds)
     stats.run(saved, saver, progress)
     if world > 1:
@@ -95,8 +121,65 @@ def measure(
     cross, baselines = state.cross, state.baselines
     if tiled:
         cross, baselines = match_tiled(cfg, a, b, pairs, state.kept, progress and rank == 0, world > 1)
-    measured = [PairMeasurement(i, j, cross[(i, j)], baselines[(i, j)]) for (i, j) in pairs.depth]
-    return Measurements(cfg, a, b, measured, cross, str(dev), cfg.backend)
+    depth = [PairMeasurement(i, j, cross[(i, j)], baselines[(i, j)]) for (i, j) in pairs.depth]
+    fam = family_measurement(cfg, [measured[k][0] for k in range(len(specs))], (ia, ib), family, depth)
+    return Measurements(cfg, a, b, depth, cross, str(dev), cfg.backend, fam)
+
+
+def family_correlations(
+    cfg: TestConfig, mms: list[ModelMeasurement], primary: tuple[int, int], device: torch.device
+) -> dict[tuple[int, int], dict[SitePair, CrossCorrelation]]:
+    """One empty cross-correlation per depth-paired site pair of every model pair but the primary.
+
+    These are always dense (no baseline, no any-layer): their co-moments must fit ``match_max_bytes``.
+    """
+    out: dict[tuple[int, int], dict[SitePair, CrossCorrelation]] = {}
+    need = 0
+    for x in range(len(mms)):
+        for y in range(x + 1, len(mms)):
+            if (x, y) == tuple(sorted(primary)):
+                continue
+            mx, my = mms[x], mms[y]
+            depth = pair_by_depth([s.layer for s in mx.sites], mx.shape.n_layers,
+                                  [s.layer for s in my.sites], my.shape.n_layers)  # fmt: skip
+            need += sum(8 * mx.sites[i].stats.n_features * my.sites[j].stats.n_features for i, j in depth)
+            out[(x, y)] = dense_correlations(cfg, mx, my, depth, device)
+    if need > cfg.match_max_bytes:
+        raise ValueError(
+            f"the family's cross-correlations need {need:,} bytes, more than match_max_bytes = "
+            f"{cfg.match_max_bytes:,}: raise it, or compare fewer models or sites"
+        )
+    return out
+
+
+def family_measurement(
+    cfg: TestConfig,
+    mms: list[ModelMeasurement],
+    primary: tuple[int, int],
+    family: dict[tuple[int, int], dict[SitePair, CrossCorrelation]],
+    depth: list[PairMeasurement],
+) -> FamilyMeasurement:
+    """The family's models and every pair's correlations, the primary pair's from its depth pairs."""
+    specs = cfg.model_specs()
+    shapes = [s.shape_label(k) for k, s in enumerate(specs)]
+    cross: dict[tuple[int, int], dict[SitePair, Matcher]] = dict(family)
+    ia, ib = primary  # ia < ib: A is the first model (TestConfig.primary_pair)
+    cross[(ia, ib)] = {(p.i, p.j): p.corr for p in depth}
+    return FamilyMeasurement(mms, shapes, [s.seed for s in specs], family_labels(shapes, primary), primary, cross)
+
+
+def family_labels(shapes: list[str], primary: tuple[int, int]) -> list[str]:
+    """A letter per shape (A for the primary A's, B for B's, then C, D, ... in config order),
+    a prime per further seed of that shape: A, A', B, B', ..."""
+    letters: dict[str, str] = {shapes[primary[0]]: "A", shapes[primary[1]]: "B"}
+    for sh in shapes:
+        letters.setdefault(sh, chr(ord("A") + len(letters)) if len(letters) < 26 else f"S{len(letters)}")
+    seen: dict[str, int] = {}
+    out = []
+    for sh in shapes:
+        out.append(letters[sh] + "'" * seen.get(sh, 0))
+        seen[sh] = seen.get(sh, 0) + 1
+    return out
 
 
 def measure_model(
@@ -128,7 +211,10 @@ def measure_model(
         sae_dir = ck.sae_dir(label, s.name) if ck is not None else None
         d, desc = resolve_dictionary(spec, s.name, m, model, cfg, plan.train_seqs, sae_dir, progress, device)
         d = d.to(device)
-        mm.sites.append(new_site(cfg, s.name, s.layer if s.layer is not None else -1, m, desc, d, device))
+        site = new_site(cfg, s.name, s.layer if s.layer is not None else -1, m, desc, d, device)
+        convention = getattr(d, "capture_convention", None)
+        site.capture_convention = convention.as_dict() if convention is not None else None
+        mm.sites.append(site)
         dicts.append(d)
     return mm, dicts
 
@@ -168,11 +254,13 @@ def site_updates(mm: ModelMeasurement, dicts: list[FeatureBasis], batch: dict[st
 
 def all_reduce(state: PassState, device: torch.device) -> None:
     """Sum every rank's accumulators (exact merges; every rank then holds the whole)."""
-    for s in state.a.sites + state.b.sites:
-        s.stats.all_reduce()
-        s.x_stats.all_reduce()
-        s.sse = all_reduce_sum(s.sse, device)
-    for acc in list(state.cross.values()) + list(state.baselines.values()):
+    for _, mm in state.labelled_models():
+        for s in mm.sites:
+            s.stats.all_reduce()
+            s.x_stats.all_reduce()
+            s.sse = all_reduce_sum(s.sse, device)
+    accs = [*state.cross.values(), *state.baselines.values(), *(cc for _, cc in state.family_accumulators())]
+    for acc in accs:
         acc.all_reduce()
 
 
@@ -219,9 +307,18 @@ class StatisticsPass:
     tiled: bool
     device: torch.device
 
+    @property
+    def mms(self) -> list[ModelMeasurement]:
+        """The models' measurements in the pass's order: A, B, then the rest of the family."""
+        return [self.state.a, self.state.b, *self.state.others.values()]
+
     def dictionary_hashes(self) -> dict[str, str]:
-        sides = (("A", self.state.a, self.dicts[0]), ("B", self.state.b, self.dicts[1]))
-        return {f"{label}.{s.site}": module_hash(d) for label, mm, ds in sides for s, d in zip(mm.sites, ds)}
+        labels = ["A", "B", *(f"M{k}" for k in self.state.others)]
+        return {
+            f"{label}.{s.site}": module_hash(d)
+            for label, mm, ds in zip(labels, self.mms, self.dicts)
+            for s, d in zip(mm.sites, ds)
+        }
 
     def run(self, saved: Saved, saver: Saver, progress: bool) -> None:
         """Measure every batch of this rank's block not yet in the checkpoint, saving as it goes."""
@@ -257,23 +354,24 @@ class StatisticsPass:
         saver.restart_clock()
         if todo > 0:
             seqs = self.plan.seqs(self.plan.stats_start + first_seq, n_seq)
-            src_a, src_b = (
+            sources = [
                 ActivationSource(model, seqs, [s.site for s in mm.sites], max_tokens=todo, progress=False)
-                for model, mm in zip(self.models, (self.state.a, self.state.b))
-            )
+                for model, mm in zip(self.models, self.mms)
+            ]
             with torch.no_grad():
-                for ba, bb in zip(src_a, src_b):
-                    T = self.batch(ba, bb, k)
+                for batches in zip(*sources):
+                    T = self.batch(list(batches), k)
                     k += 1
                     bar.update(T)
                     saver.tick(T, k)
         bar.close()
 
-    def batch(self, ba: dict[str, torch.Tensor], bb: dict[str, torch.Tensor], k: int) -> int:
-        """Global batch ``k``: statistics of every site, then the match tokens into the pairs."""
-        codes_a = site_updates(self.state.a, self.dicts[0], ba)
-        codes_b = site_updates(self.state.b, self.dicts[1], bb)
-        T = next(iter(ba.values())).shape[0]
+    def batch(self, batches: list[dict[str, torch.Tensor]], k: int) -> int:
+        """Global batch ``k`` (one ``{site: [T, m]}`` per model, same tokens): statistics of
+        every site, then the match tokens into the pairs."""
+        codes = [site_updates(mm, ds, b) for mm, ds, b in zip(self.mms, self.dicts, batches)]
+        codes_a, codes_b = codes[0], codes[1]
+        T = next(iter(batches[0].values())).shape[0]
         take = max(0, min(T, self.cfg.match_tokens - k * self.plan.batch_size * self.plan.seq_len))
         if take:
             gen = torch.Generator().manual_seed(batch_seed(self.cfg.seed, k))
@@ -281,4 +379,19 @@ class StatisticsPass:
             if self.tiled:
                 self.state.kept.keep(codes_a, codes_b, take, perm)
             update_dense(self.state.cross, self.state.baselines, codes_a, codes_b, take, perm)
+            self.family_updates(codes, take)
         return T
+
+    def family_updates(self, codes: list[list[Codes]], take: int) -> None:
+        """The match tokens into every further model pair (dense, no baseline)."""
+        if not self.state.family:
+            return
+        by_index = dict(zip(self.order, codes))
+        for (x, y), ccs in self.state.family.items():
+            update_dense(ccs, {}, by_index[x], by_index[y], take, torch.empty(0))
+
+    @property
+    def order(self) -> list[int]:
+        """Config index of each model in the pass's order."""
+        ia, ib = self.cfg.primary_pair()
+        return [ia, ib, *self.state.others]

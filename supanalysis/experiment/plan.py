@@ -44,22 +44,26 @@ def dictionary_choices(specs: list[ModelSpec]) -> set[str]:
     return out
 
 
-def open_models(
-    cfg: TestConfig, model_a: nn.Module | None, model_b: nn.Module | None, device: torch.device
-) -> list[nn.Module]:
-    """The two models, given or loaded from their folders, on ``device`` in eval mode."""
+def open_models(cfg: TestConfig, given: list[nn.Module | None], device: torch.device) -> list[nn.Module]:
+    """Every model of :meth:`TestConfig.model_specs` (``given[k]`` or loaded from its folder),
+    on ``device`` in eval mode."""
+    specs = cfg.model_specs()
+    if len(given) != len(specs):
+        raise ValueError(f"the config lists {len(specs)} models, {len(given)} were given")
+    two = not cfg.models
     models: list[nn.Module] = []
-    for spec, given, label in ((cfg.model_a, model_a, "A"), (cfg.model_b, model_b, "B")):
-        if given is None:
+    for k, (spec, model) in enumerate(zip(specs, given)):
+        what = f"model_{'ab'[k]}" if two else f"models[{k}]"
+        if model is None:
             if not spec.path:
-                raise ValueError(f"model_{label.lower()}.path is empty")
+                raise ValueError(f"{what}.path is empty")
             if not os.path.isdir(spec.path):
-                raise FileNotFoundError(f"model {label} folder not found: {spec.path}")
-            given = load_model(spec.path, device=device)
-        if models and given is models[0]:
-            # Both sides' capture hooks would sit on the same modules: give B its own copy.
-            given = copy.deepcopy(given)
-        models.append(given.to(device).eval())
+                raise FileNotFoundError(f"{'model ' + 'AB'[k] if two else what} folder not found: {spec.path}")
+            model = load_model(spec.path, device=device)
+        if any(model is m for m in models):
+            # Two sets of capture hooks would sit on the same modules: give this one its own copy.
+            model = copy.deepcopy(model)
+        models.append(model.to(device).eval())
     return models
 
 
@@ -109,7 +113,7 @@ def plan_tokens(cfg: TestConfig, tokens: np.ndarray, models: list[nn.Module]) ->
         raise ValueError(f"token file {cfg.tokens} has ids >= the models' vocabulary size {vocab}")
     L = cfg.seq_len
     n_eval = sequence_budget(cfg.eval_tokens + cfg.eval_tokens // L, L)
-    trains = "train" in dictionary_choices([cfg.model_a, cfg.model_b])
+    trains = "train" in dictionary_choices(cfg.model_specs())
     n_train = sequence_budget(cfg.sae.tokens, L) if trains else 0
     n_stats = sequence_budget(cfg.stats_tokens, L)
     total = len(TokenSequences(tokens, L))

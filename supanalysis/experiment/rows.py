@@ -125,6 +125,8 @@ class SiteRow:
     welch_bound: the Welch bound on that largest |cos|
     total_sq_cos: Σ of squared cosines between decoder directions
     fvu: dictionary reconstruction FVU on the statistics tokens, null for the neuron basis
+    capture_convention: the activations the dictionary was trained on, relative to the raw
+        model (center, processing, description), null when it declares none
     """
 
     model: str
@@ -149,6 +151,26 @@ class SiteRow:
     welch_bound: float
     total_sq_cos: float
     fvu: float | None
+    capture_convention: dict | None = None
+
+
+@dataclass
+class UniversalityRow:
+    """`Universality`: whether one depth pair's features are universal (`pairs[k].universality`).
+
+    outcome: "universal_within_reproducibility" or "non_universal_features"
+    calibrated: decided against within-shape ceilings (U) on both sides; false: the absolute
+        rule (matched fraction of A < φ, or no better than its baseline)
+    reason: why, in words
+    U_a: relative universality of A's features in B (against A and another seed of A's shape), null without a ceiling
+    U_b: relative universality of B's features in A (against B and another seed of B's shape), null without a ceiling
+    """
+
+    outcome: str
+    calibrated: bool
+    reason: str
+    U_a: Estimate | None
+    U_b: Estimate | None
 
 
 @dataclass
@@ -175,6 +197,7 @@ class PairRow:
     median_log_ratio: median r = ln(p_B(j)/p_A(i)) over matched pairs
     predicted_ratio: π, null without pressure
     log_predicted_ratio: ln π
+    universality: the universality decision of this pair (docs/science.md, "Calibration")
     verdict: this pair's verdict
     """
 
@@ -196,6 +219,7 @@ class PairRow:
     median_log_ratio: Estimate
     predicted_ratio: float | None
     log_predicted_ratio: float | None
+    universality: UniversalityRow
     verdict: Verdict
 
 
@@ -213,6 +237,107 @@ class AnyLayerRow:
     best_site_b: str
     mean_max_corr: dict[str, float | None]
     matched_fraction: float
+
+
+@dataclass
+class FamilyModelRow:
+    """`FamilyModel`: one model of the family (`family.models[k]`, config order).
+
+    label: A, A', B, B', ...: a letter per shape, a prime per further seed
+    name: the model's name
+    shape: its shape label
+    seed: its seed label
+    n_layers: layers L
+    d_model: residual width d
+    non_embedding_params: non-embedding parameters (exact)
+    aspect_ratio: d/L
+    eval_loss: mean next-token cross-entropy, nats/token, over the eval tokens
+    """
+
+    label: str
+    name: str
+    shape: str
+    seed: str
+    n_layers: int
+    d_model: int
+    non_embedding_params: int
+    aspect_ratio: float
+    eval_loss: Estimate
+
+
+@dataclass
+class MatrixRow:
+    """`Matrix`: matched fractions between every two models (`family.matched_fraction_matrix`).
+
+    labels: the models' labels, rows and columns in this order
+    values: values[r][c]: fraction of row model's alive latents with ρ* ≥ τ in the column
+        model, mean over their depth-paired site pairs; the diagonal is null
+    """
+
+    labels: list[str]
+    values: list[list[float | None]]
+
+
+@dataclass
+class CeilingRow:
+    """`Ceiling`: two seeds of one shape at one depth-paired site pair (`family.ceilings[k]`).
+
+    shape: the shape
+    model_x: label of the model whose latents are matched
+    model_y: label of the seed they are matched into
+    site_x: site of model_x
+    site_y: site of model_y
+    matched_fraction: fraction of model_x's alive latents with ρ* ≥ τ in model_y, bootstrap CI over latents
+    mean_best_match: mean best-match correlation of those latents, bootstrap CI
+    """
+
+    shape: str
+    model_x: str
+    model_y: str
+    site_x: str
+    site_y: str
+    matched_fraction: Estimate
+    mean_best_match: Estimate
+
+
+@dataclass
+class RelativeRow:
+    """`Relative`: relative universality of one model's latents in another shape (`family.relative_universality[k]`).
+
+    model: label of the model whose latents are matched
+    into: label of the model of another shape they are matched into
+    ceiling_model: label of the seed of model's shape that gives the ceiling
+    site: site of model
+    site_into: the depth-paired site of into
+    U: cross_fraction / ceiling_fraction, paired bootstrap CI over model's alive latents (null without a ceiling match)
+    cross_fraction: fraction of model's alive latents with ρ* ≥ τ in into
+    ceiling_fraction: the same in ceiling_model, at the same site
+    """
+
+    model: str
+    into: str
+    ceiling_model: str
+    site: str
+    site_into: str
+    U: Estimate
+    cross_fraction: float
+    ceiling_fraction: float
+
+
+@dataclass
+class FamilyRow:
+    """`Family`: every model of the run, matched on the same tokens (`family`).
+
+    models: the models in config order
+    matched_fraction_matrix: matched fractions between every two models
+    ceilings: within-shape ceilings: for each two seeds of one shape, per depth-paired site pair
+    relative_universality: per model, model of another shape and depth-paired site pair, U against the ceiling
+    """
+
+    models: list[FamilyModelRow]
+    matched_fraction_matrix: MatrixRow
+    ceilings: list[CeilingRow]
+    relative_universality: list[RelativeRow]
 
 
 @dataclass
@@ -243,12 +368,15 @@ class Report:
     config: the TestConfig that produced the run (see supanalysis/config.py); `thresholds`
         and `C` are the ones of this analysis
     verdict: the overall verdict (first screen of the report)
-    premises: P1 equal parameters, P2 equal performance, P3 different neuron counts (of the first pair)
+    premises: P1 equal parameters, P2 equal performance, P3 different neuron counts (of the first pair),
+        P4 adequate dictionaries (of every model)
     models: the two models, under "A" and "B"
     per_model: per-model totals, under "A" and "B"
     sites: the sites of each model, under "A" and "B"
     pairs: site pairs matched by relative depth (layer+1)/L
     any_layer: for each site of A, its best-matching site of B (empty without any-layer matching)
+    family: every model of the run (the primary pair A, B and further seeds), with the ceilings and U;
+        null for measurements made without it
     notes: conventions and caveats, in words
     """
 
@@ -263,6 +391,7 @@ class Report:
     sites: dict[str, list[SiteRow]]
     pairs: list[PairRow]
     any_layer: list[AnyLayerRow]
+    family: FamilyRow | None
     notes: list[str]
 
     def to_json(self) -> dict:
@@ -301,11 +430,17 @@ PER_MODEL_FIELDS = field_names(PerModelRow)
 SITE_FIELDS = field_names(SiteRow)
 PAIR_FIELDS = field_names(PairRow)
 ANY_LAYER_FIELDS = field_names(AnyLayerRow)
+UNIVERSALITY_FIELDS = field_names(UniversalityRow)
+FAMILY_FIELDS = field_names(FamilyRow)
+FAMILY_MODEL_FIELDS = field_names(FamilyModelRow)
+CEILING_FIELDS = field_names(CeilingRow)
+RELATIVE_FIELDS = field_names(RelativeRow)
 PREMISE_FIELDS = field_names(Premise)
 VERDICT_FIELDS = field_names(Verdict)
 ESTIMATE_FIELDS = field_names(Estimate)
 
 #: every object of the schema, in the order docs/report-schema.md describes them
 SCHEMA_OBJECTS: tuple[type, ...] = (
-    Report, LibraryRow, ModelRow, PerModelRow, SiteRow, PairRow, AnyLayerRow, Premise, Verdict, Estimate,
+    Report, LibraryRow, ModelRow, PerModelRow, SiteRow, PairRow, UniversalityRow, AnyLayerRow, FamilyRow,
+    FamilyModelRow, MatrixRow, CeilingRow, RelativeRow, Premise, Verdict, Estimate,
 )  # fmt: skip

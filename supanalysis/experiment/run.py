@@ -60,16 +60,20 @@ def run_test(
     model_a: nn.Module | None = None,
     model_b: nn.Module | None = None,
     *,
+    models: list[nn.Module | None] | None = None,
     progress: bool = True,
     **checkpointing,
 ) -> TestReport:
     """Measure and analyse; ``config`` is a :class:`TestConfig` or a TOML/JSON file.
+
+    ``models``: in-memory modules of a family config (``config.models``), in its order; None
+    entries are loaded from their folders.
 
     ``checkpointing``: ``checkpoint_dir``, ``resume``, ``checkpoint_every_tokens``,
     ``checkpoint_every_seconds`` as in :func:`measure`. Inside a torch.distributed process
     group every rank returns the same report (write it from rank 0).
     """
     cfg = config if isinstance(config, TestConfig) else TestConfig.load(config)
-    meas = measure(cfg, model_a, model_b, progress=progress, **checkpointing)
+    meas = measure(cfg, model_a, model_b, models=models, progress=progress, **checkpointing)
     data, arrays = analyse(meas)
     return TestReport(data, arrays, meas)

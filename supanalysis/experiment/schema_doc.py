@@ -16,7 +16,9 @@ from .rows import SCHEMA_OBJECTS, field_docs
 BEGIN = "<!-- generated from supanalysis/experiment/rows.py by supanalysis.experiment.schema_doc: edit those -->"
 END = "<!-- end of the generated section -->"
 _JSON_NAMES = {"ModelRow": "Model", "PerModelRow": "PerModel", "SiteRow": "Site", "PairRow": "Pair",
-               "AnyLayerRow": "AnyLayer", "LibraryRow": "Library"}  # fmt: skip
+               "AnyLayerRow": "AnyLayer", "LibraryRow": "Library", "UniversalityRow": "Universality",
+               "FamilyRow": "Family", "FamilyModelRow": "FamilyModel", "MatrixRow": "Matrix",
+               "CeilingRow": "Ceiling", "RelativeRow": "Relative"}  # fmt: skip
 
 
 def _type_name(annotation: object) -> str:

@@ -16,7 +16,7 @@ import hashlib
 import json
 import os
 from collections.abc import Iterable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -36,7 +36,8 @@ FINGERPRINT_FILE = "fingerprint.json"
 ANALYSIS_ONLY = ("thresholds", "bootstrap", "device")  # changing these never changes a measurement
 # Fields added after checkpoints were first written, with the value every older run had:
 # left out of the fingerprint at that value, so older checkpoints still resume.
-ADDED_WITH_DEFAULT = {"match_precision": "ieee"}
+ADDED_WITH_DEFAULT = {"match_precision": "ieee", "models": []}
+SPEC_ADDED_WITH_DEFAULT = {"shape": "", "seed": ""}
 
 
 class CheckpointMismatch(ValueError):
@@ -75,14 +76,19 @@ def run_fingerprint(cfg: TestConfig, tokens: np.ndarray, models: Iterable[nn.Mod
         for k, v in cfg.to_dict().items()
         if k not in ANALYSIS_ONLY and not (k in ADDED_WITH_DEFAULT and v == ADDED_WITH_DEFAULT[k])
     }
-    a, b = list(models)
-    return {
+    for k in ("model_a", "model_b"):
+        conf[k] = {f: v for f, v in conf[k].items() if SPEC_ADDED_WITH_DEFAULT.get(f, object()) != v}
+    # models: primary A, primary B, then the rest of the family in config order.
+    a, b, *rest = list(models)
+    out = {
         "config": hashlib.sha256(json.dumps(conf, sort_keys=True, default=str).encode()).hexdigest(),
         "tokens": token_file_hash(cfg.tokens, tokens),
         "model_a": module_hash(a),
         "model_b": module_hash(b),
         "world_size": str(world),
     }
+    out.update({f"model_{n + 2}": module_hash(m) for n, m in enumerate(rest)})
+    return out
 
 
 def _describe_mismatch(found: Mapping[str, str], want: Mapping[str, str]) -> str:
@@ -268,18 +274,33 @@ class Kept:
 
 @dataclass
 class PassState:
-    """Every accumulator of this rank's statistics pass: what a checkpoint holds."""
+    """Every accumulator of this rank's statistics pass: what a checkpoint holds.
+
+    others: the family's models beyond the primary pair, by config index;
+    family: the cross-correlations of every model pair but the primary one (see
+    :class:`~.measurements.FamilyMeasurement`).
+    """
 
     a: ModelMeasurement
     b: ModelMeasurement
     cross: dict[SitePair, CrossCorrelation]
     baselines: dict[SitePair, CrossCorrelation]
     kept: Kept
+    others: dict[int, ModelMeasurement] = field(default_factory=dict)
+    family: dict[tuple[int, int], dict[SitePair, CrossCorrelation]] = field(default_factory=dict)
+
+    def labelled_models(self) -> list[tuple[str, ModelMeasurement]]:
+        """(checkpoint prefix, model): "a", "b", then "m<k>." per further model."""
+        return [("a", self.a), ("b", self.b), *((f"m{k}.", mm) for k, mm in self.others.items())]
+
+    def family_accumulators(self) -> list[tuple[str, CrossCorrelation]]:
+        return [(f"family.{x}.{y}.{i}.{j}", cc) for (x, y), d in self.family.items() for (i, j), cc in d.items()]
 
     def tensors(self) -> dict[str, torch.Tensor]:
         """Flattened for a checkpoint (see :meth:`restore`)."""
         out: dict[str, torch.Tensor] = {"losses.a": self.a.losses, "losses.b": self.b.losses, **self.kept.tensors()}
-        for label, mm in (("a", self.a), ("b", self.b)):
+        out.update({f"losses.m{k}": mm.losses for k, mm in self.others.items()})
+        for label, mm in self.labelled_models():
             for i, s in enumerate(mm.sites):
                 out.update(prefixed(f"{label}{i}.stats", s.stats.state_dict()))
                 out.update(prefixed(f"{label}{i}.x_stats", s.x_stats.state_dict()))
@@ -288,12 +309,14 @@ class PassState:
             out.update(prefixed(f"cross.{i}.{j}", cc.state_dict()))
         for (i, j), bl in self.baselines.items():
             out.update(prefixed(f"baseline.{i}.{j}", bl.state_dict()))
+        for key, cc in self.family_accumulators():
+            out.update(prefixed(key, cc.state_dict()))
         return out
 
     def restore(self, t: Mapping[str, torch.Tensor], device: torch.device) -> None:
         """Load what :meth:`tensors` saved into these (freshly built) accumulators."""
         self.kept.restore(t, device)
-        for label, mm in (("a", self.a), ("b", self.b)):
+        for label, mm in self.labelled_models():
             for i, s in enumerate(mm.sites):
                 s.stats.load_state_dict(unprefixed(f"{label}{i}.stats", t))
                 s.x_stats.load_state_dict(unprefixed(f"{label}{i}.x_stats", t))
@@ -302,3 +325,5 @@ class PassState:
             cc.load_state_dict(unprefixed(f"cross.{i}.{j}", t))
         for (i, j), bl in self.baselines.items():
             bl.load_state_dict(unprefixed(f"baseline.{i}.{j}", t))
+        for key, cc in self.family_accumulators():
+            cc.load_state_dict(unprefixed(key, t))

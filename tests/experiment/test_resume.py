@@ -179,8 +179,12 @@ def test_fingerprint_of_a_field_added_later_keeps_older_checkpoints_valid():
     cfg = TestConfig(tokens="t.npy")
     tokens = np.arange(100, dtype=np.uint16)
     models = [torch.nn.Linear(2, 2), torch.nn.Linear(2, 3)]
-    old = {k: v for k, v in cfg.to_dict().items() if k not in (*ANALYSIS_ONLY, "match_precision")}
+    old = {k: v for k, v in cfg.to_dict().items() if k not in (*ANALYSIS_ONLY, "match_precision", "models")}
+    for side in ("model_a", "model_b"):  # shape and seed joined ModelSpec later, as labels
+        old[side] = {k: v for k, v in old[side].items() if k not in ("shape", "seed")}
     old_hash = hashlib.sha256(json.dumps(old, sort_keys=True, default=str).encode()).hexdigest()
     assert run_fingerprint(cfg, tokens, models, 1)["config"] == old_hash
     bf16 = TestConfig(tokens="t.npy", match_precision="bf16")
     assert run_fingerprint(bf16, tokens, models, 1)["config"] != old_hash
+    labelled = TestConfig(tokens="t.npy", model_a=ModelSpec(shape="wide"))
+    assert run_fingerprint(labelled, tokens, models, 1)["config"] != old_hash
