@@ -186,7 +186,7 @@ class TestConfig:
 
         if self.backend is not None and self.backend not in ("auto", *BACKENDS):
             raise ValueError(f"backend must be one of {('auto', *BACKENDS)} or None, got {self.backend!r}")
-        from .ops.correlation import PRECISIONS
+        from .ops.cross_moments import PRECISIONS
 
         if self.match_precision not in PRECISIONS:
             raise ValueError(f"match_precision must be one of {PRECISIONS}, got {self.match_precision!r}")
