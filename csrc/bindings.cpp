@@ -42,5 +42,11 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("sparse_outer_update_cuda", &sa::sparse_outer_update_cuda);
   m.def("coactivation_update_cuda", &sa::coactivation_update_cuda);
   m.def("coactivation_update_sparse_cuda", &sa::coactivation_update_sparse_cuda);
+  // Variants (supanalysis/ops/cuda_variants.py): the launchers above with other kernels.
+  m.def("activation_stats_cuda_thread_features", &sa::activation_stats_cuda_thread_features, "x [T, n], threshold");
+  m.def("interference_cuda_sliced_columns", &sa::interference_cuda_sliced_columns,
+        "W [n, m], V [k, m] or None, topk, block, symmetric (-1 auto, 0 off, 1 on)");
+  m.def("cross_moments_update_cuda_sum_means", &sa::cross_moments_update_cuda_sum_means,
+        "comoment (in place), n_prev, mean_a_prev, mean_b_prev, xa, xb, bf16 (precision 'bf16')");
 #endif
 }

@@ -86,6 +86,17 @@ std::vector<at::Tensor> best_match_cuda(const at::Tensor& comoment, const at::Te
                                         const at::Tensor& inv_std_b);
 void coactivation_update_cuda(at::Tensor& counts, const at::Tensor& x, double threshold);
 void coactivation_update_sparse_cuda(at::Tensor& counts, const at::Tensor& indices);
+
+// Variants of the CUDA launchers above: same arguments and outputs, other kernels (each
+// file's header says what differs); supanalysis/ops/cuda_variants.py names them.
+std::vector<at::Tensor> activation_stats_cuda_thread_features(const at::Tensor& x, double threshold);
+std::vector<at::Tensor> interference_cuda_sliced_columns(const at::Tensor& W, const std::optional<at::Tensor>& V,
+                                                         int64_t topk, int64_t block, int64_t symmetric);
+std::vector<at::Tensor> cross_moments_update_cuda_sum_means(at::Tensor& comoment, int64_t n_prev,
+                                                            const at::Tensor& mean_a_prev,
+                                                            const at::Tensor& mean_b_prev,
+                                                            const at::Tensor& xa, const at::Tensor& xb,
+                                                            bool bf16_dot);
 #endif
 
 }  // namespace supanalysis

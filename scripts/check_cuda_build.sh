@@ -1,14 +1,15 @@
 #!/usr/bin/env bash
 # Compile and link every CUDA source of supanalysis._C for sm_90 against a CUDA build of
 # torch, on a machine with no GPU. Nothing runs on a device: this proves the kernels build
-# and that the extension exports every *_cuda launcher, which CI cannot otherwise see.
+# and that the extension exports every *_cuda launcher and every named CUDA variant
+# (supanalysis/ops/cuda_variants.py's NATIVE_NAMES), which CI cannot otherwise see.
 #
 #   scripts/check_cuda_build.sh            # uses (or creates) .venv-cuda at the repo root
 #   SUPANALYSIS_CUDA_VENV=/path/venv scripts/check_cuda_build.sh
 #   KEEP_BUILD=1 scripts/check_cuda_build.sh   # keep the temp build dir for inspection
 #   SUPANALYSIS_PREBUILT_DIR=prebuilt ...      # also keep the built _C*.so there, with the
 #                                              # source stamp it was built from
-# A build for another machine (the lent GPU's python3.12 + torch 2.11, say), to save its time:
+# A build for another machine (a GPU machine's python3.12 + torch 2.11, say), to save its time:
 #   SUPANALYSIS_CUDA_PYTHON=python3.12 SUPANALYSIS_CUDA_TORCH=torch==2.11.0 \
 #   SUPANALYSIS_CUDA_VENV=.venv-gpu SUPANALYSIS_PREBUILT_DIR=prebuilt scripts/check_cuda_build.sh
 #
@@ -51,7 +52,10 @@ if [ "${KEEP_BUILD:-0}" = "1" ]; then
 else
   trap 'rm -rf "$WORK"' EXIT
 fi
-(cd "$ROOT" && git ls-files -z -co --exclude-standard | tar --null -T - -cf -) | tar -xf - -C "$WORK" \
+# Files deleted from the working tree but not yet from the index are left out.
+(cd "$ROOT" && git ls-files -z -co --exclude-standard \
+  | while IFS= read -r -d '' f; do [ -e "$f" ] && printf '%s\0' "$f"; done \
+  | tar --null -T - -cf -) | tar -xf - -C "$WORK" \
   || die "could not copy the source tree into $WORK"
 ls "$WORK"/csrc/cuda/*.cu >/dev/null 2>&1 || die "no CUDA sources under csrc/cuda/"
 
@@ -73,7 +77,7 @@ SO="$(ls "$WORK"/supanalysis/_C*.so 2>/dev/null | head -1)"
 # 4. Import the built module (torch first: _C links against libtorch) and check that every
 #    CUDA launcher is there. Importing needs no GPU; calling them would.
 (cd "$WORK" && "$PY" - <<'EOF') || die "the built extension is missing CUDA launchers (see above)"
-import importlib.util, sys
+import ast, importlib.util, sys
 import torch  # noqa: F401  (loads libtorch / libc10_cuda for the extension)
 import glob
 so = glob.glob("supanalysis/_C*.so")[0]
@@ -82,14 +86,18 @@ mod = importlib.util.module_from_spec(spec)
 spec.loader.exec_module(mod)
 # Every op has a CPU and a CUDA launcher: each *_cpu must have its *_cuda twin.
 want = sorted(n[: -len("_cpu")] + "_cuda" for n in dir(mod) if n.endswith("_cpu"))
-missing = [w for w in want if not hasattr(mod, w)]
+# Every named variant's bound function (the table is a literal: read without importing).
+tree = ast.parse(open("supanalysis/ops/cuda_variants.py").read())
+table = next(n.value for n in tree.body if isinstance(n, ast.AnnAssign) and n.target.id == "NATIVE_NAMES")
+variants = sorted(f for named in ast.literal_eval(table).values() for f in named.values())
+missing = [w for w in want + variants if not hasattr(mod, w)]
 if not getattr(mod, "with_cuda", False):
     print("with_cuda is not True in the built extension", file=sys.stderr)
     sys.exit(1)
 if missing:
     print("missing launchers: " + ", ".join(missing), file=sys.stderr)
     sys.exit(1)
-print(f"check_cuda_build: {so}: with_cuda=True, {len(want)} CUDA launchers present")
+print(f"check_cuda_build: {so}: with_cuda=True, {len(want)} CUDA launchers and {len(variants)} variants present")
 EOF
 if [ -n "${SUPANALYSIS_PREBUILT_DIR:-}" ]; then
   mkdir -p "$SUPANALYSIS_PREBUILT_DIR"

@@ -19,6 +19,9 @@
 // the assumption, and a tile whose sums are not finite (a NaN or an infinity in a vector
 // lane, or an overflow) is redone with the checked step and the two-pass moments. The
 // ragged last lanes of a chunk are always checked per element.
+// Float32 tiles: a finite value beyond kWide (1e18) could make a deviation's square, or
+// a tile's sum of them, overflow float32; a sub-tile whose extrema reach that far takes
+// its moments again in float64 (wide_tile), and a shift that large is not used.
 #include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
 #include <c10/util/BFloat16.h>
@@ -45,6 +48,9 @@ namespace {
 
 constexpr int64_t kChunk = 128;  // features per work item (one cache-friendly row segment)
 constexpr int64_t kTile = 128;   // tokens per tile, accumulated in the compute precision
+// Beyond this |value| a float32 tile's sum of kTile squared deviations (each up to
+// (2 kWide)^2) could overflow: such sub-tiles are summed in float64 instead.
+constexpr float kWide = 1e18f;
 
 // The tile loop is written with GCC vector extensions rather than left to the
 // auto-vectoriser: with per-lane selects instead of ifs it is branch-free by construction.
@@ -464,6 +470,49 @@ SUPANALYSIS_TARGET_CLONES void merge_tile(State& st, int64_t f0, int64_t w, cons
 SUPANALYSIS_TARGET_CLONES void merge_tile(State& st, int64_t f0, int64_t w, const TileAcc<double>& a) {
   merge_tile_body(st, f0, w, a);
 }
+// The largest |finite value| of a float32 sub-tile's lanes, from its extrema (-inf when
+// the sub-tile has no finite value).
+inline float tile_reach(const TileAcc<float>& a, int64_t w) {
+  const float* mx = lanes<float>(a.mx);
+  const float* mn = lanes<float>(a.mn);
+  float reach = -INFINITY;
+  for (int64_t j = 0; j < w; ++j) {
+    const float r = mx[j] > -mn[j] ? mx[j] : -mn[j];
+    reach = r > reach ? r : reach;
+  }
+  return reach;
+}
+
+// A float32 sub-tile with values beyond kWide: count, mean, M2 (two passes) and the firing
+// sum again in float64 from x, then the Chan merge; extrema, firing counts and L0 are the
+// tile's own (comparisons, exact in float32).
+template <typename scalar_t>
+void wide_tile(State& st, const scalar_t* x, int64_t rows, int64_t stride, int64_t f0, int64_t w, double thr,
+               const TileAcc<float>& a) {
+  double cnt[kChunk], mean[kChunk], dev[kChunk], m2[kChunk], act[kChunk], mx[kChunk], mn[kChunk], fire[kChunk];
+  for (int64_t j = 0; j < w; ++j) {
+    double c = 0.0, s = 0.0, ac = 0.0;
+    for (int64_t r = 0; r < rows; ++r) {
+      const double v = static_cast<double>(x[r * stride + j]);
+      const bool fin = std::isfinite(v);
+      c += fin;
+      s += fin ? v : 0.0;
+      ac += fin && v > thr ? v : 0.0;
+    }
+    const double mu = c > 0.0 ? s / c : 0.0;
+    double d_sum = 0.0, q = 0.0;
+    for (int64_t r = 0; r < rows; ++r) {
+      const double v = static_cast<double>(x[r * stride + j]);
+      const double d = std::isfinite(v) ? v - mu : 0.0;
+      d_sum += d;
+      q += d * d;
+    }
+    cnt[j] = c, mean[j] = mu, dev[j] = d_sum, m2[j] = q, act[j] = ac;
+    mx[j] = lanes<float>(a.mx)[j], mn[j] = lanes<float>(a.mn)[j], fire[j] = lanes<float>(a.fire)[j];
+  }
+  merge_body<true>(st, f0, w, cnt, mean, dev, m2, mx, mn, fire, act);
+}
+
 SUPANALYSIS_TARGET_CLONES void merge_state(State& st, const State& o) {
   merge_body<false>(st, 0, static_cast<int64_t>(st.cnt.size()), o.cnt.data(), o.mean.data(),
                     static_cast<const double*>(nullptr), o.m2.data(), o.mx.data(), o.mn.data(), o.fire.data(),
@@ -523,10 +572,19 @@ void stats_kernel(const scalar_t* __restrict__ x, int64_t T, int64_t n, int64_t 
         acc_t* __restrict__ var = reinterpret_cast<acc_t*>(acc.var);
         for (int64_t j = 0; j < w; ++j) {
           const double c = st.cnt[f0 + j], v = st.m2[f0 + j] / std::max(c, 1.0);
-          shift[j] = static_cast<acc_t>(st.last[f0 + j]);
+          const double last = st.last[f0 + j];
+          // After a wide sub-tile its mean would be a shift whose deviations overflow.
+          shift[j] = static_cast<acc_t>(std::is_same_v<acc_t, float> && std::abs(last) > kWide ? 0.0 : last);
           var[j] = static_cast<acc_t>(c >= kTile ? v : 0.0);
         }
-        run_tile(x + t0 * row_stride + f0, rows, row_stride, w, threshold, &acc, l0 + t0, buf.data(), next);
+        const scalar_t* sub = x + t0 * row_stride + f0;
+        run_tile(sub, rows, row_stride, w, threshold, &acc, l0 + t0, buf.data(), next);
+        if constexpr (std::is_same_v<acc_t, float>) {
+          if (tile_reach(acc, w) > kWide) {
+            wide_tile(st, sub, rows, row_stride, f0, w, threshold, acc);
+            continue;
+          }
+        }
         merge_tile(st, f0, w, acc);
       }
     }

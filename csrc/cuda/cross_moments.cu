@@ -13,12 +13,32 @@
 //    products are exact, so the CPU backend (which rounds the same way) gives the same G.
 // 4. _cross_moments_epilogue_kernel adds G + coef * da_i * db_j into the float64 state in
 //    place, one pass (coef = n_prev * T / (n_prev + T)).
+//
+// Variant "sum_means" (cross_moments_update_cuda_sum_means): step 1's means are float64
+// column sums over token chunks instead of the stats kernel's Chan-merged means (~1e-9 of
+// a standard deviation apart); M2 still comes from the stats kernel. Centred about a
+// mean that close to exact, the "bf16" rounding of each centred value matches the other
+// backends', where the default's mean flips about one value in 10^6.
+#include <ATen/ops/sum.h>
+
 #include "common.cuh"
 
 namespace supanalysis {
 namespace {
 
 using namespace cuda_detail;
+
+// Column means as float64 sums over token chunks of at most 2^25 elements (a reduction to
+// a wider dtype converts its input first, so one call would copy the batch to float64).
+at::Tensor column_mean64(const at::Tensor& x) {
+  const int64_t T = x.size(0), n = x.size(1);
+  at::Tensor acc = at::zeros({n}, x.options().dtype(at::kDouble));
+  if (T == 0 || n == 0) return acc;
+  const int64_t step = std::max<int64_t>(1, (int64_t(1) << 25) / n);
+  for (int64_t t = 0; t < T; t += step)
+    acc.add_(at::sum(x.narrow(0, t, std::min(step, T - t)), {0}, /*keepdim=*/false, at::kDouble));
+  return acc.div_(static_cast<double>(T));
+}
 
 template <typename scalar_t, typename out_t>
 __global__ void _center_kernel(out_t* __restrict__ out, const scalar_t* __restrict__ x,
@@ -65,13 +85,11 @@ at::Tensor center(const at::Tensor& x, const at::Tensor& mean) {
   return out;
 }
 
-}  // namespace
-
-std::vector<at::Tensor> cross_moments_update_cuda(at::Tensor& comoment, int64_t n_prev,
-                                                  const at::Tensor& mean_a_prev,
-                                                  const at::Tensor& mean_b_prev,
-                                                  const at::Tensor& xa_in, const at::Tensor& xb_in,
-                                                  bool bf16_dot) {
+// sum_means: the batch means as float64 column sums (variant "sum_means") instead of the
+// stats kernel's.
+std::vector<at::Tensor> cross_update(at::Tensor& comoment, int64_t n_prev, const at::Tensor& mean_a_prev,
+                                     const at::Tensor& mean_b_prev, const at::Tensor& xa_in,
+                                     const at::Tensor& xb_in, bool bf16_dot, bool sum_means) {
   check_cuda(xa_in, "xa");
   check_cuda(xb_in, "xb");
   check_cuda(comoment, "comoment");
@@ -103,7 +121,8 @@ std::vector<at::Tensor> cross_moments_update_cuda(at::Tensor& comoment, int64_t 
   // activation_stats returns {finite_count, fire_count, mean, m2, ...}; batches are finite.
   const std::vector<at::Tensor> sa = activation_stats_cuda(xa, 0.0);
   const std::vector<at::Tensor> sb = activation_stats_cuda(xb, 0.0);
-  const at::Tensor mean_a = sa[2], m2_a = sa[3], mean_b = sb[2], m2_b = sb[3];
+  const at::Tensor mean_a = sum_means ? column_mean64(xa) : sa[2], m2_a = sa[3];
+  const at::Tensor mean_b = sum_means ? column_mean64(xb) : sb[2], m2_b = sb[3];
   if (na == 0 || nb == 0) return {mean_a, m2_a, mean_b, m2_b};
 
   const bool wide = xa.scalar_type() == at::kDouble || xb.scalar_type() == at::kDouble;
@@ -138,6 +157,24 @@ std::vector<at::Tensor> cross_moments_update_cuda(at::Tensor& comoment, int64_t 
   }
   C10_CUDA_KERNEL_LAUNCH_CHECK();
   return {mean_a, m2_a, mean_b, m2_b};
+}
+
+}  // namespace
+
+std::vector<at::Tensor> cross_moments_update_cuda(at::Tensor& comoment, int64_t n_prev,
+                                                  const at::Tensor& mean_a_prev,
+                                                  const at::Tensor& mean_b_prev,
+                                                  const at::Tensor& xa, const at::Tensor& xb,
+                                                  bool bf16_dot) {
+  return cross_update(comoment, n_prev, mean_a_prev, mean_b_prev, xa, xb, bf16_dot, false);
+}
+
+std::vector<at::Tensor> cross_moments_update_cuda_sum_means(at::Tensor& comoment, int64_t n_prev,
+                                                            const at::Tensor& mean_a_prev,
+                                                            const at::Tensor& mean_b_prev,
+                                                            const at::Tensor& xa, const at::Tensor& xb,
+                                                            bool bf16_dot) {
+  return cross_update(comoment, n_prev, mean_a_prev, mean_b_prev, xa, xb, bf16_dot, true);
 }
 
 }  // namespace supanalysis

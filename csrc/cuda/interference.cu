@@ -26,164 +26,27 @@
 // order, so no atomics and strict > keeps the smallest row on ties); the two halves are
 // merged at the end (a column-side partner always has the smaller index). With top-k or
 // V every row block sweeps all columns: a full-width row tile lets one CUDA block finish a
-// feature in one pass with no running state across tiles.
-#include "common.cuh"
+// feature in one pass with no running state across tiles. The row kernel and its launchers
+// live in interference_rows.cuh.
+//
+// Variant "sliced_columns" (interference_cuda_sliced_columns), same outputs: the column
+// kernel gives each column 8 row slices (one warp each, partials merged in warp order),
+// the default workspace is 4x larger (taller GEMMs), and the rows are prepared in chunks,
+// so the float64 temporaries stay bounded however many rows W has.
+#include "interference_rows.cuh"
 
 namespace supanalysis {
 namespace {
 
 using namespace cuda_detail;
 
-constexpr int kThreads = 256;
-constexpr int kWarps = kThreads / 32;
 constexpr int64_t kWorkspaceElems = int64_t(1) << 25;
 constexpr int64_t kDefaultMaxRows = 1024;
-
-// Inserts (a, j) into a list sorted by (value desc, index asc); the displaced element
-// bubbles down and the last one falls off. Indices are compile-time after unrolling, so
-// the lists stay in registers.
-template <typename acc_t, int KMAX>
-__device__ __forceinline__ void topk_insert(acc_t (&tv)[KMAX], int (&ti)[KMAX], acc_t a, int j) {
-#pragma unroll
-  for (int q = 0; q < KMAX; ++q) {
-    if (better<acc_t>(a, j, tv[q], ti[q])) {
-      const acc_t tv_old = tv[q];
-      const int ti_old = ti[q];
-      tv[q] = a;
-      ti[q] = j;
-      a = tv_old;
-      j = ti_old;
-    }
-  }
-}
-
-template <typename acc_t, int KMAX>
-__global__ void __launch_bounds__(kThreads)
-    _interference_kernel(double* __restrict__ sq, double* __restrict__ sqcos,
-                         double* __restrict__ maxabs, int64_t* __restrict__ argmax,
-                         double* __restrict__ tk_cos, int64_t* __restrict__ tk_idx,
-                         const acc_t* __restrict__ G, const double* __restrict__ col_nsq,
-                         const acc_t* __restrict__ row_inv, const acc_t* __restrict__ col_inv,
-                         int64_t r0, int64_t ncols, int64_t col0, int64_t topk, bool exclude_self) {
-  // G holds rows r0.. against columns col0.. (ncols of them); col_nsq and col_inv are
-  // indexed like G's columns, row_inv like its rows; every index written out is global
-  // (col0 + j). row_inv == nullptr: G already holds cosines.
-  __shared__ double s_sum[2][kWarps];
-  __shared__ acc_t s_val[kWarps];
-  __shared__ int64_t s_idx[kWarps];
-  __shared__ int64_t s_win;
-  const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
-  const int64_t r = blockIdx.x;
-  const int64_t i = r0 + r;
-  const acc_t* g = G + r * ncols;
-  const acc_t r_inv = row_inv ? row_inv[r] : acc_t(1);
-  auto cosine = [&](int64_t j) { return row_inv ? g[j] * (r_inv * col_inv[j]) : g[j]; };
-
-  double s_sq = 0.0, s_c = 0.0;
-  acc_t bv = 0;
-  int64_t bi = -1;
-  acc_t tv[KMAX > 0 ? KMAX : 1];
-  int ti[KMAX > 0 ? KMAX : 1];
-#pragma unroll
-  for (int q = 0; q < (KMAX > 0 ? KMAX : 1); ++q) {
-    tv[q] = 0;
-    ti[q] = -1;
-  }
-  // Each thread meets its columns in increasing order, so strict comparisons keep the
-  // smallest index among equal values.
-  for (int64_t j = tid; j < ncols; j += kThreads) {
-    const int64_t jg = col0 + j;
-    if (exclude_self && jg == i) continue;
-    const acc_t c = cosine(j);
-    const double c2 = static_cast<double>(c) * static_cast<double>(c);
-    s_sq += c2 * col_nsq[j];
-    s_c += c2;
-    const acc_t a = c < acc_t(0) ? -c : c;
-    if (a > bv) {
-      bv = a;
-      bi = jg;
-    }
-    if constexpr (KMAX > 0) {
-      // Only partners with |cos| > 0 count; the cheap test against the list's worst
-      // rejects almost every candidate once the list is warm.
-      if (a > acc_t(0) && better<acc_t>(a, jg, tv[KMAX - 1], ti[KMAX - 1]))
-        topk_insert<acc_t, KMAX>(tv, ti, a, static_cast<int>(jg));
-    }
-  }
-
-  // Block reductions: sums in a fixed tree (deterministic), argmax with index tie-break.
-  s_sq = warp_sum(s_sq);
-  s_c = warp_sum(s_c);
-  warp_argmax(bv, bi);
-  if (lane == 0) {
-    s_sum[0][warp] = s_sq;
-    s_sum[1][warp] = s_c;
-    s_val[warp] = bv;
-    s_idx[warp] = bi;
-  }
-  __syncthreads();
-  if (tid == 0) {
-    double a = 0.0, b = 0.0;
-    acc_t v = s_val[0];
-    int64_t ix = s_idx[0];
-    for (int w = 0; w < kWarps; ++w) {
-      a += s_sum[0][w];
-      b += s_sum[1][w];
-      if (w > 0 && better(s_val[w], s_idx[w], v, ix)) {
-        v = s_val[w];
-        ix = s_idx[w];
-      }
-    }
-    sq[i] = a;
-    sqcos[i] = b;
-    maxabs[i] = ix >= 0 ? static_cast<double>(v) : 0.0;
-    argmax[i] = ix;
-  }
-
-  if constexpr (KMAX > 0) {
-    // Pop the block's best head topk times. Every thread's list is sorted, so the best
-    // remaining candidate overall is the best of the heads.
-    for (int64_t q = 0; q < topk; ++q) {
-      acc_t hv = tv[0];
-      int64_t hi = ti[0];
-      warp_argmax(hv, hi);
-      __syncthreads();  // the previous round's readers of s_val / s_win are done
-      if (lane == 0) {
-        s_val[warp] = hv;
-        s_idx[warp] = hi;
-      }
-      __syncthreads();
-      if (tid == 0) {
-        acc_t v = s_val[0];
-        int64_t ix = s_idx[0];
-        for (int w = 1; w < kWarps; ++w) {
-          if (better(s_val[w], s_idx[w], v, ix)) {
-            v = s_val[w];
-            ix = s_idx[w];
-          }
-        }
-        s_win = ix;
-        if (ix >= 0) {
-          tk_cos[i * topk + q] = static_cast<double>(cosine(ix - col0));  // the signed cosine
-          tk_idx[i * topk + q] = ix;
-        }
-      }
-      __syncthreads();
-      const int64_t win = s_win;
-      if (win < 0) break;  // uniform: every thread read the same s_win
-      if (ti[0] == win) {
-        // Column indices are owned by one thread each, so exactly one thread pops.
-#pragma unroll
-        for (int p = 0; p + 1 < KMAX; ++p) {
-          tv[p] = tv[p + 1];
-          ti[p] = ti[p + 1];
-        }
-        tv[KMAX - 1] = 0;
-        ti[KMAX - 1] = -1;
-      }
-    }
-  }
-}
+// Variant "sliced_columns": 2^27 float32 = 512 MiB, R = 1024 rows at n = 65,536 (GEMMs tall
+// enough to run near the card's rate), still 128 at n = 2^20; rows prepared in chunks of
+// 2^24 float64 elements.
+constexpr int64_t kSlicedWorkspaceElems = int64_t(1) << 27;
+constexpr int64_t kPrepElems = int64_t(1) << 24;
 
 // Symmetric mode, column side: G holds rows r0..r0+R against columns col0.. (ld of them);
 // thread t owns local column j = j_begin + t (a column after the block) and folds the
@@ -224,6 +87,70 @@ __global__ void __launch_bounds__(kThreads)
   }
 }
 
+// Variant "sliced_columns" of _interference_cols_kernel (same inputs and outputs): each block owns 32 columns after the block's rows (j >= j_begin) and folds the R cosines
+// of each into that column's running sums and maximum. Warp w of the block takes rows
+// w, w + 8, ... (a warp reads 32 adjacent columns of one row: coalesced), so eight warps
+// share a column's rows; their partials meet in shared memory in warp order (fixed-order
+// sums: deterministic) and the argmax keeps the smallest row on ties.
+constexpr int kColLanes = 32;
+constexpr int kColSlices = kThreads / kColLanes;
+
+template <typename acc_t>
+__global__ void __launch_bounds__(kThreads)
+    _interference_cols_sliced_kernel(double* __restrict__ col_sq, double* __restrict__ col_sqcos,
+                              double* __restrict__ col_max, int64_t* __restrict__ col_arg,
+                              const acc_t* __restrict__ G, const double* __restrict__ row_nsq,
+                              const acc_t* __restrict__ row_inv, const acc_t* __restrict__ col_inv,
+                              int64_t R, int64_t ld, int64_t j_begin, int64_t col0, int64_t r0) {
+  __shared__ double s_sq[kColSlices][kColLanes];
+  __shared__ double s_c[kColSlices][kColLanes];
+  __shared__ acc_t s_v[kColSlices][kColLanes];
+  __shared__ int64_t s_i[kColSlices][kColLanes];
+  const int lane = threadIdx.x % kColLanes, slice = threadIdx.x / kColLanes;
+  const int64_t j = j_begin + static_cast<int64_t>(blockIdx.x) * kColLanes + lane;
+  const bool live = j < ld;
+  double sq = 0.0, sc = 0.0;
+  acc_t bv = 0;
+  int64_t bi = -1;
+  if (live) {
+    const acc_t c_inv = row_inv ? col_inv[j] : acc_t(1);
+    for (int64_t r = slice; r < R; r += kColSlices) {
+      // The same product order as the row kernel: g * (inv_row * inv_col).
+      const acc_t c = row_inv ? G[r * ld + j] * (row_inv[r] * c_inv) : G[r * ld + j];
+      const double c2 = static_cast<double>(c) * static_cast<double>(c);
+      sq += c2 * row_nsq[r];
+      sc += c2;
+      const acc_t a = c < acc_t(0) ? -c : c;
+      if (a > bv) {  // rows in increasing order within the slice: strict > keeps the smallest
+        bv = a;
+        bi = r0 + r;
+      }
+    }
+  }
+  s_sq[slice][lane] = sq;
+  s_c[slice][lane] = sc;
+  s_v[slice][lane] = bv;
+  s_i[slice][lane] = bi;
+  __syncthreads();
+  if (slice != 0 || !live) return;
+  for (int w = 1; w < kColSlices; ++w) {
+    sq += s_sq[w][lane];
+    sc += s_c[w][lane];
+    if (better(s_v[w][lane], s_i[w][lane], bv, bi)) {  // a partner (index >= 0) has |cos| > 0
+      bv = s_v[w][lane];
+      bi = s_i[w][lane];
+    }
+  }
+  const int64_t jg = col0 + j;
+  col_sq[jg] += sq;
+  col_sqcos[jg] += sc;
+  // Earlier row blocks hold smaller rows: they keep a tie.
+  if (bi >= 0 && static_cast<double>(bv) > col_max[jg]) {
+    col_max[jg] = static_cast<double>(bv);
+    col_arg[jg] = bi;
+  }
+}
+
 // The rows as the GEMM sees them: norms in float64; for float32/float64 input, unit rows
 // in the compute dtype (zero rows stay zero), as the CPU kernel and the reference form
 // them, and no inverse norms; for float16/bfloat16 input, the rows in their own dtype
@@ -255,6 +182,41 @@ Rows prepare_rows(const at::Tensor& X, at::ScalarType compute, bool keep16) {
   return {nrm, X64.mul(inv.unsqueeze(1)).to(compute).contiguous(), at::Tensor()};
 }
 
+// prepare_rows in row chunks (variant "sliced_columns"): the same rows, bounded temporaries.
+Rows prepare_rows_chunked(const at::Tensor& X, at::ScalarType compute, bool keep16) {
+  // Row chunks of kPrepElems, so the float64 temporaries stay bounded (a whole float64 copy
+  // of a million 4096-d rows would be 32 GiB).
+  const int64_t n = X.size(0), m = X.size(1);
+  const bool sixteen = keep16 && is_16bit(X);
+  // fp16 (|x| <= 65504) cannot overflow a float32 product; an empty X has no row maxima.
+  const bool scale_rows = sixteen && X.scalar_type() == at::kBFloat16 && X.numel() > 0;
+  Rows out;
+  out.norm = at::empty({n}, X.options().dtype(at::kDouble));
+  out.mat = sixteen && !scale_rows ? X.contiguous() : at::empty({n, m}, X.options().dtype(sixteen ? X.scalar_type() : compute));
+  at::Tensor nrm_s = sixteen ? at::empty({n}, X.options().dtype(at::kDouble)) : at::Tensor();
+  const int64_t step = std::max<int64_t>(1, kPrepElems / std::max<int64_t>(1, m));
+  for (int64_t a = 0; a < n; a += step) {
+    const int64_t len = std::min(step, n - a);
+    const at::Tensor x64 = X.narrow(0, a, len).to(at::kDouble);
+    const at::Tensor nrm = x64.pow(2).sum(1).sqrt();
+    out.norm.narrow(0, a, len).copy_(nrm);
+    if (!sixteen) {
+      const at::Tensor inv = at::where(nrm.gt(0), nrm.reciprocal(), at::zeros_like(nrm));
+      out.mat.narrow(0, a, len).copy_(x64.mul(inv.unsqueeze(1)));
+    } else if (scale_rows) {
+      // |x| up to 3e38 would overflow a float32 product: scale by 2^-e (exact) so the largest
+      // entry of the row lies in [0.5, 1).
+      const at::Tensor scale = std::get<1>(x64.abs().amax(1).frexp()).to(at::kDouble).neg().exp2();
+      out.mat.narrow(0, a, len).copy_(x64.mul(scale.unsqueeze(1)));
+      nrm_s.narrow(0, a, len).copy_(nrm.mul(scale));
+    } else {
+      nrm_s.narrow(0, a, len).copy_(nrm);
+    }
+  }
+  if (sixteen) out.inv = at::where(nrm_s.gt(0), nrm_s.reciprocal(), at::zeros_like(nrm_s)).to(at::kFloat);
+  return out;
+}
+
 // G = A B^T into the float `out` (a float32 tile from 16-bit A and B: cuBLAS's tensor-core
 // GEMM with float32 output; the same dtype otherwise).
 void tile_product(at::Tensor& out, const at::Tensor& A, const at::Tensor& Bt) {
@@ -266,63 +228,33 @@ void tile_product(at::Tensor& out, const at::Tensor& A, const at::Tensor& Bt) {
 }
 
 template <typename acc_t>
-const acc_t* ptr_or_null(const at::Tensor& t, int64_t offset) {
-  return t.defined() ? t.data_ptr<acc_t>() + offset : nullptr;
-}
-
-// row_inv / col_inv: the inverse norms of all rows / columns (undefined when G holds cosines).
-template <typename acc_t, int KMAX>
-void launch_rows(const at::Tensor& Gt, int64_t R, int64_t r0, int64_t ncols, int64_t col0, const at::Tensor& col_nsq,
-                 const at::Tensor& row_inv, const at::Tensor& col_inv, int64_t topk, bool exclude_self,
-                 at::Tensor& sq, at::Tensor& sqcos, at::Tensor& maxabs, at::Tensor& argmax, at::Tensor& tk_cos,
-                 at::Tensor& tk_idx) {
-  auto stream = at::cuda::getCurrentCUDAStream();
-  _interference_kernel<acc_t, KMAX><<<static_cast<unsigned>(R), kThreads, 0, stream>>>(
-      sq.data_ptr<double>(), sqcos.data_ptr<double>(), maxabs.data_ptr<double>(),
-      argmax.data_ptr<int64_t>(), tk_cos.data_ptr<double>(), tk_idx.data_ptr<int64_t>(),
-      Gt.data_ptr<acc_t>(), col_nsq.data_ptr<double>() + col0, ptr_or_null<acc_t>(row_inv, r0),
-      ptr_or_null<acc_t>(col_inv, col0), r0, ncols, col0, KMAX > 0 ? topk : 0, exclude_self);
-  C10_CUDA_KERNEL_LAUNCH_CHECK();
-}
-
-template <typename acc_t>
 void launch_cols(const at::Tensor& Gt, int64_t R, int64_t ld, int64_t j_begin, int64_t col0, int64_t r0,
                  const at::Tensor& w_nsq, const at::Tensor& w_inv, at::Tensor& col_sq, at::Tensor& col_sqcos,
-                 at::Tensor& col_max, at::Tensor& col_arg) {
+                 at::Tensor& col_max, at::Tensor& col_arg, bool sliced) {
   if (j_begin >= ld) return;
-  const auto grid = static_cast<unsigned>((ld - j_begin + kThreads - 1) / kThreads);
-  _interference_cols_kernel<acc_t><<<grid, kThreads, 0, at::cuda::getCurrentCUDAStream()>>>(
+  const int cols_per_block = sliced ? kColLanes : kThreads;
+  const auto grid = static_cast<unsigned>((ld - j_begin + cols_per_block - 1) / cols_per_block);
+  auto kernel = sliced ? _interference_cols_sliced_kernel<acc_t> : _interference_cols_kernel<acc_t>;
+  kernel<<<grid, kThreads, 0, at::cuda::getCurrentCUDAStream()>>>(
       col_sq.data_ptr<double>(), col_sqcos.data_ptr<double>(), col_max.data_ptr<double>(),
       col_arg.data_ptr<int64_t>(), Gt.data_ptr<acc_t>(), w_nsq.data_ptr<double>() + r0,
       ptr_or_null<acc_t>(w_inv, r0), ptr_or_null<acc_t>(w_inv, col0), R, ld, j_begin, col0, r0);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
-template <typename acc_t>
-void launch_rows_k(const at::Tensor& Gt, int64_t R, int64_t r0, int64_t ncols, int64_t col0,
-                   const at::Tensor& col_nsq, const at::Tensor& row_inv, const at::Tensor& col_inv, int64_t topk,
-                   bool exclude_self, at::Tensor& sq, at::Tensor& sqcos, at::Tensor& maxabs, at::Tensor& argmax,
-                   at::Tensor& tk_cos, at::Tensor& tk_idx) {
-#define SA_LAUNCH(K)                                                                                   \
-  launch_rows<acc_t, K>(Gt, R, r0, ncols, col0, col_nsq, row_inv, col_inv, topk, exclude_self, sq, sqcos, \
-                        maxabs, argmax, tk_cos, tk_idx)
-  if (topk == 0 || topk > 32)
-    SA_LAUNCH(0);
-  else if (topk <= 4)
-    SA_LAUNCH(4);
-  else if (topk <= 8)
-    SA_LAUNCH(8);
-  else if (topk <= 16)
-    SA_LAUNCH(16);
-  else
-    SA_LAUNCH(32);
-#undef SA_LAUNCH
-}
+// What the tile driver's variants change: the default row-block workspace (elements of the
+// compute dtype), the symmetric column kernel, and how rows are prepared.
+struct TileVariant {
+  int64_t workspace_elems;
+  bool sliced_cols;
+  bool chunked_prep;
+};
+constexpr TileVariant kDefaultTiles{kWorkspaceElems, false, false};
+constexpr TileVariant kSlicedColumns{kSlicedWorkspaceElems, true, true};
 
-}  // namespace
-
-std::vector<at::Tensor> interference_cuda(const at::Tensor& W_in, const std::optional<at::Tensor>& V_in,
-                                          int64_t topk, int64_t block, int64_t symmetric) {
+std::vector<at::Tensor> interference_tiles(const at::Tensor& W_in, const std::optional<at::Tensor>& V_in,
+                                           int64_t topk, int64_t block, int64_t symmetric,
+                                           const TileVariant& variant) {
   check_cuda(W_in, "W");
   TORCH_CHECK(W_in.dim() == 2, "W must be 2-D [features, dim], got ", W_in.dim(), "-D");
   TORCH_CHECK(at::isFloatingType(W_in.scalar_type()), "W must be floating point, got ", W_in.scalar_type());
@@ -349,13 +281,15 @@ std::vector<at::Tensor> interference_cuda(const at::Tensor& W_in, const std::opt
   // 16-bit rows go to the tensor cores when W (and V) share one 16-bit dtype; any other mix
   // meets in unit rows of the compute dtype.
   const bool keep16 = is_16bit(W_in) && (!has_v || V_in->scalar_type() == W_in.scalar_type());
-  const Rows w_rows = prepare_rows(W_in, compute, keep16);
+  const Rows w_rows = variant.chunked_prep ? prepare_rows_chunked(W_in, compute, keep16)
+                                           : prepare_rows(W_in, compute, keep16);
   const at::Tensor& w_norm = w_rows.norm;
   const at::Tensor& Wn = w_rows.mat;
   const at::Tensor w_nsq = w_norm.pow(2).contiguous();
   at::Tensor Cn = Wn, col_nsq = w_nsq, col_inv = w_rows.inv;
   if (has_v) {
-    const Rows v_rows = prepare_rows(*V_in, compute, keep16);
+    const Rows v_rows = variant.chunked_prep ? prepare_rows_chunked(*V_in, compute, keep16)
+                                             : prepare_rows(*V_in, compute, keep16);
     Cn = v_rows.mat;
     col_nsq = v_rows.norm.pow(2).contiguous();
     col_inv = v_rows.inv;
@@ -371,7 +305,7 @@ std::vector<at::Tensor> interference_cuda(const at::Tensor& W_in, const std::opt
   TORCH_CHECK(symmetric != 1 || can_sym, "symmetric tiles need V = None and topk = 0");
   if (n > 0 && can_sym && symmetric != 0) {
     const int64_t R = block > 0 ? std::min(block, n)
-                                : std::min({n, kDefaultMaxRows, std::max<int64_t>(1, kWorkspaceElems / n)});
+                                : std::min({n, kDefaultMaxRows, std::max<int64_t>(1, variant.workspace_elems / n)});
     at::Tensor ws = at::empty({R * n}, tile_opts);
     at::Tensor col_sq = at::zeros({n}, f64), col_sqcos = at::zeros({n}, f64), col_max = at::zeros({n}, f64);
     at::Tensor col_arg = at::full({n}, -1, i64);
@@ -383,11 +317,13 @@ std::vector<at::Tensor> interference_cuda(const at::Tensor& W_in, const std::opt
       if (compute == at::kDouble) {
         launch_rows_k<double>(Gt, Rb, r0, ld, r0, w_nsq, w_inv, w_inv, 0, true, sq, sqcos, maxabs, argmax, tk_cos,
                               tk_idx);
-        launch_cols<double>(Gt, Rb, ld, Rb, r0, r0, w_nsq, w_inv, col_sq, col_sqcos, col_max, col_arg);
+        launch_cols<double>(Gt, Rb, ld, Rb, r0, r0, w_nsq, w_inv, col_sq, col_sqcos, col_max, col_arg,
+                            variant.sliced_cols);
       } else {
         launch_rows_k<float>(Gt, Rb, r0, ld, r0, w_nsq, w_inv, w_inv, 0, true, sq, sqcos, maxabs, argmax, tk_cos,
                              tk_idx);
-        launch_cols<float>(Gt, Rb, ld, Rb, r0, r0, w_nsq, w_inv, col_sq, col_sqcos, col_max, col_arg);
+        launch_cols<float>(Gt, Rb, ld, Rb, r0, r0, w_nsq, w_inv, col_sq, col_sqcos, col_max, col_arg,
+                            variant.sliced_cols);
       }
     }
     // Feature j's partners: rows before its block (column side, all smaller indices, so
@@ -400,7 +336,7 @@ std::vector<at::Tensor> interference_cuda(const at::Tensor& W_in, const std::opt
   } else if (n > 0 && ncols > 0) {
     const int64_t R = block > 0 ? std::min(block, n)
                                 : std::min({n, kDefaultMaxRows,
-                                            std::max<int64_t>(1, kWorkspaceElems / ncols)});
+                                            std::max<int64_t>(1, variant.workspace_elems / ncols)});
     at::Tensor ws = at::empty({R, ncols}, tile_opts);
     const at::Tensor CnT = Cn.t();
     const int64_t k_eff = std::min(topk, ncols);
@@ -444,6 +380,18 @@ std::vector<at::Tensor> interference_cuda(const at::Tensor& W_in, const std::opt
     dims = at::empty({0}, f64);
   }
   return {w_norm, sq, sqcos, dims, maxabs, argmax, tk_cos, tk_idx};
+}
+
+}  // namespace
+
+std::vector<at::Tensor> interference_cuda(const at::Tensor& W, const std::optional<at::Tensor>& V,
+                                          int64_t topk, int64_t block, int64_t symmetric) {
+  return interference_tiles(W, V, topk, block, symmetric, kDefaultTiles);
+}
+
+std::vector<at::Tensor> interference_cuda_sliced_columns(const at::Tensor& W, const std::optional<at::Tensor>& V,
+                                                         int64_t topk, int64_t block, int64_t symmetric) {
+  return interference_tiles(W, V, topk, block, symmetric, kSlicedColumns);
 }
 
 }  // namespace supanalysis

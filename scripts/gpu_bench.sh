@@ -1,30 +1,30 @@
 #!/usr/bin/env bash
-# Everything a session with a lent GPU should run, in one command, on the GPU machine,
-# inside one time budget: load (or build) the extension with CUDA kernels for sm_90, run the
-# tests of the GPU backends, benchmark every op on the GPU (writing the measured dispatch
-# table), time a million-feature interference, and exercise the NCCL path of the test.
+# GPU benchmark and check run, in one command, on a machine with one or more CUDA GPUs,
+# inside one time budget: load (or build) the extension with its CUDA kernels, run the
+# tests of the GPU backends, time every op in every dtype on the GPU with
+# `python -m bench --device cuda` (every backend and named CUDA variant side by side,
+# writing a measured dispatch table), time the interference of n = 65,536 and
+# n = 1,048,576 features, and, with more than one GPU, run the NCCL path of `supanalysis
+# test` under torchrun across them.
 #
-#   OUT=/tmp/out bash scripts/gpu_session.sh                  # on the GPU machine
-#   DEADLINE=470 TEST_S=110 RESERVE_S=150 ...                # budget: whole, tests, after bench
-#   SKIP_TESTS=1 ... / SKIP_BENCH=1 ... / SKIP_NCCL=1         # split over two calls
+#   OUT=/tmp/out bash scripts/gpu_bench.sh                     # results in /tmp/out
+#   DEADLINE=470 TEST_S=110 RESERVE_S=150 ...                  # budget: whole, tests, after bench
+#   SKIP_TESTS=1 ... / SKIP_BENCH=1 ... / SKIP_NCCL=1           # split over several calls
 #   TESTS_K="cuda and stats" BENCH_ARGS="--cases stats:bfloat16 ..." MEM_BACKENDS=cuda  # narrower
-#   CPU_SMOKE=1 OUT=/tmp/out bash scripts/gpu_session.sh     # the plumbing, here, on small CPU work
+#   DTYPES=bfloat16,float32 ...                                 # the bench's dtypes
+#   CPU_SMOKE=1 OUT=/tmp/out bash scripts/gpu_bench.sh         # the plumbing, on small CPU work
 #
-# A lent GPU comes with about 15 minutes of device time in all, machine start included, and
-# one command may run 10. So every step gets what is left of DEADLINE seconds (default 470,
-# which with a start of a minute or two leaves room for a short second call), the steps run
-# most-wanted first (extension, GPU tests, bench, n = 1M interference, NCCL), and the bench
-# rewrites its table after every case, so a step cut short still returns what it measured.
-# The build itself (minutes) is skipped when prebuilt/ holds a _C built for the machine's
-# python and torch from these very sources (scripts/check_cuda_build.sh with
-# SUPANALYSIS_PREBUILT_DIR=prebuilt; carry prebuilt/ with the call).
-# Results: at most seven files in $OUT (the device tool returns eight at most, no deeper
-# than two folders): session.log, tests.txt, bench_gpu.md, bench_gpu.json, dispatch.json,
-# memory.txt, nccl.txt. Copy the tables into bench/RESULTS.md and dispatch.json over
-# supanalysis/dispatch.json (it merges other GPUs' entries).
+# Every step gets at most what is left of DEADLINE seconds (default 470), the steps run
+# most-wanted first (extension, GPU tests, bench, interference memory, NCCL), and each
+# writes its results into $OUT as it goes (the bench rewrites its tables after every case),
+# so a run cut short still leaves what it measured.
+# The build (minutes) is skipped when prebuilt/ holds a _C built for this python and torch
+# from these very sources (scripts/check_cuda_build.sh with SUPANALYSIS_PREBUILT_DIR=prebuilt).
+# Results, at most seven files in $OUT: run.log, tests.txt, bench_gpu.md, bench_gpu.json,
+# dispatch.json, memory.txt, nccl.txt. The tables go into bench/RESULTS.md and dispatch.json
+# over supanalysis/dispatch.json (it merges other GPUs' entries).
 #
-# Uses the machine's own python3 (PyTorch with CUDA, Triton, pytest, hypothesis and
-# pytest-xdist are there); nothing is downloaded.
+# Uses the machine's python3 (PyTorch with CUDA, Triton and pytest; pytest-xdist if there).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT="${OUT:-/tmp/supanalysis-gpu}"
@@ -38,18 +38,18 @@ export CUDA_HOME="${CUDA_HOME:-$(dirname "$(dirname "$(command -v nvcc)")")}"
 export SUPANALYSIS_CUDA="${SUPANALYSIS_CUDA:-1}" TORCH_CUDA_ARCH_LIST="${TORCH_CUDA_ARCH_LIST:-9.0}"
 export MAX_JOBS="${MAX_JOBS:-16}"
 # What each step runs: the GPU work, or (CPU_SMOKE=1) the same steps on small CPU work, to
-# check the script itself where no GPU is lent.
+# check the script itself on a machine without a GPU.
 if [ "${CPU_SMOKE:-0}" = "1" ]; then
   export SUPANALYSIS_CUDA=0
   require=--require-cpp tests_k="dispatch" bench_args=(--quick --device cpu --ops best_match,coact)
   mem_small=(--n 2048 --m 64 --backend cpp) mem_large=(--n 4096 --m 64) mem_backends=(cpp) gpu=false
 else
-  # TESTS_K, BENCH_ARGS and MEM_BACKENDS narrow a second call to what changed since the first.
+  # TESTS_K, BENCH_ARGS and MEM_BACKENDS narrow a later call to what changed.
   require=--require-cuda tests_k="${TESTS_K:-cuda or gpu or triton}"
-  # Ops most wanted first (the issues' GPU targets), the float64 reference left out (slow,
-  # and not what any target is held against), a baseline over 2 s per call skipped.
+  # Every op (the most used first) in every dtype, the GPU backends with their variants;
+  # the float64 reference left out (slow), a baseline over 2 s per call skipped.
   read -r -a bench_args <<<"${BENCH_ARGS:---ops stats,interference,cross,coact_sparse,interference_topk,coact,\
-stats_sparse,best_match --backends triton,cuda --budget 2}"
+stats_sparse,best_match --dtype ${DTYPES:-bfloat16,float16,float32,float64} --backends triton,cuda --budget 2}"
   read -r -a mem_backends <<<"${MEM_BACKENDS:-triton cuda}"
   mem_small=(--n 65536 --m 4096) mem_large=(--n 1048576 --m 4096) gpu=true
 fi
@@ -86,7 +86,7 @@ if ! "$PY" -m supanalysis.cli info $require >/dev/null 2>&1; then
   fi
 fi
 "$PY" -m supanalysis.cli info $require || return 1
-if $gpu; then  # a GPU session must have both GPU backends, or its numbers mean little
+if $gpu; then  # both GPU backends, or the side-by-side numbers mean little
   "$PY" -c "from supanalysis._backend import backend_status as b; s = b(); \
 bad = [str(s[k]) for k in ('triton', 'cuda') if not s[k].available]; assert not bad, bad" || return 1
 fi
@@ -124,33 +124,39 @@ if [ "${SKIP_BENCH:-0}" != "1" ]; then
   } | tee "$OUT/memory.txt"
 fi
 
-step "NCCL: the test under torchrun, world size 1, then 2 processes on the one GPU"
-[ "${SKIP_NCCL:-0}" = "1" ] && { echo "skipped (SKIP_NCCL=1)"; step "done (status $status)"; return "$status"; }
+step "NCCL: the test under torchrun across the GPUs (more than one needed)"
+ngpu=0
+$gpu && ngpu=$("$PY" -c "import torch; print(torch.cuda.device_count())" 2>/dev/null || echo 0)
+if [ "${SKIP_NCCL:-0}" = "1" ] || [ "$ngpu" -lt 2 ]; then
+  echo "skipped ($([ "${SKIP_NCCL:-0}" = "1" ] && echo SKIP_NCCL=1 || echo "$ngpu GPU(s)"))" | tee "$OUT/nccl.txt"
+  step "done (status $status); results in $OUT: $(ls "$OUT" | tr '\n' ' ')"
+  return "$status"
+fi
 {
   within 60 "$PY" -m supanalysis.cli demo --quick --out "$WORK/demo" --no-progress >"$WORK/demo.txt" 2>&1 ||
     { echo "quick demo failed:"; tail -5 "$WORK/demo.txt"; }
-  for n in 1 2; do
-    [ -f "$WORK/demo/config.json" ] || break
-    if within 60 "$PY" -m torch.distributed.run --nproc-per-node "$n" -m supanalysis.cli test \
-      --config "$WORK/demo/config.json" --out "$WORK/nccl$n" --no-progress >"$WORK/nccl$n.txt" 2>&1; then
-      "$PY" - "$WORK" "$n" <<'PY'
+  if [ -f "$WORK/demo/config.json" ]; then
+    if within 120 "$PY" -m torch.distributed.run --nproc-per-node "$ngpu" -m supanalysis.cli test \
+      --config "$WORK/demo/config.json" --out "$WORK/nccl" --no-progress >"$WORK/nccl.txt" 2>&1; then
+      "$PY" - "$WORK" "$ngpu" <<'PY'
 import json, sys
 one = json.load(open(f"{sys.argv[1]}/demo/report.json"))
-got = json.load(open(f"{sys.argv[1]}/nccl{sys.argv[2]}/report.json"))
+got = json.load(open(f"{sys.argv[1]}/nccl/report.json"))
 same = one["verdict"] == got["verdict"] and all(
     abs(a["matched_fraction_a"] - b["matched_fraction_a"]) < 1e-6 for a, b in zip(one["pairs"], got["pairs"]))
-print(f"NCCL world size {sys.argv[2]}: {'reproduces' if same else 'DIFFERS FROM'} the demo's verdict and matched fractions")
+print(f"NCCL over {sys.argv[2]} GPUs: {'reproduces' if same else 'DIFFERS FROM'} the demo's verdict and matched fractions")
 PY
     else
-      echo "NCCL world size $n: failed or out of time (NCCL may refuse two ranks on one GPU):"
-      tail -5 "$WORK/nccl$n.txt"
+      echo "NCCL over $ngpu GPUs: failed or out of time:"
+      tail -5 "$WORK/nccl.txt"
+      status=1
     fi
-  done
+  fi
 } | tee "$OUT/nccl.txt"
 
 step "done (status $status); results in $OUT: $(ls "$OUT" | tr '\n' ' ')"
 return "$status"
 }
 
-main 2>&1 | tee "$OUT/session.log"
+main 2>&1 | tee "$OUT/run.log"
 exit "${PIPESTATUS[0]}"
