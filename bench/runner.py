@@ -62,7 +62,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         default=None,
         metavar="OP:DTYPE,...",
         help="exactly these (op, dtype) cases, in this order (instead of --ops x --dtype); "
-        "a lent GPU's minutes go first to what matters most",
+        "so a short GPU allocation goes first to what matters most",
     )
     p.add_argument("--backends", default=None, help="comma list of " + ",".join(BACKENDS) + " (default all)")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
@@ -79,7 +79,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         type=float,
         default=None,
         metavar="S",
-        help="start no new case after S seconds (a lent GPU's time is short); the cases left "
+        help="start no new case after S seconds (for a fixed time budget); the cases left "
         "are listed as not run. --markdown/--json/--write-dispatch are rewritten after every case, "
         "so a run killed from outside still leaves what it measured",
     )

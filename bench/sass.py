@@ -1,7 +1,7 @@
 """Static SASS statistics of GPU kernels, for a GPU this machine does not have.
 
 ``python -m bench.sass [--arch 90]`` compiles the Triton dense activation-stats kernel for
-sm_90 (bfloat16 and float32 inputs, the issue 5 benchmark's shape) with Triton's own
+sm_90 (bfloat16 and float32 inputs, the benchmark's dense-stats shape) with Triton's own
 ptxas, and prints its registers, local-memory stack and, for every innermost loop, the
 instructions it issues per input element and the mix. ``--object FILE --function REGEX``
 does the same for compiled CUDA kernels (a cubin, or an nvcc object file of the build).
