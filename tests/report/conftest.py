@@ -11,17 +11,17 @@ from supanalysis import report as rep
 from supanalysis.report import figures as report_figures
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="package")
 def report():
     return make_report()
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="package")
 def arrays(report):
     return make_arrays(report)
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="package")
 def figures(report, arrays):
     """Every figure, drawn once for the module; densities as numpy, the rest as tensors (both accepted)."""
     pytest.importorskip("matplotlib")
@@ -45,12 +45,12 @@ def cached_figures(monkeypatch, figures):
     return calls
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="package")
 def family_report():
     return make_family_report()
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="package")
 def family_figures(family_report, arrays):
     """Every figure of the family report (the base ones and the family's), drawn once."""
     pytest.importorskip("matplotlib")
