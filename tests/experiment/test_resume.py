@@ -12,6 +12,7 @@ import time
 import numpy as np
 import pytest
 import torch
+from pair_config import pair_config
 from safetensors import safe_open
 
 from supanalysis.cli import main
@@ -35,19 +36,7 @@ def workspace(tmp_path_factory):
 
 
 def config(root, **kw) -> TestConfig:
-    base = dict(
-        model_a=ModelSpec(path=str(root / "A"), name="A"),
-        model_b=ModelSpec(path=str(root / "B"), name="B"),
-        tokens=str(root / "tokens.npy"),
-        seq_len=32,
-        batch_size=8,
-        eval_tokens=1000,
-        stats_tokens=3000,
-        match_tokens=2000,
-        bootstrap=50,
-    )
-    base.update(kw)
-    return TestConfig(**base)
+    return pair_config(root, **{"stats_tokens": 3000, "bootstrap": 50, **kw})
 
 
 def _without_time(report: dict) -> dict:

@@ -9,6 +9,7 @@ from dataclasses import replace
 import numpy as np
 import pytest
 import torch
+from pair_config import pair_config
 
 from supanalysis import science as S
 from supanalysis.cli import main
@@ -36,19 +37,7 @@ def workspace(tmp_path_factory):
 
 
 def config(root, **kw):
-    base = dict(
-        model_a=ModelSpec(path=str(root / "A"), name="A"),
-        model_b=ModelSpec(path=str(root / "B"), name="B"),
-        tokens=str(root / "tokens.npy"),
-        seq_len=32,
-        batch_size=8,
-        eval_tokens=1000,
-        stats_tokens=2000,
-        match_tokens=2000,
-        bootstrap=100,
-    )
-    base.update(kw)
-    return TestConfig(**base)
+    return pair_config(root, **{"stats_tokens": 2000, "bootstrap": 100, **kw})
 
 
 def test_pair_by_depth():

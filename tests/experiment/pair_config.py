@@ -1,0 +1,22 @@
+"""The two-model test config the experiment tests share: folders A and B and tokens.npy under one root."""
+
+from __future__ import annotations
+
+from supanalysis.config import ModelSpec, TestConfig
+
+
+def pair_config(root, *, stats_tokens: int, bootstrap: int, **kw) -> TestConfig:
+    """A small run over ``root/A``, ``root/B`` and ``root/tokens.npy``; ``kw`` overrides any field."""
+    base = dict(
+        model_a=ModelSpec(path=str(root / "A"), name="A"),
+        model_b=ModelSpec(path=str(root / "B"), name="B"),
+        tokens=str(root / "tokens.npy"),
+        seq_len=32,
+        batch_size=8,
+        eval_tokens=1000,
+        stats_tokens=stats_tokens,
+        match_tokens=2000,
+        bootstrap=bootstrap,
+    )
+    base.update(kw)
+    return TestConfig(**base)
