@@ -9,15 +9,29 @@ read-only folder) removes the temp file and raises :class:`WriteError` naming th
 
 Temp files are named ``.<name>.tmp-<random>``; :func:`remove_stale_temps` clears those a
 killed writer left behind (a reader never mistakes one for a finished file).
+
+A JSON file can vouch for itself: :func:`with_checksum` adds the sha256 of its canonical body,
+:func:`checked_body` verifies it on read. :class:`FolderLock` keeps two writers out of one
+folder with an advisory lock the kernel drops when its holder dies.
 """
 
 from __future__ import annotations
 
 import errno
+import hashlib
+import json
 import os
 import secrets
-from collections.abc import Callable
+import socket
+import weakref
+from collections.abc import Callable, Mapping
 from pathlib import Path
+from typing import Any
+
+try:
+    import fcntl
+except ImportError:  # not POSIX: no advisory locks
+    fcntl = None  # type: ignore[assignment]
 
 TEMP_MARK = ".tmp-"
 
@@ -116,7 +130,118 @@ def remove_stale_temps(folder: str | os.PathLike) -> list[Path]:
         return []
     gone = []
     for p in folder.iterdir():
-        if p.is_file() and p.name.startswith(".") and TEMP_MARK in p.name:
+        if is_temp(p):
             p.unlink(missing_ok=True)
             gone.append(p)
     return gone
+
+
+def is_temp(path: Path) -> bool:
+    """Whether ``path`` is a temp file of :func:`durable_write` (never a finished file)."""
+    return path.name.startswith(".") and TEMP_MARK in path.name and path.is_file()
+
+
+CHECKSUM_KEY = "checksum"
+
+
+def body_checksum(body: Mapping[str, Any]) -> str:
+    """sha256 of ``body`` as canonical JSON (sorted keys, no spaces): unchanged by re-indenting
+    the file, changed by any edit to a key or value."""
+    return hashlib.sha256(json.dumps(body, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
+
+
+def with_checksum(body: Mapping[str, Any]) -> dict[str, Any]:
+    """``body`` plus a ``checksum`` field over the rest of it (see :func:`checked_body`)."""
+    if CHECKSUM_KEY in body:
+        raise ValueError(f"a checksummed JSON body cannot carry its own {CHECKSUM_KEY!r} field")
+    return {**body, CHECKSUM_KEY: body_checksum(body)}
+
+
+def checked_body(doc: Mapping[str, Any], path: str | os.PathLike) -> tuple[dict[str, Any], bool]:
+    """(the body of ``doc`` without its checksum, whether it carried one).
+
+    Raises ValueError naming ``path`` when the checksum does not match the body. A document
+    without a checksum is returned as it is: whether to trust it is the caller's decision.
+    """
+    body = {k: v for k, v in doc.items() if k != CHECKSUM_KEY}
+    if CHECKSUM_KEY not in doc:
+        return body, False
+    if doc[CHECKSUM_KEY] != body_checksum(body):
+        raise ValueError(f"{path} fails its checksum: the file was altered or corrupted after it was written")
+    return body, True
+
+
+LOCK_FILE = "lock"
+
+
+class FolderLocked(OSError):
+    """Another process holds the folder's lock; ``holder`` is what it wrote there (pid, host)."""
+
+    def __init__(self, folder: Path, holder: str) -> None:
+        super().__init__(errno.EWOULDBLOCK, f"{folder} is locked by {holder or 'another process'}")
+        self.folder, self.holder = folder, holder
+
+
+class FolderLock:
+    """An exclusive, non-blocking advisory lock (``flock``) on ``<folder>/lock``, held until
+    :meth:`release` (or until the process dies: the kernel drops it, so a lock file left by a
+    killed process never blocks the next one).
+
+    The lock file is the one file not written through :func:`durable_write`: a rename would put
+    a new inode under the name while the old one stays locked, letting two holders in. It is
+    never deleted for the same reason; it holds only the holder's pid and host, for the
+    message another process gets. On a filesystem without locks (or off POSIX) nothing is
+    locked and :attr:`held` is False.
+    """
+
+    def __init__(self, folder: str | os.PathLike) -> None:
+        self.folder = Path(folder)
+        self.path = self.folder / LOCK_FILE
+        self.held = False
+        self._fd: int | None = None
+        if fcntl is None:
+            return
+        try:
+            self.folder.mkdir(parents=True, exist_ok=True)
+            fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+        except OSError as exc:
+            raise WriteError(exc.errno, f"cannot write {self.path}: {exc.strerror or exc}") from exc
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError as exc:
+            holder = _read_holder(fd)
+            os.close(fd)
+            if exc.errno in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):
+                raise FolderLocked(self.folder, holder) from None
+            if exc.errno in (errno.ENOLCK, errno.ENOTSUP, errno.EOPNOTSUPP, errno.EINVAL):
+                return  # the filesystem has no locks: carry on unlocked rather than refuse
+            raise
+        self._fd, self.held = fd, True
+        self._closer = weakref.finalize(self, os.close, fd)  # a dropped lock object still unlocks
+        try:
+            os.ftruncate(fd, 0)
+            os.pwrite(fd, f"pid {os.getpid()} on {socket.gethostname()}\n".encode(), 0)
+        except OSError:
+            pass  # the holder's name only serves messages (a full disk must not fail the run)
+        except BaseException:
+            self.release()
+            raise
+
+    def release(self) -> None:
+        """Drop the lock (closing its file); safe to call more than once."""
+        if self._fd is not None:
+            self._fd, self.held = None, False
+            self._closer()
+
+    def __enter__(self) -> FolderLock:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.release()
+
+
+def _read_holder(fd: int) -> str:
+    try:
+        return os.pread(fd, 200, 0).decode(errors="replace").strip()
+    except OSError:
+        return ""

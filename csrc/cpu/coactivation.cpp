@@ -63,7 +63,11 @@ void coactivation_update_cpu(at::Tensor& counts, const at::Tensor& x, double thr
     const at::Tensor fires = at::isfinite(xf) & (xf > thr);
     if (int8) {
       const at::Tensor B = fires.to(at::kChar);
-      counts.add_(at::_int_mm(B.t(), B));
+      // With one feature B^T is a [1, rows] view whose strides are (1, 1): at::_int_mm reads
+      // that as row-major with leading dimension 1 and returns garbage. B^T then has B's own
+      // memory layout, so a reshape of B gives it with unambiguous row-major strides, no copy.
+      const at::Tensor Bt = n == 1 ? B.reshape({1, B.size(0)}).contiguous() : B.t();
+      counts.add_(at::_int_mm(Bt, B));
     } else {
       const at::Tensor B = fires.to(at::kFloat);
       counts.add_(at::mm(B.t(), B).to(at::kLong));

@@ -31,6 +31,7 @@ from .train_checkpoint import (
     STATE_TENSORS,
     adam_tensors,
     load_checkpoint,
+    publish_current,
     restore_adam,
     save_checkpoint,
 )
@@ -314,6 +315,7 @@ def train_topk_sae(
     bar = tqdm(total=n_tokens, initial=min(state["tokens"], n_tokens), unit="tok", unit_scale=True,
                disable=not progress)  # fmt: skip
     last_ckpt = state["tokens"]
+    finished_before = state["tokens"] >= n_tokens
     try:
         batches = _stream(source, site, cfg.batch_size, state["tokens"]) if state["tokens"] < n_tokens else iter(())
         for x in batches:
@@ -331,6 +333,10 @@ def train_topk_sae(
                 last_ckpt = state["tokens"]
             if done:
                 break
+        if folder is not None and finished_before:
+            # Resumed after the end: finish publishing the last checkpoint (a no-op when a
+            # kill did not interrupt that).
+            publish_current(folder)
     finally:
         bar.close()
     last = state["history"][-1]

@@ -42,8 +42,7 @@ def _sha256(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()
 
 
-def _body_checksum(body: dict[str, Any]) -> str:
-    return _sha256(json.dumps(body, sort_keys=True, separators=(",", ":")).encode())
+_body_checksum = durable.body_checksum
 
 
 def adam_tensors(opt: torch.optim.Optimizer, params: list[Tensor]) -> dict[str, Tensor]:
@@ -75,7 +74,10 @@ def save_checkpoint(folder: Path, sae: Dictionary, tensors: dict[str, Tensor], s
     previous = _read_pointer(folder) if (folder / STATE_JSON).is_file() else None
     step_dir = folder / f"{_STEP_PREFIX}{state['tokens']:012d}"
     if previous is not None and previous["step_dir"] == step_dir.name:
-        return  # this very checkpoint is already the current one
+        # Already the current one; a run killed after switching the pointer may not have
+        # finished publishing it, so finish that (idempotent) and write nothing new.
+        _publish(folder, step_dir, previous["files"])
+        return
     if step_dir.exists():
         shutil.rmtree(step_dir)  # left by a run killed before it switched the pointer
     save_saelens(sae, step_dir)
@@ -90,9 +92,23 @@ def save_checkpoint(folder: Path, sae: Dictionary, tensors: dict[str, Tensor], s
         "state": state,
     }
     durable.write_text(folder / STATE_JSON, json.dumps({**body, "checksum": _body_checksum(body)}, indent=1) + "\n")
-    for name in files:
-        if name != STATE_TENSORS:
-            durable.write_bytes(folder / name, (step_dir / name).read_bytes())
+    _publish(folder, step_dir, files)
+
+
+def publish_current(folder: Path) -> None:
+    """Finish publishing the checkpoint the pointer names (after a kill between the pointer
+    switch and the end of :func:`save_checkpoint`); writes nothing when it is complete."""
+    current = _read_pointer(folder)
+    _publish(folder, folder / current["step_dir"], current["files"])
+
+
+def _publish(folder: Path, step_dir: Path, files: dict[str, str]) -> None:
+    """Copy the current step's SAE files to the folder's top level (where load_dictionary finds
+    them), then drop older step folders and stale temp files."""
+    for name, sha in files.items():
+        top = folder / name
+        if name != STATE_TENSORS and not (top.is_file() and _sha256(top.read_bytes()) == sha):
+            durable.write_bytes(top, (step_dir / name).read_bytes())
     for old in folder.glob(f"{_STEP_PREFIX}*"):
         if old.is_dir() and old.name != step_dir.name:
             shutil.rmtree(old, ignore_errors=True)

@@ -7,15 +7,20 @@ weights of both models, and the world size. Every rank then keeps its own
 next global batch), the eval losses; and the trained dictionaries' own training
 checkpoints live under ``sae/``. Writes are durable and atomic (:mod:`supanalysis.durable`),
 so a kill at any instant leaves the previous checkpoint intact. A folder from another run, or a
-corrupt file, is refused with the reason, never mixed in.
+corrupt file, is refused with the reason, never mixed in; ``fingerprint.json`` carries a
+checksum of itself. While a run is using the folder, its rank 0 holds an advisory lock on
+``lock`` there, so a second run on the same folder is refused at once; the kernel drops the
+lock when the process dies, so a killed run never blocks its own resume.
 """
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import os
-from collections.abc import Iterable, Mapping
+import threading
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -27,7 +32,16 @@ from ..accumulators import CrossCorrelation
 from ..accumulators._state import atomic_save, load_file_checked
 from ..config import TestConfig
 from ..distributed import agree, rank_world
-from ..durable import remove_stale_temps, write_text
+from ..durable import (
+    LOCK_FILE,
+    FolderLock,
+    FolderLocked,
+    checked_body,
+    is_temp,
+    remove_stale_temps,
+    with_checksum,
+    write_text,
+)
 from .features import Codes, take_rows
 from .measurements import ModelMeasurement, SitePair
 
@@ -42,6 +56,10 @@ SPEC_ADDED_WITH_DEFAULT = {"shape": "", "seed": ""}
 
 class CheckpointMismatch(ValueError):
     """A checkpoint exists but was written by another run (or is unreadable)."""
+
+
+class CheckpointInUse(CheckpointMismatch):
+    """Another run, still alive, is using the checkpoint folder."""
 
 
 def _hash_tensor(h, name: str, t: torch.Tensor) -> None:
@@ -108,6 +126,54 @@ def _describe_mismatch(found: Mapping[str, str], want: Mapping[str, str]) -> str
     return ", ".join(diff)
 
 
+def _read_fingerprint(path: Path) -> tuple[dict, bool]:
+    """(the fingerprint a folder names, whether it carried a checksum), or CheckpointMismatch.
+
+    One without a checksum (written before fingerprints had one) is still this run's when every
+    field equals this run's: that comparison vouches for each byte a checksum would.
+    """
+    how = "delete the folder, or use another one, to start the run afresh"
+    try:
+        doc = json.loads(path.read_text(encoding="utf-8"))
+        if not isinstance(doc, dict):
+            raise ValueError("not a JSON object")
+    except (ValueError, OSError) as exc:
+        raise CheckpointMismatch(f"checkpoint {path} is unreadable ({exc}); refusing to resume from it: {how}") from exc
+    try:
+        return checked_body(doc, path)
+    except ValueError as exc:
+        raise CheckpointMismatch(f"checkpoint {exc}; refusing to resume from it: {how}") from exc
+
+
+_OPEN_SCOPES = threading.local()
+
+
+def _scopes() -> list[list[MeasureCheckpoint]]:
+    if not hasattr(_OPEN_SCOPES, "stack"):
+        _OPEN_SCOPES.stack = []
+    return _OPEN_SCOPES.stack
+
+
+def releases_checkpoints(fn: Callable) -> Callable:
+    """Decorate a function that opens checkpoint folders: every folder it opened (on this
+    thread) is closed, its lock released, when it returns or raises. Without this a lock lasts
+    until :meth:`MeasureCheckpoint.close` or until the checkpoint object is collected, and an
+    exception's traceback can keep that object alive long after the run ended."""
+
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        opened: list[MeasureCheckpoint] = []
+        _scopes().append(opened)
+        try:
+            return fn(*args, **kwargs)
+        finally:
+            _scopes().pop()
+            for ck in opened:
+                ck.close()
+
+    return wrapper
+
+
 class MeasureCheckpoint:
     """The checkpoint folder of one run, seen from one rank.
 
@@ -116,12 +182,17 @@ class MeasureCheckpoint:
     only when ``resume`` is true (otherwise refused, so two runs never mix silently).
     In a distributed run rank 0 opens first; the other ranks then ``join`` (the folder must
     be this run's, or absent on a node that does not share rank 0's filesystem).
+
+    Rank 0's ``open`` also takes the folder's lock (refusing, with :class:`CheckpointInUse`,
+    a folder another live run holds); the ranks of one run share it. :meth:`close` (or
+    ``with``, or :func:`releases_checkpoints` around the run) releases it.
     """
 
     def __init__(self, folder: str | os.PathLike, fingerprint: Mapping[str, str], rank: int, world: int) -> None:
         self.folder = Path(folder)
         self.fingerprint = dict(fingerprint)
         self.rank, self.world = rank, world
+        self._lock: FolderLock | None = None
 
     @property
     def state_path(self) -> Path:
@@ -142,39 +213,76 @@ class MeasureCheckpoint:
         join: bool = False,
     ) -> MeasureCheckpoint:
         ck = cls(folder, fingerprint, rank, world)
-        fp_path = ck.folder / FINGERPRINT_FILE
-        if fp_path.is_file():
-            try:
-                found = json.loads(fp_path.read_text())
-                if not isinstance(found, dict):
-                    raise ValueError("not a JSON object")
-            except (ValueError, OSError) as exc:
-                raise CheckpointMismatch(
-                    f"checkpoint {fp_path} is unreadable ({exc}); refusing to resume from it"
-                ) from exc
-            if found != ck.fingerprint:
-                raise CheckpointMismatch(
-                    f"checkpoint folder {ck.folder} belongs to another run (differs in: "
-                    f"{_describe_mismatch(found, ck.fingerprint)}); refusing to mix it in. "
-                    "Use another checkpoint folder or delete this one."
-                )
-            if not resume and not join:
-                raise CheckpointMismatch(
-                    f"checkpoint folder {ck.folder} already holds this run's checkpoint; pass resume=True "
-                    "(--resume) to continue it, or use another folder"
-                )
-        else:
-            if not join:
-                # A writer killed before its rename leaves only a temp file: not a checkpoint.
-                remove_stale_temps(ck.folder)
-            if not join and ck.folder.is_dir() and any(ck.folder.iterdir()):
-                raise CheckpointMismatch(
-                    f"checkpoint folder {ck.folder} is not empty and holds no {FINGERPRINT_FILE}; "
-                    "refusing to write into it"
-                )
-            ck.folder.mkdir(parents=True, exist_ok=True)
-            write_text(fp_path, json.dumps(ck.fingerprint, indent=2, sort_keys=True) + "\n")
+        if join:
+            ck._bind(resume, join=True)
+            return ck
+        ck._refuse_foreign()  # before locking, so no lock file is left in someone else's folder
+        try:
+            ck._lock = FolderLock(ck.folder)
+        except FolderLocked as exc:
+            raise CheckpointInUse(
+                f"checkpoint folder {ck.folder} is in use by another run ({exc.holder or 'holder unknown'}); "
+                "two runs never share a checkpoint folder: wait for that run to end, or use another folder"
+            ) from None
+        try:
+            remove_stale_temps(ck.folder)  # under the lock, every temp file is a killed writer's
+            ck._bind(resume, join=False)
+        except BaseException:
+            ck.close()
+            raise
+        if _scopes():
+            _scopes()[-1].append(ck)
         return ck
+
+    def close(self) -> None:
+        """Release the folder's lock (rank 0); the checkpoint's files stay. Safe to repeat."""
+        if self._lock is not None:
+            self._lock.release()
+            self._lock = None
+
+    def __enter__(self) -> MeasureCheckpoint:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def _refuse_foreign(self) -> None:
+        if (self.folder / FINGERPRINT_FILE).is_file():
+            return
+        # A writer killed before its rename leaves only a temp file: not a checkpoint.
+        if self.folder.is_dir() and any(p.name != LOCK_FILE and not is_temp(p) for p in self.folder.iterdir()):
+            raise CheckpointMismatch(
+                f"checkpoint folder {self.folder} is not empty and holds no {FINGERPRINT_FILE}; "
+                "refusing to write into it"
+            )
+
+    def _bind(self, resume: bool, join: bool) -> None:
+        """Check the folder's fingerprint against this run's, or write it into a fresh folder."""
+        fp_path = self.folder / FINGERPRINT_FILE
+        if not fp_path.is_file():
+            if not join:
+                self._refuse_foreign()  # again, now under the lock
+            self.folder.mkdir(parents=True, exist_ok=True)
+            self._write_fingerprint()
+            return
+        found, checked = _read_fingerprint(fp_path)
+        if found != self.fingerprint:
+            raise CheckpointMismatch(
+                f"checkpoint folder {self.folder} belongs to another run (differs in: "
+                f"{_describe_mismatch(found, self.fingerprint)}); refusing to mix it in. "
+                "Use another checkpoint folder or delete this one."
+            )
+        if not resume and not join:
+            raise CheckpointMismatch(
+                f"checkpoint folder {self.folder} already holds this run's checkpoint; pass resume=True "
+                "(--resume) to continue it, or use another folder"
+            )
+        if not checked and not join:
+            self._write_fingerprint()  # an older folder's: equal to this run's, now checksummed
+
+    def _write_fingerprint(self) -> None:
+        text = json.dumps(with_checksum(self.fingerprint), indent=2, sort_keys=True) + "\n"
+        write_text(self.folder / FINGERPRINT_FILE, text)
 
     def load_state(self) -> tuple[dict[str, torch.Tensor], dict] | None:
         """This rank's saved state and metadata, or None when there is none yet."""
@@ -207,7 +315,8 @@ def unprefixed(prefix: str, tensors: Mapping[str, torch.Tensor]) -> dict[str, to
 def open_checkpoint(
     folder: str | os.PathLike, cfg: TestConfig, tokens: np.ndarray, models: list[nn.Module], resume: bool
 ) -> tuple[MeasureCheckpoint, tuple[dict[str, torch.Tensor], dict] | None]:
-    """Bind the folder to this run (rank 0 first) and read this rank's saved state, if any."""
+    """Bind the folder to this run (rank 0 first, taking its lock) and read this rank's saved
+    state, if any. The caller closes the checkpoint (see :func:`releases_checkpoints`)."""
     rank, world = rank_world()
     fp = run_fingerprint(cfg, tokens, models, world)
     ck: MeasureCheckpoint | None = None
@@ -217,17 +326,22 @@ def open_checkpoint(
             ck = MeasureCheckpoint.open(folder, fp, rank, world, resume)
         except CheckpointMismatch as exc:
             error = exc
-    if not agree(error is None):
-        raise error or CheckpointMismatch(f"rank 0 refused the checkpoint folder {folder}; see its error")
-    saved = None
     try:
-        if ck is None:
-            ck = MeasureCheckpoint.open(folder, fp, rank, world, resume, join=True)
-        saved = ck.load_state()
-    except CheckpointMismatch as exc:
-        error = exc
-    if not agree(error is None):
-        raise error or CheckpointMismatch(f"another rank refused its checkpoint in {folder}; see its error")
+        if not agree(error is None):
+            raise error or CheckpointMismatch(f"rank 0 refused the checkpoint folder {folder}; see its error")
+        saved = None
+        try:
+            if ck is None:
+                ck = MeasureCheckpoint.open(folder, fp, rank, world, resume, join=True)
+            saved = ck.load_state()
+        except CheckpointMismatch as exc:
+            error = exc
+        if not agree(error is None):
+            raise error or CheckpointMismatch(f"another rank refused its checkpoint in {folder}; see its error")
+    except BaseException:
+        if ck is not None:
+            ck.close()  # a refused run leaves the folder free at once
+        raise
     assert ck is not None
     return ck, saved
 

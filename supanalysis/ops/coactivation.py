@@ -20,7 +20,7 @@ from typing import NamedTuple
 
 import torch
 
-from .._backend import NATIVE, lazy, native
+from .._backend import NATIVE, lazy
 from ._common import (
     check_index,
     check_index_bounds,
@@ -47,13 +47,7 @@ def coactivation_update_sparse_reference(counts: torch.Tensor, indices: torch.Te
     counts += (B.T @ B).round().long()
 
 
-def coactivation_update_cpu(counts, x, threshold):
-    if x.shape[1] == 1:
-        # The kernel's int8 GEMM (at::_int_mm) returns wrong counts for a single feature
-        # column; one feature is one count, which the reference forms exactly in O(T).
-        coactivation_update_reference(counts, x, threshold)
-        return
-    native().coactivation_update_cpu(counts, x, float(threshold))
+coactivation_update_cpu = lazy(NATIVE, "coactivation_update_cpu")
 
 
 coactivation_update_sparse_cpu = lazy(NATIVE, "coactivation_update_sparse_cpu")

@@ -2,6 +2,7 @@
 
 Each file is written durably (temp file, fsync, rename) and report.json last: a folder whose
 report.json exists holds a complete report, and a failed write leaves no report.json behind.
+report.json carries a ``checksum`` of the rest of itself, checked when it is read back.
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from ..durable import WriteError, durable_write, write_bytes, write_text
+from ..durable import CHECKSUM_KEY, WriteError, checked_body, durable_write, with_checksum, write_bytes, write_text
 from . import figures as _figures
 from .html import render_html
 from .markdown import FIGURE_DIR, render_markdown
@@ -73,7 +74,7 @@ def write_report(folder: str | os.PathLike, report: Mapping, arrays: Mapping | N
     from safetensors.torch import save_file
 
     folder = Path(folder)
-    clean = to_jsonable(report)
+    clean = {k: v for k, v in to_jsonable(report).items() if k != CHECKSUM_KEY}  # a loaded report's is stale
     if clean.get("schema") is None:
         clean["schema"] = SCHEMA
     tensors = {str(k): _storable(str(k), v) for k, v in (arrays or {}).items() if v is not None}
@@ -90,7 +91,7 @@ def write_report(folder: str | os.PathLike, report: Mapping, arrays: Mapping | N
     text = {
         "markdown": render_markdown(clean, FIGURE_DIR if figures is not None else None),
         "html": render_html(clean, tensors, figures),
-        "json": json.dumps(clean, indent=2, allow_nan=False, ensure_ascii=False) + "\n",
+        "json": json.dumps(with_checksum(clean), indent=2, allow_nan=False, ensure_ascii=False) + "\n",
     }
     try:
         folder.mkdir(parents=True, exist_ok=True)
@@ -111,8 +112,10 @@ def write_report(folder: str | os.PathLike, report: Mapping, arrays: Mapping | N
 def load_report(folder: str | os.PathLike) -> tuple[dict, dict[str, torch.Tensor]]:
     """Read report.json and arrays.safetensors back (safetensors only: no pickle is ever loaded).
 
-    Raises ValueError when the JSON is not schema ``supanalysis.test_report/1`` and
-    FileNotFoundError when a file is missing.
+    Raises ValueError when the JSON fails its checksum (altered or corrupted since it was
+    written) or is not schema ``supanalysis.test_report/1``, and FileNotFoundError when a file
+    is missing. A report written before reports carried a checksum loads without one. The
+    returned dict is the report as written, without the checksum.
     """
     from safetensors.torch import load_file
 
@@ -126,6 +129,14 @@ def load_report(folder: str | os.PathLike) -> tuple[dict, dict[str, torch.Tensor
             report = json.load(fh)
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:
         raise ValueError(f"{jpath}: not valid UTF-8 JSON ({exc})") from exc
+    if isinstance(report, dict):
+        try:
+            report, _ = checked_body(report, jpath)
+        except ValueError as exc:
+            raise ValueError(
+                f"{exc}; refusing to read it. Write the report again from its run, or, if you edited it "
+                f"on purpose, delete its {CHECKSUM_KEY!r} field to vouch for it yourself"
+            ) from None
     schema = report.get("schema") if isinstance(report, dict) else None
     if schema != SCHEMA:
         raise ValueError(f"{jpath}: expected schema {SCHEMA!r}, found {schema!r}")

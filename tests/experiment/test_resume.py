@@ -18,6 +18,7 @@ from safetensors import safe_open
 from supanalysis.cli import main
 from supanalysis.config import ModelSpec, TestConfig
 from supanalysis.experiment import CheckpointMismatch, analyse, measure, measuring
+from supanalysis.experiment.state import CheckpointInUse
 from supanalysis.models import TinyConfig, TinyTransformer
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # see conftest.py
@@ -40,7 +41,9 @@ def config(root, **kw) -> TestConfig:
 
 
 def _without_time(report: dict) -> dict:
-    return {k: v for k, v in report.items() if k != "created"}
+    """The report without what depends on when and how fast it ran: its creation time, its
+    timings, and report.json's checksum (which covers both)."""
+    return {k: v for k, v in report.items() if k not in ("created", "timings", "checksum")}
 
 
 def _next_batch(path) -> int:
@@ -93,7 +96,7 @@ def test_checkpoint_of_another_run_is_refused(workspace, tmp_path):
         measure(config(workspace), progress=False, checkpoint_dir=junk)
 
 
-@pytest.mark.parametrize("damage", ["truncate", "flip", "garbage_fingerprint"])
+@pytest.mark.parametrize("damage", ["truncate", "flip", "garbage_fingerprint", "flipped_fingerprint"])
 def test_corrupted_checkpoint_is_refused(workspace, tmp_path, damage):
     ck = tmp_path / "ck"
     measure(config(workspace), progress=False, checkpoint_dir=ck)
@@ -105,8 +108,12 @@ def test_corrupted_checkpoint_is_refused(workspace, tmp_path, damage):
         data = bytearray(state.read_bytes())
         data[10] ^= 0xFF  # inside the header's JSON
         state.write_bytes(bytes(data))
-    else:
+    elif damage == "garbage_fingerprint":
         (ck / "fingerprint.json").write_text("{not json")
+    else:  # one hex digit of a hash: still JSON, still looks like a fingerprint; its checksum says no
+        fp = ck / "fingerprint.json"
+        digest = json.loads(fp.read_text())["tokens"]
+        fp.write_text(fp.read_text().replace(digest, digest[:-1] + ("0" if digest[-1] != "0" else "1")))
     with pytest.raises(CheckpointMismatch, match=r"corrupt|unreadable|another run"):
         measure(config(workspace), progress=False, checkpoint_dir=ck, resume=True)
     # The CLI reports it in one line and writes no report.
@@ -129,8 +136,13 @@ def test_sigkill_mid_pass_then_resume_gives_the_same_report(workspace, tmp_path)
     proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
     state = ck / "measure.rank0.safetensors"
     deadline = time.monotonic() + 300
-    killed_at = None
+    killed_at, refused = None, None
     while time.monotonic() < deadline and proc.poll() is None:
+        if state.is_file() and refused is None:
+            # A second run on the folder while the first is alive is refused at once, naming both.
+            with pytest.raises(CheckpointInUse) as refused:
+                measure(cfg, progress=False, checkpoint_dir=ck, resume=True)
+            assert str(ck) in str(refused.value) and f"pid {proc.pid} " in str(refused.value)
         if state.is_file():
             try:
                 nb = _next_batch(state)
@@ -144,6 +156,7 @@ def test_sigkill_mid_pass_then_resume_gives_the_same_report(workspace, tmp_path)
     proc.wait(timeout=60)
     log = proc.stdout.read().decode(errors="replace") if proc.stdout else ""
     assert killed_at is not None and proc.returncode == -signal.SIGKILL, log
+    assert refused is not None, "the second run was never tried"
     assert not out.exists(), "a killed run must not leave a report behind"
     total_batches = -(-240_000 // (8 * 32))
     assert _next_batch(state) < total_batches, "the run finished before it was killed; the test proves nothing"

@@ -43,6 +43,26 @@ def test_cpu_dense_gemm_paths_agree(monkeypatch, int8):
     np.testing.assert_array_equal(c.counts().numpy(), numpy_counts(np.isfinite(xd) & (xd > 0.1)))
 
 
+@pytest.mark.parametrize("int8", ["0", "1"], ids=["float32-gemm", "int8-gemm"])
+@pytest.mark.parametrize("n", [1, 2])
+@pytest.mark.parametrize("T", [1, 5, 67, 300])
+def test_cpu_dense_few_features_match_the_reference(monkeypatch, int8, n, T):
+    """One feature makes B^T a [1, T] view with strides (1, 1), which the int8 GEMM once read as
+    a row-major matrix of leading dimension 1 (garbage counts); two features is the next case
+    up. Both GEMM paths, on a contiguous input and on a column slice of a wider one."""
+    from supanalysis.ops.coactivation import coactivation_update, coactivation_update_reference
+
+    monkeypatch.setenv("SUPANALYSIS_CPU_INT8_GEMM", int8)
+    g = torch.Generator().manual_seed(10 * T + n)
+    wide = torch.randn(T, n + 3, generator=g)
+    wide[0, 0] = float("nan")
+    for x in (wide[:, :n].contiguous(), wide[:, 1 : 1 + n], wide.t().contiguous().t()[:, :n]):
+        got, want = torch.zeros(n, n, dtype=torch.int64), torch.zeros(n, n, dtype=torch.int64)
+        coactivation_update(got, x, 0.1, backend="cpp")
+        coactivation_update_reference(want, x, 0.1)
+        assert torch.equal(got, want), (x.stride(), got.tolist(), want.tolist())
+
+
 @pytest.mark.parametrize("T,k,n", [(0, 2, 5), (1, 1, 1), (60, 4, 97), (200, 8, 33)])
 def test_sparse_counts_exact(backend_device, T, k, n):
     backend, device = backend_device

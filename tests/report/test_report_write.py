@@ -111,3 +111,22 @@ def test_unwritable_folder_is_one_write_error(tmp_path, monkeypatch, report, arr
     monkeypatch.setattr(type(tmp_path), "mkdir", denied)
     with pytest.raises(WriteError, match=r"cannot write .*report\.json: Permission denied"):
         rep.write_report(tmp_path / "out", report, arrays)
+
+
+def test_report_json_carries_a_checksum_and_an_edited_one_is_refused(tmp_path, report, arrays, cached_figures):
+    paths = rep.write_report(tmp_path, report, arrays)
+    doc = json.loads(paths["json"].read_text())
+    assert len(doc["checksum"]) == 64
+    loaded, _ = rep.load_report(tmp_path)
+    assert "checksum" not in loaded
+    rep.write_report(tmp_path / "again", loaded, arrays)  # a loaded report writes back with a fresh checksum
+    assert json.loads((tmp_path / "again" / "report.json").read_text())["checksum"] == doc["checksum"]
+    edited = copy.deepcopy(doc)
+    edited["sites"]["A"][0]["fvu"] = 0.5  # still valid JSON, still the schema: only the checksum knows
+    paths["json"].write_text(json.dumps(edited))
+    with pytest.raises(ValueError, match=re.escape(str(paths["json"])) + ".*fails its checksum.*'checksum' field"):
+        rep.load_report(tmp_path)
+    # A report from before reports carried a checksum is the user's own output: it still loads.
+    del edited["checksum"]
+    paths["json"].write_text(json.dumps(edited))
+    assert rep.load_report(tmp_path)[0]["sites"]["A"][0]["fvu"] == 0.5
