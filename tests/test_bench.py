@@ -130,3 +130,28 @@ def test_sass_counts_the_dense_stats_kernel():
         shuffles = fast["ops"].get("SHFL", 0) / row["elements_per_step"]  # earlier layout: 10-16
         assert fast["ops"].get("LDG", 0) > 0 and shuffles < 0.5, (row["dtype"], fast)
         assert fast["per_element"] < 30, (row["dtype"], fast["per_element"])
+
+
+def test_end_to_end_quick_times_every_part_side_by_side(tmp_path):
+    """bench.end_to_end --quick: the forwards alone, the test's stages from its report, and both
+    SAE steps, in the JSON and the Markdown (the plumbing; the numbers are this machine's)."""
+    from bench import end_to_end
+
+    js, md = tmp_path / "e2e.json", tmp_path / "e2e.md"
+    argv = ["--quick", "--device", "cpu", "--no-progress", "--out", str(tmp_path / "run"), "--json", str(js)]
+    assert end_to_end.main([*argv, "--markdown", str(md)]) == 0
+    res = json.loads(js.read_text())
+    s = res["summary"]
+    for key in ("forward_full_s", "forward_trunk_s", "measurement_s", "report_s", "sae_training_s", "run_s"):
+        assert s[key] > 0, key
+    assert s["measurement_over_full_forward"] == s["measurement_s"] / s["forward_full_s"]
+    assert s["forward_tokens"] == end_to_end.QUICK.tokens == res["header"]["tokens"]
+    stages = {st["stage"]: st for st in res["timings"]["stages"]}
+    assert stages["statistics"]["tokens"] == end_to_end.QUICK.tokens
+    assert stages["sae_training"]["calls"] == 2 + 8  # every site of A and B
+    assert (tmp_path / "run" / "report" / "report.json").is_file()
+    steps = {(r["model"], r["step"]) for r in res["sae_steps"]}
+    assert steps == {(m, s) for m in "AB" for s in ("plain PyTorch", "supanalysis trainer")}
+    assert all(r["seconds"] > 0 and r["pct_of_mm"] > 0 for r in res["sae_steps"])
+    text = md.read_text()
+    assert "| (b) measurement pass (statistics) |" in text and "| statistics.forward |" in text

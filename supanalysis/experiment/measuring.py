@@ -14,6 +14,7 @@ from __future__ import annotations
 import math
 import os
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -29,7 +30,7 @@ from ..dictionary.base import FeatureBasis
 from ..distributed import all_reduce_sum, interference_split, rank_world, shard_range
 from ..models import describe
 from ..sites import resolve_sites
-from .features import Codes, encode, resolve_dictionary
+from .features import Codes, encode, resolve_dictionary, site_choice
 from .losses import eval_losses
 from .matching import batch_seed, dense_correlations, is_tiled, match_tiled, update_dense
 from .measurements import (
@@ -51,11 +52,21 @@ from .plan import (
     run_device,
     site_names,
 )
-from .state import CheckpointMismatch, Kept, MeasureCheckpoint, PassState, module_hash, open_checkpoint
+from .state import (
+    CheckpointMismatch,
+    Kept,
+    MeasureCheckpoint,
+    PassState,
+    module_hash,
+    open_checkpoint,
+    releases_checkpoints,
+)
+from .timing import StageClock
 
 Saved = tuple[dict[str, torch.Tensor], dict] | None  # a rank's checkpointed tensors and metadata
 
 
+@releases_checkpoints  # the checkpoint folder's lock ends with the call, returned or raised
 def measure(
     cfg: TestConfig,
     model_a: nn.Module | None = None,
@@ -67,6 +78,7 @@ def measure(
     resume: bool = False,
     checkpoint_every_tokens: int | None = None,
     checkpoint_every_seconds: float | None = 600.0,
+    clock: StageClock | None = None,
 ) -> Measurements:
     """Run every model over the tokens and fill every accumulator (see the module docstring).
 
@@ -83,23 +95,29 @@ def measure(
     and its position every ``checkpoint_every_tokens`` tokens or ``checkpoint_every_seconds``
     seconds, whichever comes first, and at the end; ``resume=True`` continues from there
     and gives the same measurements as an uninterrupted run. See :mod:`.state`.
+
+    ``clock``: each stage's wall time, tokens and peak memory are recorded on it (see :mod:`.timing`).
     """
     if checkpoint_every_tokens is not None and checkpoint_every_tokens < 1:
         raise ValueError(f"checkpoint_every_tokens must be positive, got {checkpoint_every_tokens}")
     rank, world = rank_world()
     dev = run_device(cfg)
-    tokens = open_token_file(cfg)
+    clock = clock if clock is not None else StageClock(dev)
+    with clock.stage("plan"):
+        tokens = open_token_file(cfg)
     specs = cfg.model_specs()
     given = models if models is not None else ([model_a, model_b] if not cfg.models else [None] * len(specs))
-    mods = open_models(cfg, list(given), dev)
+    with clock.stage("load_models"):
+        mods = open_models(cfg, list(given), dev)
     ia, ib = cfg.primary_pair()
     order = [ia, ib, *(k for k in range(len(specs)) if k not in (ia, ib))]
-    plan = plan_tokens(cfg, tokens, mods)
+    with clock.stage("plan"):
+        plan = plan_tokens(cfg, tokens, mods)
     ck, saved = (None, None)
     if checkpoint_dir is not None:
         ck, saved = open_checkpoint(checkpoint_dir, cfg, tokens, [mods[k] for k in order], resume)
     keys = {ia: "A", ib: "B", **{k: f"M{k}" for k in order[2:]}}
-    measured = {k: measure_model(specs[k], mods[k], keys[k], cfg, plan, ck, saved, progress, dev) for k in order}
+    measured = {k: measure_model(specs[k], mods[k], keys[k], cfg, plan, ck, saved, progress, dev, clock) for k in order}
     a, b = measured[ia][0], measured[ib][0]
     pairs = plan_pairs(cfg, [s.layer for s in a.sites], a.shape.n_layers, [s.layer for s in b.sites], b.shape.n_layers)
     tiled = is_tiled(cfg, a, b, pairs)
@@ -113,14 +131,19 @@ def measure(
         {k: measured[k][0] for k in order[2:]},
         family,
     )
-    stats = StatisticsPass(cfg, plan, [mods[k] for k in order], [measured[k][1] for k in order], state, tiled, dev)
-    saver = Saver(ck, state, stats.dictionary_hashes(), checkpoint_every_tokens, checkpoint_every_seconds)
-    stats.run(saved, saver, progress)
+    stats = StatisticsPass(cfg, plan, [mods[k] for k in order], [measured[k][1] for k in order], state, tiled, dev,
+                           clock)  # fmt: skip
+    saver = Saver(ck, state, stats.dictionary_hashes(), checkpoint_every_tokens, checkpoint_every_seconds, clock)
+    with clock.stage("statistics") as st:
+        stats.run(saved, saver, progress)
+        st.count(stats.measured)
     if world > 1:
-        all_reduce(state, dev)
+        with clock.stage("all_reduce"):
+            all_reduce(state, dev)
     cross, baselines = state.cross, state.baselines
     if tiled:
-        cross, baselines = match_tiled(cfg, a, b, pairs, state.kept, progress and rank == 0, world > 1)
+        with clock.stage("tiled_matching", sum(p.numel() for p in state.kept.perms)):
+            cross, baselines = match_tiled(cfg, a, b, pairs, state.kept, progress and rank == 0, world > 1)
     depth = [PairMeasurement(i, j, cross[(i, j)], baselines[(i, j)]) for (i, j) in pairs.depth]
     fam = family_measurement(cfg, [measured[k][0] for k in range(len(specs))], (ia, ib), family, depth)
     return Measurements(cfg, a, b, depth, cross, str(dev), cfg.backend, fam)
@@ -192,6 +215,7 @@ def measure_model(
     saved: Saved,
     progress: bool,
     device: torch.device,
+    clock: StageClock,
 ) -> tuple[ModelMeasurement, list[FeatureBasis]]:
     """One model's eval losses (or the checkpoint's), and every site with its feature basis."""
     shape = describe(model)
@@ -200,7 +224,9 @@ def measure_model(
     if saved is not None:
         losses = saved[0][f"losses.{label.lower()}"]
     else:
-        losses = eval_losses(model, plan.seqs, plan.n_eval, cfg.eval_tokens, device)
+        with clock.stage("eval_losses") as st:
+            losses = eval_losses(model, plan.seqs, plan.n_eval, cfg.eval_tokens, device)
+            st.count(losses.numel())
     name = spec.name or (Path(spec.path).name if spec.path else f"model {label}")
     mm = ModelMeasurement(name, spec.path or "in-memory", shape, losses)
     dicts = []
@@ -209,9 +235,12 @@ def measure_model(
     for s in sites:
         m = probe[s.name].shape[-1]
         sae_dir = ck.sae_dir(label, s.name) if ck is not None else None
-        d, desc = resolve_dictionary(spec, s.name, m, model, cfg, plan.train_seqs, sae_dir, progress, device)
-        d = d.to(device)
-        site = new_site(cfg, s.name, s.layer if s.layer is not None else -1, m, desc, d, device)
+        trains = site_choice(spec, s.name) == "train"
+        with clock.stage("sae_training" if trains else "dictionaries", cfg.sae.tokens if trains else None):
+            d, desc = resolve_dictionary(spec, s.name, m, model, cfg, plan.train_seqs, sae_dir, progress, device)
+            d = d.to(device)
+        with clock.stage("geometry"):
+            site = new_site(cfg, s.name, s.layer if s.layer is not None else -1, m, desc, d, device)
         convention = getattr(d, "capture_convention", None)
         site.capture_convention = convention.as_dict() if convention is not None else None
         mm.sites.append(site)
@@ -273,13 +302,15 @@ class Saver:
     dictionaries: dict[str, str]
     every_tokens: int | None
     every_seconds: float | None
+    clock: StageClock = field(default_factory=StageClock)
     last_time: float = field(default_factory=time.monotonic)
     last_tokens: int = 0
 
     def save(self, next_batch: int) -> None:
         if self.ck is not None:
             meta = {"next_batch": next_batch, "dictionaries": self.dictionaries}
-            self.ck.save_state(self.state.tensors(), meta)
+            with self.clock.stage("statistics.checkpoint"):
+                self.ck.save_state(self.state.tensors(), meta)
 
     def restart_clock(self) -> None:
         self.last_time, self.last_tokens = time.monotonic(), 0
@@ -306,6 +337,8 @@ class StatisticsPass:
     state: PassState
     tiled: bool
     device: torch.device
+    clock: StageClock = field(default_factory=StageClock)
+    measured: int = 0  # statistics tokens measured by this run (not restored from a checkpoint)
 
     @property
     def mms(self) -> list[ModelMeasurement]:
@@ -359,27 +392,42 @@ class StatisticsPass:
                 for model, mm in zip(self.models, self.mms)
             ]
             with torch.no_grad():
-                for batches in zip(*sources):
+                for batches in self.forwards(zip(*sources)):
                     T = self.batch(list(batches), k)
                     k += 1
+                    self.measured += T
                     bar.update(T)
                     saver.tick(T, k)
         bar.close()
 
+    def forwards(self, batches: Iterator[tuple[dict[str, torch.Tensor], ...]]) -> Iterator[tuple]:
+        """``batches``, each one's forwards and captures timed as "statistics.forward" (the
+        exhausted last call included)."""
+        while True:
+            with self.clock.stage("statistics.forward") as st:
+                item = next(batches, None)
+                if item is not None:
+                    st.count(next(iter(item[0].values())).shape[0])
+            if item is None:
+                return
+            yield item
+
     def batch(self, batches: list[dict[str, torch.Tensor]], k: int) -> int:
         """Global batch ``k`` (one ``{site: [T, m]}`` per model, same tokens): statistics of
         every site, then the match tokens into the pairs."""
-        codes = [site_updates(mm, ds, b) for mm, ds, b in zip(self.mms, self.dicts, batches)]
-        codes_a, codes_b = codes[0], codes[1]
         T = next(iter(batches[0].values())).shape[0]
+        with self.clock.stage("statistics.codes", T):
+            codes = [site_updates(mm, ds, b) for mm, ds, b in zip(self.mms, self.dicts, batches)]
+        codes_a, codes_b = codes[0], codes[1]
         take = max(0, min(T, self.cfg.match_tokens - k * self.plan.batch_size * self.plan.seq_len))
         if take:
-            gen = torch.Generator().manual_seed(batch_seed(self.cfg.seed, k))
-            perm = torch.randperm(take, generator=gen).to(self.device)
-            if self.tiled:
-                self.state.kept.keep(codes_a, codes_b, take, perm)
-            update_dense(self.state.cross, self.state.baselines, codes_a, codes_b, take, perm)
-            self.family_updates(codes, take)
+            with self.clock.stage("statistics.matching", take):
+                gen = torch.Generator().manual_seed(batch_seed(self.cfg.seed, k))
+                perm = torch.randperm(take, generator=gen).to(self.device)
+                if self.tiled:
+                    self.state.kept.keep(codes_a, codes_b, take, perm)
+                update_dense(self.state.cross, self.state.baselines, codes_a, codes_b, take, perm)
+                self.family_updates(codes, take)
         return T
 
     def family_updates(self, codes: list[list[Codes]], take: int) -> None:

@@ -9,7 +9,8 @@ order, for the renderers.
 
 Premises, verdicts and confidence-interval estimates are :mod:`supanalysis.science`'s own
 dataclasses (:class:`~supanalysis.science.Premise`, :class:`~supanalysis.science.Verdict`,
-:class:`~supanalysis.science.Estimate`), documented the same way.
+:class:`~supanalysis.science.Estimate`), and the run's timings :mod:`.timing`'s
+(:class:`~.timing.TimingsRow`, :class:`~.timing.StageRow`), documented the same way.
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ from dataclasses import asdict, dataclass, fields
 from typing import Any
 
 from ..science import Estimate, Premise, Verdict
+from .timing import StageRow, TimingsRow
 
 REPORT_SCHEMA = "supanalysis.test_report/1"
 
@@ -378,6 +380,8 @@ class Report:
     family: every model of the run (the primary pair A, B and further seeds), with the ceilings and U;
         null for measurements made without it
     notes: conventions and caveats, in words
+    timings: wall seconds, tokens and peak memory per stage of the run; null when the report was
+        analysed from measurements alone (analyse) or before reports carried timings
     """
 
     schema: str
@@ -393,6 +397,7 @@ class Report:
     any_layer: list[AnyLayerRow]
     family: FamilyRow | None
     notes: list[str]
+    timings: TimingsRow | None = None
 
     def to_json(self) -> dict:
         """The JSON object (plain dicts and lists, no NaN)."""
@@ -435,6 +440,8 @@ FAMILY_FIELDS = field_names(FamilyRow)
 FAMILY_MODEL_FIELDS = field_names(FamilyModelRow)
 CEILING_FIELDS = field_names(CeilingRow)
 RELATIVE_FIELDS = field_names(RelativeRow)
+TIMINGS_FIELDS = field_names(TimingsRow)
+STAGE_FIELDS = field_names(StageRow)
 PREMISE_FIELDS = field_names(Premise)
 VERDICT_FIELDS = field_names(Verdict)
 ESTIMATE_FIELDS = field_names(Estimate)
@@ -442,5 +449,5 @@ ESTIMATE_FIELDS = field_names(Estimate)
 #: every object of the schema, in the order docs/report-schema.md describes them
 SCHEMA_OBJECTS: tuple[type, ...] = (
     Report, LibraryRow, ModelRow, PerModelRow, SiteRow, PairRow, UniversalityRow, AnyLayerRow, FamilyRow,
-    FamilyModelRow, MatrixRow, CeilingRow, RelativeRow, Premise, Verdict, Estimate,
+    FamilyModelRow, MatrixRow, CeilingRow, RelativeRow, TimingsRow, StageRow, Premise, Verdict, Estimate,
 )  # fmt: skip

@@ -18,7 +18,8 @@ END = "<!-- end of the generated section -->"
 _JSON_NAMES = {"ModelRow": "Model", "PerModelRow": "PerModel", "SiteRow": "Site", "PairRow": "Pair",
                "AnyLayerRow": "AnyLayer", "LibraryRow": "Library", "UniversalityRow": "Universality",
                "FamilyRow": "Family", "FamilyModelRow": "FamilyModel", "MatrixRow": "Matrix",
-               "CeilingRow": "Ceiling", "RelativeRow": "Relative"}  # fmt: skip
+               "CeilingRow": "Ceiling", "RelativeRow": "Relative", "TimingsRow": "Timings",
+               "StageRow": "Stage"}  # fmt: skip
 
 
 def _type_name(annotation: object) -> str:

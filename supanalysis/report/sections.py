@@ -271,12 +271,62 @@ def _provenance_section(report: Mapping) -> Section:
     blocks: list[Any] = [
         f"Schema `{report.get('schema', MISSING)}`, created {report.get('created', MISSING)}.",
         Table(["component", "value"], [[str(k), fmt(v)] for k, v in lib.items()]) if lib else "No library info.",
+        *_timing_blocks(report),
     ]
     cfg = flatten(report.get("config") or {})
     if cfg:
         blocks.append(("h3", "Configuration"))
         blocks.append(Table(["setting", "value"], [[k, fmt(v)] for k, v in cfg]))
     return Section("Run", blocks)
+
+
+TIMING_HEADERS = ["stage", "seconds", "calls", "tokens", "tokens/s", "peak RSS (MiB)", "peak CUDA (MiB)"]
+
+
+def _mib(x: Any) -> str:
+    v = finite(x)
+    return MISSING if v is None else f"{v / 2**20:,.1f}"
+
+
+def _fixed(x: Any, decimals: int) -> str:
+    """Seconds and rates as fixed-point numbers, so a column reads at a glance."""
+    v = finite(x)
+    return MISSING if v is None else f"{v:,.{decimals}f}"
+
+
+def _timing_blocks(report: Mapping) -> list[Any]:
+    """Where the wall time went: one row per stage (a part of a stage, e.g. statistics.forward,
+    after its stage), then the totals."""
+    t = report.get("timings")
+    if not isinstance(t, Mapping):
+        return [("h3", "Timings"), "No timings recorded (a report analysed from measurements alone, or older)."]
+    rows = [
+        [
+            str(st.get("stage", MISSING)),
+            _fixed(st.get("seconds"), 3),
+            fmt(st.get("calls")),
+            fmt(st.get("tokens")),
+            _fixed(st.get("tokens_per_second"), 0),
+            _mib(st.get("peak_rss_bytes")),
+            _mib(st.get("peak_cuda_bytes")),
+        ]
+        for st in t.get("stages") or []
+    ]
+    names = {str(st.get("stage")) for st in t.get("stages") or []}
+    world = t.get("world_size")
+    totals = (
+        f"{_fixed(t.get('seconds'), 3)} s in all"
+        + (f" on {fmt(world)} processes (these are rank 0's)" if isinstance(world, int) and world > 1 else "")
+        + f", {fmt(t.get('torch_threads'))} torch CPU threads, peak RSS {_mib(t.get('peak_rss_bytes'))} MiB"
+        + (f", peak CUDA {_mib(t.get('peak_cuda_bytes'))} MiB." if t.get("peak_cuda_bytes") is not None else ".")
+    )
+    note = (
+        "Wall time per stage on this machine (not deterministic; synchronised on CUDA); a stage's parts "
+        "(statistics.*) are inside it, and peak memory is the process's peak when the stage last ended."
+    )
+    if "report" not in names:
+        note += " Writing this report is timed as it is written: its time is in report.json only."
+    return [("h3", "Timings"), note, Table(TIMING_HEADERS, rows), totals]
 
 
 def build_sections(report: Mapping) -> list[Section]:
