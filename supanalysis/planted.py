@@ -8,7 +8,7 @@ trained with the test's own :class:`~supanalysis.config.SAETraining`, and one
 second seeds give the within-shape ceilings). Then every planted feature is looked up in the
 primary pair's dictionaries (best-correlated latent over the test's statistics tokens) and
 held against the truth: its density against p_f; which planted features the test matched
-across the models (none absent from B's data should be); ln(p_B / p_A) of those against 0.
+across the models (none whose context B lacks should be); ln(p_B / p_A) of those against 0.
 :mod:`supanalysis.commands.planted` judges the verdict's universality against the mode.
 """
 
@@ -54,7 +54,7 @@ class PlantedRun:
     config: TestConfig
     spec: PlantedSpec
     mode: str
-    absent: tuple[int, ...]  # features family B never saw in training
+    absent: tuple[int, ...]  # features whose context family B never saw in training
     stats_labels: np.ndarray  # label per position of the statistics slice, in stream order
     stats_start: int  # first sequence of the statistics slice in the token file
     models: dict[str, TinyTransformer] = field(default_factory=dict)
@@ -324,7 +324,7 @@ def _pair_truth(pair: dict, tp: _TruthPass, tau: float, F: int, absent: tuple[in
         "well_above_baseline": mf - bf >= MATCH_MARGIN and mf >= MATCH_RATIO * bf,
         "planted_matched": same,
         "planted_features": F,
-        # Features B never saw cannot be shared: a match among them is a false one.
+        # A context B never learnt cannot be shared: a match among them is a false one.
         "planted_matched_absent": same_absent,
         "planted_absent": len(absent),
         "planted_median_log_ratio": _median(np.array(logr)) if logr else None,
@@ -403,16 +403,17 @@ def planted_markdown(r: dict, level: int = 1) -> str:
     lines = [
         f"{h} Planted ground truth: does the test recover what was put in?",
         "",
-        f"{pl['n_features']} planted features fire with probabilities log-spaced from {pl['p_max']:g} down to "
-        f"{pl['p_min']:g} over a Zipf background of {pl['background']} tokens (a feature writes its trigger "
-        "token, then a fixed next token). Models: "
+        f"{pl['n_features']} planted context features cover fractions of the stream log-spaced from "
+        f"{pl['p_max']:g} down to {pl['p_min']:g} over a Zipf background of {pl['background']} tokens (a "
+        f"feature's trigger token opens a window of {pl.get('window', 1)} positions whose tokens follow the "
+        "feature's own rotation of the background's Zipf law). Models: "
         + "; ".join(
             f"{m['name']}, {m['non_embedding_params']:,} non-embedding parameters, eval loss {m['eval_loss']:.3f}"
             for m in r["models"].values()
         )
         + f". Test verdict on the primary pair: `{r['verdict']}`.",
         "",
-        f"Planting mode: **{r.get('mode', 'universal')}** (features absent from family B's training data: "
+        f"Planting mode: **{r.get('mode', 'universal')}** (features whose context family B's training data lacks: "
         f"{', '.join(map(str, r.get('absent_features', []))) or 'none'}).",
         "",
         f"{h}# Densities",

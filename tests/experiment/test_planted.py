@@ -14,25 +14,34 @@ from supanalysis.planted_data import NO_FEATURE, PlantedSpec, absent_features, f
 pytestmark = pytest.mark.usefixtures("one_thread")  # see conftest.py
 
 
-def test_generator_plants_the_densities():
-    spec = PlantedSpec(n_features=8, p_min=1e-3, p_max=0.1, background=16)
+def _windows(tok: np.ndarray, spec: PlantedSpec) -> tuple[np.ndarray, np.ndarray]:
+    """Trigger positions with a whole window after them, and the feature of each."""
+    at = np.nonzero(tok >= spec.background)[0]
+    at = at[at + spec.window < tok.size]
+    return at, tok[at].astype(np.int64) - spec.background
+
+
+def test_generator_plants_context_windows_at_their_densities():
+    spec = PlantedSpec(n_features=8, p_min=1e-3, p_max=0.1, background=16, window=6)
     tok, lab = generate(spec, 2_000_000, seed=1)
     assert tok.shape == lab.shape == (2_000_000,)
-    assert int(tok.max()) < spec.vocab_size
+    assert int(tok.max()) < spec.vocab_size == 24
     p = spec.densities
     assert p[0] == pytest.approx(0.1) and p[-1] == pytest.approx(1e-3) and spec.decades == pytest.approx(2.0)
     realised = np.bincount(lab[lab >= 0], minlength=8) / lab.size
-    # Binomial noise: 4 standard errors.
-    assert np.all(np.abs(realised - p) <= 4 * np.sqrt(p / lab.size)), (realised, p)
-    # Labels mark triggers, and each trigger is followed by its determined outcome token.
-    at = np.nonzero(lab >= 0)[0]
-    at = at[at + 1 < lab.size]
-    f = lab[at]
-    assert np.all(tok[at] == spec.background + f)
-    assert np.all(tok[at + 1] == spec.background + spec.n_features + f)
-    assert np.all(lab[tok < spec.background] == NO_FEATURE)
-    # The background is Zipf: rank 0 is the most frequent background token.
-    bg = np.bincount(tok[tok < spec.background], minlength=spec.background)
+    # A window is w labels at once: binomial noise of the windows, 4 standard errors.
+    assert np.all(np.abs(realised - p) <= 4 * np.sqrt(spec.window * p / lab.size)), (realised, p)
+    # Every trigger opens exactly w positions of its feature; triggers themselves are unlabelled.
+    at, f = _windows(tok, spec)
+    assert np.all(lab[at] == NO_FEATURE)
+    for j in range(1, spec.window + 1):
+        assert np.all(lab[at + j] == f)
+    assert (lab >= 0).sum() == pytest.approx(spec.window * at.size, abs=spec.window)
+    # Inside f's window the tokens follow the background's Zipf law rotated by s_f.
+    for g in range(spec.n_features):
+        inside = tok[(at[f == g, None] + 1 + np.arange(spec.window)).reshape(-1)]
+        assert np.bincount(inside, minlength=spec.background).argmax() == spec.rotation(g)
+    bg = np.bincount(tok[(lab == NO_FEATURE) & (tok < spec.background)], minlength=spec.background)
     assert bg.argmax() == 0 and bg[0] > 5 * bg[-1]
     np.testing.assert_array_equal(generate(spec, 1000, seed=1)[0], tok[:1000])  # seeded
 
@@ -48,7 +57,9 @@ def test_indicators():
         ({"p_min": 0.0}, "p_min"),
         ({"p_min": 0.2, "p_max": 0.1}, "p_min"),
         ({"n_features": 0}, "n_features"),
-        ({"n_features": 40, "p_max": 0.1}, "below 0.5"),
+        ({"n_features": 30, "p_max": 0.3, "background": 40}, "at most 0.8"),
+        ({"n_features": 40}, "background - 1"),
+        ({"window": 0}, "window"),
         ({"zipf_exponent": -1.0}, "zipf_exponent"),
     ],
 )
@@ -76,22 +87,28 @@ def test_family_streams_universal_mode_plants_every_feature_everywhere():
     np.testing.assert_array_equal(again.train_b, fs.train_b)
 
 
-def test_family_streams_non_universal_mode_hides_half_the_features_from_b_only():
-    spec = PlantedSpec(n_features=8, p_min=2e-3, p_max=0.05, background=16)
+def test_family_streams_non_universal_mode_strips_half_the_contexts_from_b_only():
+    spec = PlantedSpec(n_features=8, p_min=2e-3, p_max=0.05, background=16, window=6)
     fs = family_streams(spec, "non-universal", 300_000, 100_000, seed=3)
     assert fs.absent == absent_features(spec, "non-universal") == (1, 3, 5, 7)
-    absent_tokens = [spec.trigger(f) for f in fs.absent] + [spec.outcome(f) for f in fs.absent]
-    # Neither the trigger nor the outcome of an absent feature ever occurs in B's training tokens...
-    assert not np.isin(fs.train_b, absent_tokens).any()
+    # In B's training tokens the absent features' triggers keep their rates...
+    at_b, f_b = _windows(fs.train_b, spec)
+    f_a = _windows(fs.train_a, spec)[1]
+    for g in range(8):
+        assert abs(np.mean(f_b == g) - np.mean(f_a == g)) <= 4 * np.sqrt(np.mean(f_a == g) / f_a.size) + 1e-3
+    # ...but open no context: nothing is labelled, and the window is plain background (rank 0 on top).
     assert set(np.unique(fs.labels_b[fs.labels_b >= 0])) == {0, 2, 4, 6}
-    # ...while A's training tokens and the test tokens every model is measured on hold them all.
+    for g in fs.absent:
+        inside = fs.train_b[(at_b[f_b == g, None] + 1 + np.arange(spec.window)).reshape(-1)]
+        assert np.bincount(inside, minlength=spec.background).argmax() == 0
+    # A's training tokens and the test tokens every model is measured on hold every context.
     assert set(np.unique(fs.test_labels[fs.test_labels >= 0])) == set(range(8))
-    assert np.isin(fs.train_a, absent_tokens).any() and np.isin(fs.test, absent_tokens).any()
+    assert set(np.unique(_windows(fs.test, spec)[1])) == set(range(8))
     # The present features keep their planted densities in B's stream (4 standard errors).
     p, n = spec.densities, fs.labels_b.size
     realised = np.bincount(fs.labels_b[fs.labels_b >= 0], minlength=8) / n
     present = [0, 2, 4, 6]
-    assert np.all(np.abs(realised[present] - p[present]) <= 4 * np.sqrt(p[present] / n)), realised
+    assert np.all(np.abs(realised[present] - p[present]) <= 4 * np.sqrt(spec.window * p[present] / n)), realised
     # A's stream and the test tokens are the universal mode's, so family A is the same in both modes.
     uni = family_streams(spec, "universal", 300_000, 100_000, seed=3)
     np.testing.assert_array_equal(uni.train_a, fs.train_a)
@@ -167,23 +184,25 @@ def test_quick_planted_seeds_run_compares_both_plantings_with_the_truth(tmp_path
     # shapes of equal 12·L·d², two seeds each) on planted data, a TopK SAE per site, one
     # run_test, then the comparison with the planted truth and the confusion table.
     #
-    # What the quick size supports is asserted: the comparison is made and is consistent, and
-    # the universal family's dictionaries match far above chance. The direction of U between
-    # the two plantings is not asserted: at this size the non-universal planting does not
-    # separate from the universal one beyond noise (docs/planted.md says why), so a test of it
-    # would be a coin flip. The confusion table's logic is tested on hand-made runs above.
+    # What the quick size supports is asserted: the comparison is made and is consistent, the
+    # universal family's dictionaries match far above chance, the contexts family B never
+    # learnt are not matched across the models, and the direction of U between the two plantings
+    # (non-universal below universal, and below 1). Whether each run's verdict is right needs
+    # the full size (docs/planted.md); the confusion table's logic is tested on hand-made runs above.
     summary = run_seeds(str(tmp_path), 1, quick=True, progress=False)
-    assert isinstance(summary["meets_target"], bool) and summary["target"], summary
+    assert summary["meets_target"] is True, summary["target"]
     t = summary["table"]
     assert t["runs"] == {"universal": 1, "non-universal": 1}
-    assert set(t["mean_U_min"]) == {"universal", "non-universal"}, t
+    assert t["mean_U_min"]["non-universal"] < t["mean_U_min"]["universal"], t
     for row in summary["runs"]:
         r = json.loads((tmp_path / row["folder"] / "planted.json").read_text())
         _check_run(r, tmp_path / row["folder"])
-        if r["mode"] == "universal":
-            for p in r["summary"]["matching"]["pairs"]:
-                assert p["well_above_baseline"], p
-                assert p["matched_fraction_a"] >= p["baseline_fraction_a"] + 0.25, p
+        for p in r["summary"]["matching"]["pairs"]:
+            # Truth 0; measured 0-1 of 8 over five quick seeds (the densest absent context, whose
+            # most likely token is common in its windows, can pass τ through that token).
+            assert p["planted_matched_absent"] <= 1, p
+            if r["mode"] == "universal":
+                assert p["matched_fraction_a"] >= p["baseline_fraction_a"] + 0.1, p
     assert json.loads((tmp_path / "planted.json").read_text())["table"] == json.loads(json.dumps(t))
     assert "| truth \\ verdict |" in (tmp_path / "planted.md").read_text()
 
@@ -191,7 +210,7 @@ def test_quick_planted_seeds_run_compares_both_plantings_with_the_truth(tmp_path
 def _check_run(r: dict, folder) -> None:
     """One run's planted.json is consistent with itself and its files."""
     d = r["summary"]["density"]
-    assert d["represented"] >= 1, d
+    assert d["at_tau"] >= 1, d
     errors = []
     for site in r["sites"]:
         for f in site["features"]:
@@ -199,10 +218,11 @@ def _check_run(r: dict, folder) -> None:
             assert f["rel_error"] == pytest.approx(abs(f["p_measured"] / f["p_planted"] - 1), rel=1e-12)
             if f["represented"]:
                 errors.append(f["rel_error"])
-    assert d["median_rel_error"] == pytest.approx(float(np.median(errors)), rel=1e-12)
-    assert d["pass"] == (d["median_rel_error"] < DENSITY_TARGET)
+    if errors:
+        assert d["median_rel_error"] == pytest.approx(float(np.median(errors)), rel=1e-12)
+    assert d["pass"] == (bool(errors) and d["median_rel_error"] < DENSITY_TARGET)
     assert r["absent_features"] == list(absent_features(PlantedSpec(**{k: r["planted"][k] for k in (
-        "n_features", "p_min", "p_max", "background", "zipf_exponent")}), r["mode"]))  # fmt: skip
+        "n_features", "p_min", "p_max", "background", "zipf_exponent", "window")}), r["mode"]))  # fmt: skip
     # P1 holds by construction (equal 12·L·d²), and the outputs are all there.
     n = [m["non_embedding_params"] for m in r["models"].values()]
     assert abs(n[0] - n[1]) / max(n) <= 0.05
