@@ -52,6 +52,22 @@ def mean_best_match(best: torch.Tensor, *, n_boot: int = 2000, seed: int = 0) ->
     return bootstrap(_finite(best), "mean", n_boot=n_boot, seed=seed)
 
 
+def dictionary_seed_ceiling(
+    best: torch.Tensor, alive: torch.Tensor, tau: float, *, n_boot: int = 2000, seed: int = 0
+) -> tuple[Estimate, Estimate]:
+    """The dictionary-seed ceiling of one site: (fraction of the alive latents whose best match in
+    a second dictionary, trained with another seed on the same activations, is >= tau; their mean
+    best match), each with a bootstrap CI over those latents.
+
+    best: (n,) each latent's best-match correlation in the second dictionary; alive: (n,) bool.
+    Reported beside the dictionary's quality; not a denominator of U (the within-shape ceiling,
+    two model seeds each with its own dictionary, already holds the dictionary's variability).
+    """
+    b = torch.as_tensor(best, dtype=torch.float64).flatten().cpu()
+    v = torch.where(torch.as_tensor(alive, dtype=torch.bool).flatten().cpu(), b, math.nan)
+    return matched_fraction(v, tau, n_boot=n_boot, seed=seed), mean_best_match(v, n_boot=n_boot, seed=seed)
+
+
 def _ratio_draws(num: torch.Tensor, den: torch.Tensor, paired: bool, n_boot: int, seed: int) -> torch.Tensor:
     gen = torch.Generator().manual_seed(seed)
     n_num, n_den = num.numel(), den.numel()

@@ -20,6 +20,10 @@ class SAETraining:
     tokens: activations to train on (from the training slice of the token file).
     batch_size: activations per optimiser step.
     lr: Adam learning rate (None: Gao et al.'s 2e-4 / sqrt(d_sae / 2^14)).
+    seed_ceiling: at every trained site of A and B, also train a second SAE with another seed on
+        the same activations and report the dictionary-seed ceiling: the fraction of the first
+        SAE's alive latents whose best match in the second reaches τ (docs/science.md,
+        "Calibration"). Only the first SAE is used by the test; those sites train twice.
     """
 
     expansion: int = 8
@@ -27,12 +31,15 @@ class SAETraining:
     tokens: int = 200_000
     batch_size: int = 4096
     lr: float | None = None
+    seed_ceiling: bool = False
 
     def __post_init__(self) -> None:
         for name in ("expansion", "k", "tokens", "batch_size"):
             _positive_int(self, name)
         if self.lr is not None and not (_is_real(self.lr) and 0 < self.lr < math.inf):
             raise ValueError(f"lr must be a positive finite number or None, got {self.lr!r}")
+        if not isinstance(self.seed_ceiling, bool):
+            raise ValueError(f"seed_ceiling must be true or false, got {self.seed_ceiling!r}")
 
 
 def _is_real(v: object) -> bool:

@@ -132,7 +132,15 @@ def prepare_demo(out: str, size: DemoSize, seed: int = 0, progress: bool = True)
         eval_tokens=size.eval_tokens,
         stats_tokens=size.stats_tokens,
         match_tokens=size.match_tokens,
-        sae=SAETraining(expansion=size.sae_expansion, k=SAE_K, tokens=size.sae_tokens, batch_size=SAE_BATCH, lr=SAE_LR),
+        # seed_ceiling: a second SAE per site gives each dictionary's own reproducibility ceiling.
+        sae=SAETraining(
+            expansion=size.sae_expansion,
+            k=SAE_K,
+            tokens=size.sae_tokens,
+            batch_size=SAE_BATCH,
+            lr=SAE_LR,
+            seed_ceiling=True,
+        ),
         thresholds=Thresholds(),
         bootstrap=size.bootstrap,
         seed=seed,

@@ -57,7 +57,7 @@ def build_report(meas: Measurements, thresholds: Thresholds | None = None) -> tu
     models, sites, per_model = {}, {}, {}
     for label, mm in (("A", meas.a), ("B", meas.b)):
         models[label] = model_row(mm, cfg)
-        sites[label] = [site_row(label, s, mm.shape.n_layers, th, arrays) for s in mm.sites]
+        sites[label] = [site_row(label, s, mm.shape.n_layers, th, arrays, cfg) for s in mm.sites]
         per_model[label] = per_model_row(sites[label])
     premises = model_premises(meas, th)
     fam = analyse_family(meas, th)
@@ -120,7 +120,9 @@ def dictionaries_premise(meas: Measurements, sites: dict[str, list[SiteRow]], th
         primary = set(fm.primary)
         for k, mm in enumerate(fm.models):
             if k not in primary:
-                rows += [(fm.labels[k], site_row(fm.labels[k], s, mm.shape.n_layers, th, {})) for s in mm.sites]
+                rows += [
+                    (fm.labels[k], site_row(fm.labels[k], s, mm.shape.n_layers, th, {}, meas.config)) for s in mm.sites
+                ]
     quality = [
         K.DictionaryQuality(f"{label} {r.site}", None, 0.0)
         if r.dictionary.startswith("neuron basis")
@@ -130,10 +132,14 @@ def dictionaries_premise(meas: Measurements, sites: dict[str, list[SiteRow]], th
     return K.premise_adequate_dictionaries(quality, max_fvu=th.max_fvu, max_dead=th.max_dead)
 
 
-def site_row(label: str, s: SiteMeasurement, n_layers: int, th: Thresholds, arrays: Arrays) -> SiteRow:
-    """One site's sparsity and geometry; adds its density and dims arrays."""
+def site_row(label: str, s: SiteMeasurement, n_layers: int, th: Thresholds, arrays: Arrays, cfg: TestConfig) -> SiteRow:
+    """One site's sparsity, geometry and dictionary quality; adds its density and dims arrays."""
     dens = s.stats.density.cpu()
     alive = dens > th.density_floor
+    seed_ceiling = seed_mean = None
+    if s.seed_best is not None:
+        seed_ceiling, seed_mean = K.dictionary_seed_ceiling(s.seed_best, alive, th.tau, n_boot=cfg.bootstrap,
+                                                            seed=cfg.seed)  # fmt: skip
     n_alive = int(alive.sum())
     sigma = n_alive / s.m
     med = float(dens[alive].median()) if n_alive else math.nan
@@ -163,6 +169,8 @@ def site_row(label: str, s: SiteMeasurement, n_layers: int, th: Thresholds, arra
         welch_bound=s.welch_bound,
         total_sq_cos=s.total_sq_cos,
         fvu=(s.sse / total_var) if (s.sse and total_var > 0) else None,
+        seed_ceiling=seed_ceiling,
+        seed_ceiling_mean_corr=seed_mean,
         capture_convention=s.capture_convention,
     )
 

@@ -33,6 +33,9 @@ class SiteMeasurement:
     welch_bound: float
     total_sq_cos: float
     capture_convention: dict | None = None  # the dictionary's, when it declares one
+    # Per latent, its best correlation in a second SAE trained with another seed on the same
+    # activations (the dictionary-seed ceiling); None when not measured.
+    seed_best: torch.Tensor | None = None
 
 
 @dataclass

@@ -30,7 +30,7 @@ from ..dictionary.base import FeatureBasis
 from ..distributed import all_reduce_sum, interference_split, rank_world, shard_range
 from ..models import describe
 from ..sites import resolve_sites
-from .features import Codes, encode, resolve_dictionary, site_choice
+from .features import Codes, encode, resolve_dictionary, seed_ceiling_best, site_choice
 from .losses import eval_losses
 from .matching import batch_seed, dense_correlations, is_tiled, match_tiled, update_dense
 from .measurements import (
@@ -241,6 +241,11 @@ def measure_model(
             d = d.to(device)
         with clock.stage("geometry"):
             site = new_site(cfg, s.name, s.layer if s.layer is not None else -1, m, desc, d, device)
+        if trains and cfg.sae.seed_ceiling and label in ("A", "B"):  # the sites the report tabulates
+            with clock.stage("seed_ceiling", cfg.sae.tokens):
+                held_out = plan.seqs(plan.stats_start, plan.n_stats)
+                site.seed_best = seed_ceiling_best(d, s.name, m, model, cfg, plan.train_seqs, held_out, sae_dir,
+                                                   progress, device)  # fmt: skip
         convention = getattr(d, "capture_convention", None)
         site.capture_convention = convention.as_dict() if convention is not None else None
         mm.sites.append(site)

@@ -127,6 +127,12 @@ class SiteRow:
     welch_bound: the Welch bound on that largest |cos|
     total_sq_cos: Σ of squared cosines between decoder directions
     fvu: dictionary reconstruction FVU on the statistics tokens, null for the neuron basis
+    seed_ceiling: the dictionary-seed ceiling: fraction of the alive latents whose best match in a
+        second SAE, trained with another seed on the same activations, has ρ* ≥ τ (on the match
+        tokens), bootstrap CI over latents; null unless the SAE was trained here with
+        `sae.seed_ceiling`
+    seed_ceiling_mean_corr: mean best-match correlation of those latents in the second SAE,
+        bootstrap CI; null when seed_ceiling is null
     capture_convention: the activations the dictionary was trained on, relative to the raw
         model (center, processing, description), null when it declares none
     """
@@ -153,6 +159,8 @@ class SiteRow:
     welch_bound: float
     total_sq_cos: float
     fvu: float | None
+    seed_ceiling: Estimate | None = None
+    seed_ceiling_mean_corr: Estimate | None = None
     capture_convention: dict | None = None
 
 

@@ -52,6 +52,7 @@ ANALYSIS_ONLY = ("thresholds", "bootstrap", "device")  # changing these never ch
 # left out of the fingerprint at that value, so older checkpoints still resume.
 ADDED_WITH_DEFAULT = {"match_precision": "ieee", "models": []}
 SPEC_ADDED_WITH_DEFAULT = {"shape": "", "seed": ""}
+SAE_ADDED_WITH_DEFAULT = {"seed_ceiling": False}
 
 
 class CheckpointMismatch(ValueError):
@@ -101,6 +102,8 @@ def run_fingerprint(cfg: TestConfig, tokens: np.ndarray, models: Iterable[nn.Mod
     }
     for k in ("model_a", "model_b"):
         conf[k] = {f: v for f, v in conf[k].items() if SPEC_ADDED_WITH_DEFAULT.get(f, object()) != v}
+    if isinstance(conf.get("sae"), dict):
+        conf["sae"] = {f: v for f, v in conf["sae"].items() if SAE_ADDED_WITH_DEFAULT.get(f, object()) != v}
     # models: primary A, primary B, then the rest of the family in config order.
     a, b, *rest = list(models)
     out = {

@@ -182,12 +182,34 @@ def _per_model_section(report: Mapping) -> Section:
     return Section("Neuron-counting conventions", blocks)
 
 
+#: the dictionary-seed ceiling's columns, shown (after fvu) only when some site measured it
+SEED_CEILING_FIELDS = ("seed_ceiling", "seed_ceiling_mean_corr")
+SEED_CEILING_NOTE = (
+    "seed_ceiling is the dictionary-seed ceiling: the fraction of the alive latents whose best match in a second "
+    "SAE, trained with another seed on the same activations, reaches τ (seed_ceiling_mean_corr: their mean best "
+    "match), on the match tokens; it is how reproducible the dictionary itself is, beside its FVU, dead fraction "
+    "(1 − n_alive/n_latents) and L0, and is not used in U."
+)
+
+
+def _has_seed_ceiling(report: Mapping) -> bool:
+    sites = [*sites_of(report, "A"), *sites_of(report, "B")]
+    return any(s.get(f) is not None for s in sites for f in SEED_CEILING_FIELDS)
+
+
 def _site_section(report: Mapping) -> Section:
     blocks: list[Any] = [
         "n_alive is the feature count n_s (latents with density above the floor), sigma = n_s/m, "
         "C_star = σ / g(median p), p_star = g⁻¹(σ/C) (— when σ/C < e: no superposition pressure). "
         "Geometry is of the dictionary's decoder directions: dims_sum = Σ D_i, d_star = m/‖W‖²_F."
     ]
+    seed_ceiling = _has_seed_ceiling(report)
+    if seed_ceiling:
+        blocks.append(SEED_CEILING_NOTE)
+    # Known fields are always shown, so the ceiling's join them only when measured (else excluded).
+    known, hidden = (*SITE_SPARSITY_FIELDS, *SEED_CEILING_FIELDS), []
+    if not seed_ceiling:
+        known, hidden = SITE_SPARSITY_FIELDS, list(SEED_CEILING_FIELDS)
     for model in ("A", "B"):
         sites = sites_of(report, model)
         name = ((report.get("models") or {}).get(model) or {}).get("name")
@@ -195,7 +217,7 @@ def _site_section(report: Mapping) -> Section:
         if not sites:
             blocks.append("No sites.")
             continue
-        sparsity = ordered_fields(sites, SITE_SPARSITY_FIELDS, exclude=[*SITE_GEOMETRY_FIELDS[1:], "model"])
+        sparsity = ordered_fields(sites, known, exclude=[*SITE_GEOMETRY_FIELDS[1:], "model", *hidden])
         blocks.append(Table(sparsity, [[fmt(s.get(f)) for f in sparsity] for s in sites]))
         geometry = list(SITE_GEOMETRY_FIELDS)
         blocks.append(Table(geometry, [[fmt(s.get(f)) for f in geometry] for s in sites]))

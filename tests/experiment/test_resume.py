@@ -16,7 +16,7 @@ from pair_config import pair_config
 from safetensors import safe_open
 
 from supanalysis.cli import main
-from supanalysis.config import ModelSpec, TestConfig
+from supanalysis.config import ModelSpec, SAETraining, TestConfig
 from supanalysis.experiment import CheckpointMismatch, analyse, measure, measuring
 from supanalysis.experiment.state import CheckpointInUse
 from supanalysis.models import TinyConfig, TinyTransformer
@@ -184,9 +184,12 @@ def test_fingerprint_of_a_field_added_later_keeps_older_checkpoints_valid():
     old = {k: v for k, v in cfg.to_dict().items() if k not in (*ANALYSIS_ONLY, "match_precision", "models")}
     for side in ("model_a", "model_b"):  # shape and seed joined ModelSpec later, as labels
         old[side] = {k: v for k, v in old[side].items() if k not in ("shape", "seed")}
+    old["sae"] = {k: v for k, v in old["sae"].items() if k != "seed_ceiling"}  # joined SAETraining later
     old_hash = hashlib.sha256(json.dumps(old, sort_keys=True, default=str).encode()).hexdigest()
     assert run_fingerprint(cfg, tokens, models, 1)["config"] == old_hash
     bf16 = TestConfig(tokens="t.npy", match_precision="bf16")
     assert run_fingerprint(bf16, tokens, models, 1)["config"] != old_hash
     labelled = TestConfig(tokens="t.npy", model_a=ModelSpec(shape="wide"))
     assert run_fingerprint(labelled, tokens, models, 1)["config"] != old_hash
+    ceiling = TestConfig(tokens="t.npy", sae=SAETraining(seed_ceiling=True))
+    assert run_fingerprint(ceiling, tokens, models, 1)["config"] != old_hash
