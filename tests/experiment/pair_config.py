@@ -2,7 +2,16 @@
 
 from __future__ import annotations
 
+import torch
+
 from supanalysis.config import ModelSpec, TestConfig
+from supanalysis.models import TinyConfig, TinyTransformer
+
+
+def tiny(L: int, d: int, seed: int) -> TinyTransformer:
+    """A seeded TinyTransformer of L layers, width d, over the 64-token vocabulary of these tests."""
+    torch.manual_seed(seed)
+    return TinyTransformer(TinyConfig(n_layers=L, d_model=d, n_heads=2, d_ff=4 * d, vocab_size=64, n_ctx=32)).eval()
 
 
 def pair_config(root, *, stats_tokens: int, bootstrap: int, **kw) -> TestConfig:

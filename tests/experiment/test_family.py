@@ -7,20 +7,14 @@ from dataclasses import replace
 
 import numpy as np
 import pytest
-import torch
+from pair_config import tiny
 
 from supanalysis import science as S
 from supanalysis.calibration import NON_UNIVERSAL
 from supanalysis.config import ModelSpec, SAETraining, TestConfig, Thresholds
 from supanalysis.experiment import analyse, measure, run_test
-from supanalysis.models import TinyConfig, TinyTransformer
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # see conftest.py
-
-
-def tiny(L, d, seed):
-    torch.manual_seed(seed)
-    return TinyTransformer(TinyConfig(n_layers=L, d_model=d, n_heads=2, d_ff=4 * d, vocab_size=64, n_ctx=32)).eval()
 
 
 @pytest.fixture(scope="module")

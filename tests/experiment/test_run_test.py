@@ -9,20 +9,15 @@ from dataclasses import replace
 import numpy as np
 import pytest
 import torch
-from pair_config import pair_config
+from pair_config import pair_config, tiny
 
 from supanalysis import science as S
 from supanalysis.cli import main
 from supanalysis.config import ModelSpec, SAETraining, TestConfig, Thresholds
 from supanalysis.experiment import analyse, measure, measuring, pair_by_depth, run_test
-from supanalysis.models import TinyConfig, TinyTransformer
+from supanalysis.models import TinyTransformer
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # see conftest.py
-
-
-def tiny(L, d, seed):
-    torch.manual_seed(seed)
-    return TinyTransformer(TinyConfig(n_layers=L, d_model=d, n_heads=2, d_ff=4 * d, vocab_size=64, n_ctx=32)).eval()
 
 
 @pytest.fixture(scope="module")

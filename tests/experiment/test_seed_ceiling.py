@@ -12,7 +12,7 @@ import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
-from pair_config import pair_config
+from pair_config import pair_config, tiny
 
 from supanalysis import calibration as K
 from supanalysis.config import ModelSpec, SAETraining, TestConfig
@@ -21,17 +21,11 @@ from supanalysis.dictionary import train as train_mod
 from supanalysis.dictionary.activations import TopK
 from supanalysis.dictionary.train import TopKTrainConfig
 from supanalysis.experiment import analyse, features, measure
-from supanalysis.models import TinyConfig, TinyTransformer
 from supanalysis.report import render_html, render_markdown
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # see conftest.py
 
 SAE = dict(expansion=2, k=4, tokens=2048, batch_size=256)
-
-
-def tiny(L, d, seed):
-    torch.manual_seed(seed)
-    return TinyTransformer(TinyConfig(n_layers=L, d_model=d, n_heads=2, d_ff=4 * d, vocab_size=64, n_ctx=32)).eval()
 
 
 @pytest.fixture(scope="module")

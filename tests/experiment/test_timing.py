@@ -8,12 +8,11 @@ import time
 import numpy as np
 import pytest
 import torch
-from pair_config import pair_config
+from pair_config import pair_config, tiny
 
 from supanalysis.config import ModelSpec, SAETraining, Thresholds
 from supanalysis.experiment import rows, run_test
 from supanalysis.experiment.timing import StageClock, peak_rss_bytes
-from supanalysis.models import TinyConfig, TinyTransformer
 from supanalysis.report import load_report
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # see conftest.py
@@ -61,11 +60,6 @@ def test_without_drops_stages_and_their_time_from_the_total():
     with copy.stage("again"):
         pass
     assert copy.stages["again"].calls == 1 and clock.stages["again"].calls == 1
-
-
-def tiny(L, d, seed):
-    torch.manual_seed(seed)
-    return TinyTransformer(TinyConfig(n_layers=L, d_model=d, n_heads=2, d_ff=4 * d, vocab_size=64, n_ctx=32)).eval()
 
 
 @pytest.fixture(scope="module")
