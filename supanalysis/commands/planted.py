@@ -1,9 +1,10 @@
 """``supanalysis planted``: the test of the test, on planted ground truth.
 
 ``--seeds N`` runs, at N independent seeds, both planting modes of
-:mod:`supanalysis.planted_data` (every feature shared; half of them absent from family B's
-training data), each a full :func:`~supanalysis.planted.run_planted_mode`, and tabulates the
-truth against the verdict's universality outcome (a confusion table, with U_min per run).
+:mod:`supanalysis.planted_data` (every feature shared; half of them without their context in
+family B's training data), each a full :func:`~supanalysis.planted.run_planted_mode`, and tabulates the
+truth against the verdict's universality outcome (a confusion table, with U_min per run), in
+planted.md and planted.html.
 The universal and non-universal runs of one seed share family A's models, whose data does
 not depend on the mode. Exit status 0 when the table meets its target (:func:`meets_target`).
 """
@@ -11,6 +12,7 @@ not depend on the mode. Exit status 0 when the table meets its target (:func:`me
 from __future__ import annotations
 
 import argparse
+import html
 import json
 import math
 import os
@@ -24,6 +26,7 @@ EXPECTED = {"universal": "universal_within_reproducibility", "non-universal": "n
 SEED_STRIDE = 10
 #: full setting: at least this fraction of the runs of each mode judged correctly
 FULL_TARGET = 0.9
+TITLE = "The test of the test: planted universal and non-universal features"
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -118,45 +121,80 @@ def run_seeds(out: str, seeds: int, quick: bool = False, seed: int = 0, progress
                "seconds": round(time.time() - t0, 1)}  # fmt: skip
     write_text(os.path.join(out, "planted.json"), json.dumps(summary, indent=2))
     write_text(os.path.join(out, "planted.md"), seeds_markdown(summary))
+    write_text(os.path.join(out, "planted.html"), seeds_html(summary))
     return summary
+
+
+def command_line(summary: dict) -> str:
+    """The command that makes ``summary``'s table."""
+    return f"supanalysis planted --seeds {summary['seeds']}" + (" --quick" if summary["quick"] else "")
+
+
+def _tables(summary: dict) -> tuple[list[str], list[list[str]], list[str], list[tuple[list[str], str]]]:
+    """The confusion table (header, rows) and the runs (header, (cells, run folder)), as text cells."""
+    from ..planted import format_number
+
+    table, outcomes = summary["table"], [*EXPECTED.values(), "none"]
+    head = ["truth \\ verdict", *outcomes, "correct", "mean U_min"]
+    rows = [
+        [truth, *(str(counts[o]) for o in outcomes), f"{table['correct'][truth]}/{table['runs'][truth]}",
+         format_number(table["mean_U_min"][truth])]
+        for truth, counts in table["matrix"].items()
+    ]  # fmt: skip
+    run_head = ["seed", "truth", "outcome", "calibrated", "U_min [CI]", "planted matched (absent)", "density error",
+                "s"]  # fmt: skip
+    runs = [
+        ([str(r["seed"]), r["truth"], str(r["outcome"]), "yes" if r["calibrated"] else "no",
+          f"{format_number(r['U_min'])} [{format_number(r['U_min_lo'])}, {format_number(r['U_min_hi'])}]",
+          f"{r['planted_matched']} ({r['planted_matched_absent']})", format_number(r["density_median_rel_error"]),
+          str(r["seconds"])], r["folder"])
+        for r in summary["runs"]
+    ]  # fmt: skip
+    return head, rows, run_head, runs
+
+
+def _intro(summary: dict) -> str:
+    return (
+        f"{summary['seeds']} seed(s) per planting mode ({'quick' if summary['quick'] else 'full'} setting), made by "
+        f"`{command_line(summary)}`. Rows: the truth; columns: the verdict's universality outcome."
+    )
 
 
 def seeds_markdown(summary: dict) -> str:
     """The confusion table and the runs behind it, as Markdown."""
-    from ..planted import format_number
+    head, rows, run_head, runs = _tables(summary)
 
-    table, outcomes = summary["table"], [*EXPECTED.values(), "none"]
-    lines = [
-        "# The test of the test: planted universal and non-universal features",
-        "",
-        f"{summary['seeds']} seed(s) per planting mode ({'quick' if summary['quick'] else 'full'} setting). "
-        "Rows: the truth; columns: the verdict's universality outcome.",
-        "",
-        "| truth \\ verdict | " + " | ".join(outcomes) + " | correct | mean U_min |",
-        "|---|" + "---|" * (len(outcomes) + 2),
-    ]
-    for truth, counts in table["matrix"].items():
-        cells = " | ".join(str(counts[o]) for o in outcomes)
-        lines.append(
-            f"| {truth} | {cells} | {table['correct'][truth]}/{table['runs'][truth]} | "
-            f"{format_number(table['mean_U_min'][truth])} |"
-        )
-    lines += [
-        "",
-        f"Target: {summary['target']}: **{'met' if summary['meets_target'] else 'NOT met'}**.",
-        "",
-        "| seed | truth | outcome | calibrated | U_min [CI] | planted matched (absent) | density error | s | run |",
-        "|---|---|---|---|---|---|---|---|---|",
-    ]
-    for r in summary["runs"]:
-        lines.append(
-            f"| {r['seed']} | {r['truth']} | {r['outcome']} | {'yes' if r['calibrated'] else 'no'} | "
-            f"{format_number(r['U_min'])} [{format_number(r['U_min_lo'])}, {format_number(r['U_min_hi'])}] | "
-            f"{r['planted_matched']} ({r['planted_matched_absent']}) | "
-            f"{format_number(r['density_median_rel_error'])} | {r['seconds']} | "
-            f"[{r['folder']}]({r['folder']}/planted.md) |"
-        )
+    def line(cells: list[str]) -> str:
+        return "| " + " | ".join(cells) + " |"
+
+    lines = [f"# {TITLE}", "", _intro(summary), "", line(head), "|" + "---|" * len(head)]
+    lines += [line(r) for r in rows]
+    lines += ["", f"Target: {summary['target']}: **{'met' if summary['meets_target'] else 'NOT met'}**.", ""]
+    lines += [line([*run_head, "run"]), "|" + "---|" * (len(run_head) + 1)]
+    lines += [line([*cells, f"[{folder}]({folder}/planted.md)"]) for cells, folder in runs]
     return "\n".join(lines) + "\n"
+
+
+def seeds_html(summary: dict) -> str:
+    """The same as :func:`seeds_markdown`, as a standalone HTML page linking each run's report."""
+    head, rows, run_head, runs = _tables(summary)
+    esc = html.escape
+
+    def table(header: list[str], body: list[list[str]]) -> str:
+        th = "".join(f"<th>{esc(h)}</th>" for h in header)
+        trs = "".join("<tr>" + "".join(f"<td>{c}</td>" for c in r) + "</tr>" for r in body)
+        return f"<table><thead><tr>{th}</tr></thead><tbody>{trs}</tbody></table>"
+
+    run_rows = [[*map(esc, cells), f'<a href="{esc(folder)}/report.html">{esc(folder)}</a>'] for cells, folder in runs]
+    met = "met" if summary["meets_target"] else "NOT met"
+    intro = esc(_intro(summary)).replace("`", "")
+    return (
+        f"<!doctype html><html><head><meta charset='utf-8'><title>{esc(TITLE)}</title>"
+        "<style>body{font-family:sans-serif;max-width:70em;margin:2em auto}table{border-collapse:collapse}"
+        "td,th{border:1px solid #ccc;padding:.2em .5em}</style></head><body>"
+        f"<h1>{esc(TITLE)}</h1><p>{intro}</p>{table(head, [[*map(esc, r)] for r in rows])}"
+        f"<p>Target: {esc(summary['target'])}: <b>{met}</b>.</p>{table([*run_head, 'run'], run_rows)}</body></html>\n"
+    )
 
 
 def run(args: argparse.Namespace) -> int:

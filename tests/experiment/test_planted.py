@@ -7,7 +7,15 @@ import json
 import numpy as np
 import pytest
 
-from supanalysis.commands.planted import EXPECTED, confusion_table, judge_run, meets_target, run_seeds, seeds_markdown
+from supanalysis.commands.planted import (
+    EXPECTED,
+    confusion_table,
+    judge_run,
+    meets_target,
+    run_seeds,
+    seeds_html,
+    seeds_markdown,
+)
 from supanalysis.planted import DENSITY_TARGET, REPRESENTED_CORR
 from supanalysis.planted_data import NO_FEATURE, PlantedSpec, absent_features, family_streams, generate, indicators
 
@@ -174,9 +182,15 @@ def test_seeds_markdown_and_judge_run():
     assert not uni["correct"]
     t = confusion_table([r | {"folder": "a"}, uni | {"folder": "b"}])
     ok, why = meets_target(t, quick=False)
-    md = seeds_markdown({"seeds": 1, "quick": False, "table": t, "meets_target": ok, "target": why,
-                         "runs": [r | {"folder": "a"}, uni | {"folder": "b"}]})  # fmt: skip
+    summary = {"seeds": 1, "quick": False, "table": t, "meets_target": ok, "target": why,
+               "runs": [r | {"folder": "a"}, uni | {"folder": "b<x>"}]}  # fmt: skip
+    md = seeds_markdown(summary)
     assert "| non-universal | 0 | 1 | 0 | 1/1 | 0.55 |" in md and "**NOT met**" in md
+    assert "`supanalysis planted --seeds 1`" in md and "[a](a/planted.md)" in md
+    page = seeds_html(summary)
+    assert "<td>non-universal</td><td>0</td><td>1</td><td>0</td><td>1/1</td><td>0.55</td>" in page
+    assert "supanalysis planted --seeds 1" in page and "<b>NOT met</b>" in page
+    assert '<a href="a/report.html">a</a>' in page and "b&lt;x&gt;" in page and "b<x>" not in page  # escaped
 
 
 def test_quick_planted_seeds_run_compares_both_plantings_with_the_truth(tmp_path):
@@ -205,6 +219,7 @@ def test_quick_planted_seeds_run_compares_both_plantings_with_the_truth(tmp_path
                 assert p["matched_fraction_a"] >= p["baseline_fraction_a"] + 0.1, p
     assert json.loads((tmp_path / "planted.json").read_text())["table"] == json.loads(json.dumps(t))
     assert "| truth \\ verdict |" in (tmp_path / "planted.md").read_text()
+    assert "<th>truth \\ verdict</th>" in (tmp_path / "planted.html").read_text()
 
 
 def _check_run(r: dict, folder) -> None:
