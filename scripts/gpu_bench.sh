@@ -4,24 +4,25 @@
 # tests of the GPU backends, time every op in every dtype on the GPU with
 # `python -m bench --device cuda` (every backend and named CUDA variant side by side,
 # writing a measured dispatch table), time the interference of n = 65,536 and
-# n = 1,048,576 features, and, with more than one GPU, run the NCCL path of `supanalysis
-# test` under torchrun across them.
+# n = 1,048,576 features, the whole test end to end on a GPT-2-shaped pair with TopK SAEs
+# (`python -m bench.end_to_end`), and, with more than one GPU, run the NCCL path of
+# `supanalysis test` under torchrun across them.
 #
 #   OUT=/tmp/out bash scripts/gpu_bench.sh                     # results in /tmp/out
-#   DEADLINE=470 TEST_S=110 RESERVE_S=150 ...                  # budget: whole, tests, after bench
+#   DEADLINE=470 TEST_S=110 RESERVE_S=250 E2E_S=100 ...         # budget: whole, tests, after bench, end to end
 #   SKIP_TESTS=1 ... / SKIP_BENCH=1 ... / SKIP_NCCL=1           # split over several calls
 #   TESTS_K="cuda and stats" BENCH_ARGS="--cases stats:bfloat16 ..." MEM_BACKENDS=cuda  # narrower
 #   DTYPES=bfloat16,float32 ...                                 # the bench's dtypes
 #   CPU_SMOKE=1 OUT=/tmp/out bash scripts/gpu_bench.sh         # the plumbing, on small CPU work
 #
 # Every step gets at most what is left of DEADLINE seconds (default 470), the steps run
-# most-wanted first (extension, GPU tests, bench, interference memory, NCCL), and each
+# most-wanted first (extension, GPU tests, bench, interference memory, end to end, NCCL), and each
 # writes its results into $OUT as it goes (the bench rewrites its tables after every case),
 # so a run cut short still leaves what it measured.
 # The build (minutes) is skipped when prebuilt/ holds a _C built for this python and torch
 # from these very sources (scripts/check_cuda_build.sh with SUPANALYSIS_PREBUILT_DIR=prebuilt).
-# Results, at most seven files in $OUT: run.log, tests.txt, bench_gpu.md, bench_gpu.json,
-# dispatch.json, memory.txt, nccl.txt. The tables go into bench/RESULTS.md and dispatch.json
+# Results, at most nine files in $OUT: run.log, tests.txt, bench_gpu.md, bench_gpu.json,
+# dispatch.json, memory.txt, e2e.md, e2e.json, nccl.txt. The tables go into bench/RESULTS.md and dispatch.json
 # over supanalysis/dispatch.json (it merges other GPUs' entries).
 #
 # Uses the machine's python3 (PyTorch with CUDA, Triton and pytest; pytest-xdist if there).
@@ -32,7 +33,7 @@ WORK="$(mktemp -d)"  # demo and report folders: too many files to bring back
 mkdir -p "$OUT"
 PY="${PY:-python3}"
 DEADLINE="${DEADLINE:-470}"
-TEST_S="${TEST_S:-110}" TEST_WORKERS="${TEST_WORKERS:-12}" RESERVE_S="${RESERVE_S:-150}"
+TEST_S="${TEST_S:-110}" TEST_WORKERS="${TEST_WORKERS:-12}" RESERVE_S="${RESERVE_S:-250}" E2E_S="${E2E_S:-100}"
 export PYTHONUNBUFFERED=1
 export CUDA_HOME="${CUDA_HOME:-$(dirname "$(dirname "$(command -v nvcc)")")}"
 export SUPANALYSIS_CUDA="${SUPANALYSIS_CUDA:-1}" TORCH_CUDA_ARCH_LIST="${TORCH_CUDA_ARCH_LIST:-9.0}"
@@ -43,6 +44,7 @@ if [ "${CPU_SMOKE:-0}" = "1" ]; then
   export SUPANALYSIS_CUDA=0
   require=--require-cpp tests_k="dispatch" bench_args=(--quick --device cpu --ops best_match,coact)
   mem_small=(--n 2048 --m 64 --backend cpp) mem_large=(--n 4096 --m 64) mem_backends=(cpp) gpu=false
+  e2e_args=(--quick --device cpu)
 else
   # TESTS_K, BENCH_ARGS and MEM_BACKENDS narrow a later call to what changed.
   require=--require-cuda tests_k="${TESTS_K:-cuda or gpu or triton}"
@@ -52,6 +54,8 @@ else
 stats_sparse,best_match --dtype ${DTYPES:-bfloat16,float16,float32,float64} --backends triton,cuda --budget 2}"
   read -r -a mem_backends <<<"${MEM_BACKENDS:-triton cuda}"
   mem_small=(--n 65536 --m 4096) mem_large=(--n 1048576 --m 4096) gpu=true
+  # The GPT-2-shaped pair, TopK e8 k32 at every site; sized to fit E2E_S (10^7 tokens would not).
+  read -r -a e2e_args <<<"${E2E_ARGS:---device cuda --dictionary topk --tokens 524288 --sae-tokens 131072}"
 fi
 start=$(date +%s)
 left() { echo $((DEADLINE - ($(date +%s) - start))); }
@@ -122,6 +126,10 @@ if [ "${SKIP_BENCH:-0}" != "1" ]; then
       within 90 "$PY" -m bench.memory "${mem_large[@]}" --dtype bfloat16 --backend "$b" 2>&1 | tail -2
     done
   } | tee "$OUT/memory.txt"
+
+  step "end to end: forwards alone vs the measurement pass vs report vs SAE training"
+  within "$E2E_S" "$PY" -m bench.end_to_end "${e2e_args[@]}" --no-progress \
+    --markdown "$OUT/e2e.md" --json "$OUT/e2e.json" 2>&1 | tail -30 || status=1
 fi
 
 step "NCCL: the test under torchrun across the GPUs (more than one needed)"
