@@ -132,7 +132,7 @@ def command_line(summary: dict) -> str:
 
 def _tables(summary: dict) -> tuple[list[str], list[list[str]], list[str], list[tuple[list[str], str]]]:
     """The confusion table (header, rows) and the runs (header, (cells, run folder)), as text cells."""
-    from ..planted import format_number
+    from ..planted_markdown import format_number
 
     table, outcomes = summary["table"], [*EXPECTED.values(), "none"]
     head = ["truth \\ verdict", *outcomes, "correct", "mean U_min"]

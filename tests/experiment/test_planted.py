@@ -241,6 +241,13 @@ def _check_run(r: dict, folder) -> None:
     # P1 holds by construction (equal 12·L·d²), and the outputs are all there.
     n = [m["non_embedding_params"] for m in r["models"].values()]
     assert abs(n[0] - n[1]) / max(n) <= 0.05
+    # The primary pair's dictionaries carry their dictionary-seed ceiling; the others do not.
+    for d in r["dictionaries"]:
+        c = d.get("seed_ceiling")
+        assert (c is not None) == (d["model"] in ("A0", "B0")), d
+        if c is not None:
+            assert 0.0 <= c["lo"] <= c["value"] <= c["hi"] <= 1.0, c
     md = (folder / "planted.md").read_text()
+    assert "## Dictionaries" in md and "seed ceiling" in md
     assert "Planted ground truth" in md and ("**pass**" in md or "**FAIL**" in md)
     assert (folder / "report.json").is_file() and (folder / "config.json").is_file()
