@@ -98,7 +98,7 @@ def build_stats(d: Dims, dtype, device) -> Calls:
     calls = backend_calls("activation_stats", x, 0.0)
     calls["user"] = partial(stats_user, x)
     # One read of the same tensor, timed right beside the backends (after the eager
-    # baseline, as they are): the ratio, without the drift between this case and
+    # baseline, as they are): the target's ratio, without the drift between this case and
     # the run's limit row.
     calls["bare x.sum()"] = x.sum
     return calls
