@@ -79,7 +79,7 @@ def test_resume_from_checkpoint_is_exact(tmp_path):
 
 def test_topk_sae_on_tiny_transformer_reaches_low_fvu():
     """d_sae = 8·d_model, k = 16 on a TinyTransformer's residual stream (random weights
-    here to stay fast; a trained model's number is in the issue's report)."""
+    here to stay fast; a trained model's number is in bench/RESULTS.md)."""
     torch.manual_seed(0)
     d_model = 32
     model = TinyTransformer(TinyConfig(n_layers=2, d_model=d_model, n_heads=4, d_ff=128,
