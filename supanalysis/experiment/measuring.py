@@ -409,7 +409,7 @@ class StatisticsPass:
         """``batches``, each one's forwards and captures timed as "statistics.forward" (the
         exhausted last call included)."""
         while True:
-            with self.clock.stage("statistics.forward") as st:
+            with self.clock.stage("statistics.forward", per_batch=True) as st:
                 item = next(batches, None)
                 if item is not None:
                     st.count(next(iter(item[0].values())).shape[0])
@@ -421,12 +421,12 @@ class StatisticsPass:
         """Global batch ``k`` (one ``{site: [T, m]}`` per model, same tokens): statistics of
         every site, then the match tokens into the pairs."""
         T = next(iter(batches[0].values())).shape[0]
-        with self.clock.stage("statistics.codes", T):
+        with self.clock.stage("statistics.codes", T, per_batch=True):
             codes = [site_updates(mm, ds, b) for mm, ds, b in zip(self.mms, self.dicts, batches)]
         codes_a, codes_b = codes[0], codes[1]
         take = max(0, min(T, self.cfg.match_tokens - k * self.plan.batch_size * self.plan.seq_len))
         if take:
-            with self.clock.stage("statistics.matching", take):
+            with self.clock.stage("statistics.matching", take, per_batch=True):
                 gen = torch.Generator().manual_seed(batch_seed(self.cfg.seed, k))
                 perm = torch.randperm(take, generator=gen).to(self.device)
                 if self.tiled:

@@ -4,7 +4,9 @@
 one call and its tokens to the stage; the peak memory is read as the stage ends. A stage may
 run many times (a site's SAE training, a batch's forward) and stages may nest (the parts of
 the measurement pass inside it). On CUDA both ends of a stage synchronise, so its seconds
-are the device's work rather than the time to queue it.
+are the device's work rather than the time to queue it; the stages inside the measurement
+loop (``per_batch=True``) are timed with CUDA events instead, so the loop never waits on the
+host for them, and their times are read once the events have completed.
 
 The timings are not deterministic: they go into the report's ``timings`` object
 (:class:`TimingsRow`), which no two runs are compared on.
@@ -16,7 +18,7 @@ import sys
 import time
 from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 
 import torch
 
@@ -105,12 +107,22 @@ class Stage:
     tokens: int | None = None
     peak_rss_bytes: int | None = None
     peak_cuda_bytes: int | None = None
+    # CUDA (start, end) events of per-batch calls whose time is not yet added to ``seconds``
+    pending: list = field(default_factory=list, repr=False)
+
+    def settle(self, wait: bool) -> None:
+        """Add the completed events' times to ``seconds`` (all of them, waiting, when ``wait``)."""
+        while self.pending and (wait or self.pending[0][1].query()):
+            start, end = self.pending.pop(0)
+            end.synchronize()
+            self.seconds += start.elapsed_time(end) / 1e3
 
     def count(self, tokens: int) -> None:
         """``tokens`` more were processed in this stage."""
         self.tokens = (self.tokens or 0) + int(tokens)
 
     def row(self) -> StageRow:
+        self.settle(wait=True)
         rate = self.tokens / self.seconds if self.tokens is not None and self.seconds > 0 else None
         return StageRow(self.name, self.seconds, self.calls, self.tokens, rate, self.peak_rss_bytes,
                         self.peak_cuda_bytes)  # fmt: skip
@@ -125,20 +137,36 @@ class StageClock:
         self.ended = self.started
         self.stages: dict[str, Stage] = {}
 
+    def _on_cuda(self) -> bool:
+        return self.device is not None and self.device.type == "cuda" and torch.cuda.is_initialized()
+
     def _sync(self) -> None:
-        if self.device is not None and self.device.type == "cuda" and torch.cuda.is_initialized():
+        if self._on_cuda():
             torch.cuda.synchronize(self.device)
 
     @contextmanager
-    def stage(self, name: str, tokens: int | None = None) -> Iterator[Stage]:
-        """Time the block as (one more call of) stage ``name``; a block that raises is not counted."""
+    def stage(self, name: str, tokens: int | None = None, *, per_batch: bool = False) -> Iterator[Stage]:
+        """Time the block as (one more call of) stage ``name``; a block that raises is not counted.
+        ``per_batch``: on CUDA, time it with events rather than synchronising (module docstring)."""
         st = self.stages.setdefault(name, Stage(name))
-        self._sync()
+        events = per_batch and self._on_cuda()
+        if events:
+            start = torch.cuda.Event(enable_timing=True)
+            start.record()
+        else:
+            self._sync()
         t0 = time.perf_counter()
         yield st
-        self._sync()
+        if events:
+            end = torch.cuda.Event(enable_timing=True)
+            end.record()
+            st.pending.append((start, end))
+            st.settle(wait=False)
+        else:
+            self._sync()
         self.ended = time.perf_counter()
-        st.seconds += self.ended - t0
+        if not events:
+            st.seconds += self.ended - t0
         st.calls += 1
         if tokens is not None:
             st.count(tokens)
@@ -149,11 +177,17 @@ class StageClock:
         """A copy of this clock without the stages ``names`` (to time them again): its total
         is this one's less those stages, and goes on from now."""
         drop = set(names)
+        for st in self.stages.values():
+            st.settle(wait=True)
         out = StageClock(self.device)
         kept = self.ended - self.started - sum(s.seconds for k, s in self.stages.items() if k in drop)
         out.ended = time.perf_counter()
         out.started = out.ended - max(kept, 0.0)
-        out.stages = {k: Stage(**asdict(v)) for k, v in self.stages.items() if k not in drop}
+        out.stages = {
+            k: Stage(v.name, v.seconds, v.calls, v.tokens, v.peak_rss_bytes, v.peak_cuda_bytes)
+            for k, v in self.stages.items()
+            if k not in drop
+        }
         return out
 
     def row(self) -> TimingsRow:

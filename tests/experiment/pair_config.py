@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
+import numpy as np
 import torch
 
 from supanalysis.config import ModelSpec, TestConfig
@@ -29,3 +32,11 @@ def pair_config(root, *, stats_tokens: int, bootstrap: int, **kw) -> TestConfig:
     )
     base.update(kw)
     return TestConfig(**base)
+
+
+def pair_workspace(root: Path, n_tokens: int) -> Path:
+    """``root`` with random tokens.npy (64-token vocabulary), A = 1 layer x 16 and B = 2 layers x 8."""
+    np.save(root / "tokens.npy", np.random.default_rng(0).integers(0, 64, size=n_tokens).astype(np.uint16))
+    tiny(1, 16, 0).save(root / "A")
+    tiny(2, 8, 1).save(root / "B")
+    return root

@@ -7,12 +7,11 @@ import math
 import os
 import socket
 
-import numpy as np
 import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
-from pair_config import pair_config, tiny
+from pair_config import pair_config, pair_workspace
 
 from supanalysis import calibration as K
 from supanalysis.config import ModelSpec, SAETraining, TestConfig
@@ -30,11 +29,7 @@ SAE = dict(expansion=2, k=4, tokens=2048, batch_size=256)
 
 @pytest.fixture(scope="module")
 def workspace(tmp_path_factory):
-    root = tmp_path_factory.mktemp("dictionary_seeds")
-    np.save(root / "tokens.npy", np.random.default_rng(0).integers(0, 64, size=20_000).astype(np.uint16))
-    tiny(1, 16, 0).save(root / "A")
-    tiny(2, 8, 1).save(root / "B")
-    return root
+    return pair_workspace(tmp_path_factory.mktemp("dictionary_seeds"), 20_000)
 
 
 def config(root, seed_ceiling: bool, **kw) -> TestConfig:

@@ -5,10 +5,9 @@ from __future__ import annotations
 import json
 import time
 
-import numpy as np
 import pytest
 import torch
-from pair_config import pair_config, tiny
+from pair_config import pair_config, pair_workspace
 
 from supanalysis.config import ModelSpec, SAETraining, Thresholds
 from supanalysis.experiment import rows, run_test
@@ -38,6 +37,31 @@ def test_a_stage_adds_up_its_calls_and_tokens():
     assert t.peak_cuda_bytes is None and work.peak_cuda_bytes is None  # no CUDA device given
 
 
+def test_a_per_batch_stage_is_timed_like_any_other_off_cuda():
+    clock = StageClock("cpu")
+    for _ in range(2):
+        with clock.stage("batch", 4, per_batch=True):
+            time.sleep(0.01)
+    (batch,) = clock.row().stages
+    assert batch.calls == 2 and batch.tokens == 8 and batch.seconds >= 0.02
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_a_per_batch_stage_on_cuda_times_the_device_without_synchronising(monkeypatch):
+    dev = torch.device("cuda")
+    x = torch.randn(4096, 4096, device=dev)
+    clock = StageClock(dev)
+    syncs = []
+    real = torch.cuda.synchronize
+    monkeypatch.setattr(torch.cuda, "synchronize", lambda *a: syncs.append(a) or real(*a))
+    for _ in range(3):
+        with clock.stage("batch", per_batch=True):
+            x = (x @ x).tanh_()
+    assert syncs == []  # the loop never waited on the host
+    (batch,) = clock.row().stages
+    assert batch.calls == 3 and batch.seconds > 0 and not clock.stages["batch"].pending
+
+
 def test_a_stage_that_raises_is_not_counted():
     clock = StageClock()
     with pytest.raises(KeyError):
@@ -65,10 +89,7 @@ def test_without_drops_stages_and_their_time_from_the_total():
 @pytest.fixture(scope="module")
 def timed(tmp_path_factory):
     """One run with trained dictionaries, written to a folder: (cfg, report, folder)."""
-    root = tmp_path_factory.mktemp("timing")
-    np.save(root / "tokens.npy", np.random.default_rng(0).integers(0, 64, size=40_000).astype(np.uint16))
-    tiny(1, 16, 0).save(root / "A")
-    tiny(2, 8, 1).save(root / "B")
+    root = pair_workspace(tmp_path_factory.mktemp("timing"), 40_000)
     cfg = pair_config(
         root,
         stats_tokens=2000,
