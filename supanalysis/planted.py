@@ -29,7 +29,7 @@ from .capture import ActivationSource
 from .config import ModelSpec, TestConfig, Thresholds
 from .data import TokenSequences
 from .dictionary import load_dictionary, save_saelens
-from .durable import write_text
+from .durable import with_checksum, write_text
 from .experiment import TestReport, run_test
 from .experiment.features import SEED_CEILING_OFFSET, encode, seed_best_match, train_site_sae
 from .experiment.plan import sequence_budget
@@ -407,6 +407,7 @@ def run_planted_mode(
         **truth,
         "seconds": {"prepare": round(t_prep, 1), "total": round(time.time() - t0, 1)},
     }
-    write_text(os.path.join(out_dir, "planted.json"), json.dumps(result, indent=2))
+    # planted.json last: its presence marks the run finished (commands.planted.finished_run)
     write_text(os.path.join(out_dir, "planted.md"), planted_markdown(result))
+    write_text(os.path.join(out_dir, "planted.json"), json.dumps(with_checksum(result), indent=2))
     return result, run

@@ -6,7 +6,9 @@ family B's training data), each a full :func:`~supanalysis.planted.run_planted_m
 truth against the verdict's universality outcome (a confusion table, with U_min per run), in
 planted.md and planted.html.
 The universal and non-universal runs of one seed share family A's models, whose data does
-not depend on the mode. Exit status 0 when the table meets its target (:func:`meets_target`).
+not depend on the mode. A run already finished in the output folder is read back, not rerun
+(:func:`finished_run`), so an interrupted command resumes. Exit status 0 when the table meets
+its target (:func:`meets_target`).
 """
 
 from __future__ import annotations
@@ -111,8 +113,10 @@ def run_seeds(out: str, seeds: int, quick: bool = False, seed: int = 0, progress
         shared = None
         for mode in EXPECTED:
             folder = os.path.join(out, f"seed-{s}", mode)
-            result, run = run_planted_mode(folder, size, s, progress, mode, shared)
-            shared = shared or run
+            result = finished_run(folder, s, mode, quick)
+            if result is None:
+                result, run = run_planted_mode(folder, size, s, progress, mode, shared)
+                shared = shared or run
             rows.append(judge_run(result) | {"folder": os.path.relpath(folder, out)})
     table = confusion_table(rows)
     ok, why = meets_target(table, quick)
@@ -123,6 +127,33 @@ def run_seeds(out: str, seeds: int, quick: bool = False, seed: int = 0, progress
     write_text(os.path.join(out, "planted.md"), seeds_markdown(summary))
     write_text(os.path.join(out, "planted.html"), seeds_html(summary))
     return summary
+
+
+def finished_run(folder: str, seed: int, mode: str, quick: bool) -> dict | None:
+    """The planted.json of a run already finished in ``folder`` (so an interrupted
+    ``--seeds N`` resumes where it stopped), or None when there is none.
+
+    planted.json is a run's last file, written atomically, so its presence means the run
+    finished. Raises ValueError naming the file when it fails its checksum or holds a run of
+    another seed, mode or size: the folder belongs to another command, never silently reused.
+    A resumed non-universal run whose universal partner was finished retrains family A (the
+    same seeds, so the same models)."""
+    from ..durable import checked_body
+
+    path = os.path.join(folder, "planted.json")
+    if not os.path.isfile(path):
+        return None
+    with open(path, encoding="utf-8") as f:
+        try:
+            body, _ = checked_body(json.load(f), path)
+        except json.JSONDecodeError as e:
+            raise ValueError(f"{path} is not valid JSON ({e}); remove it to run that seed again") from e
+    found = (body.get("seed"), body.get("mode"), body.get("quick"))
+    if found != (seed, mode, quick):
+        raise ValueError(
+            f"{path} holds a run of (seed, mode, quick) = {found}, not {(seed, mode, quick)}: use another --out"
+        )
+    return body
 
 
 def command_line(summary: dict) -> str:

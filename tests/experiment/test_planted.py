@@ -10,6 +10,7 @@ import pytest
 from supanalysis.commands.planted import (
     EXPECTED,
     confusion_table,
+    finished_run,
     judge_run,
     meets_target,
     run_seeds,
@@ -191,6 +192,48 @@ def test_seeds_markdown_and_judge_run():
     assert "<td>non-universal</td><td>0</td><td>1</td><td>0</td><td>1/1</td><td>0.55</td>" in page
     assert "supanalysis planted --seeds 1" in page and "<b>NOT met</b>" in page
     assert '<a href="a/report.html">a</a>' in page and "b&lt;x&gt;" in page and "b<x>" not in page  # escaped
+
+
+def _fake_result(seed: int, mode: str, quick: bool = True) -> dict:
+    verdict = {"outcome": EXPECTED[mode], "calibrated": True, "U_min": {"value": 0.9, "lo": 0.8, "hi": 1.0}}
+    return {"seed": seed, "mode": mode, "quick": quick, "seconds": {"total": 1.0},
+            "summary": {"universality": {"verdict": verdict}, "matching": {"pairs": []},
+                        "density": {"median_rel_error": None}}}  # fmt: skip
+
+
+def test_run_seeds_resumes_from_finished_runs(tmp_path, monkeypatch):
+    # An interrupted --seeds N resumes: runs whose planted.json is there are read back, the
+    # others are run; a planted.json of another run, or one failing its checksum, is refused.
+    import supanalysis.planted as planted
+    from supanalysis.durable import with_checksum
+
+    ran = []
+
+    def fake_run(folder, size, seed, progress, mode, shared):
+        ran.append((seed, mode))
+        return _fake_result(seed, mode), object()
+
+    monkeypatch.setattr(planted, "run_planted_mode", fake_run)
+    done = tmp_path / "seed-0" / "universal"
+    done.mkdir(parents=True)
+    (done / "planted.json").write_text(json.dumps(with_checksum(_fake_result(0, "universal"))))
+    summary = run_seeds(str(tmp_path), 2, quick=True, progress=False)
+    assert ran == [(0, "non-universal"), (10, "universal"), (10, "non-universal")]
+    assert [(r["seed"], r["truth"]) for r in summary["runs"]] == [
+        (0, "universal"), (0, "non-universal"), (10, "universal"), (10, "non-universal")]  # fmt: skip
+    assert summary["table"]["correct"] == {"universal": 2, "non-universal": 2}
+    assert finished_run(str(done), 0, "universal", True)["seed"] == 0
+    assert finished_run(str(tmp_path / "nowhere"), 0, "universal", True) is None
+    with pytest.raises(ValueError, match="holds a run of"):
+        finished_run(str(done), 10, "universal", True)  # another seed
+    with pytest.raises(ValueError, match="holds a run of"):
+        finished_run(str(done), 0, "universal", False)  # another size
+    (done / "planted.json").write_text((done / "planted.json").read_text().replace('"seed": 0', '"seed": 20'))
+    with pytest.raises(ValueError, match="fails its checksum"):
+        run_seeds(str(tmp_path), 1, quick=True, progress=False)
+    (done / "planted.json").write_text("{")
+    with pytest.raises(ValueError, match="not valid JSON"):
+        finished_run(str(done), 0, "universal", True)
 
 
 def test_quick_planted_seeds_run_compares_both_plantings_with_the_truth(tmp_path):
