@@ -1,13 +1,17 @@
 // Sparse outer-product accumulation on the CPU: out[ia[t,p], ib[t,q]] += va[t,p] * vb[t,q].
 //
 // The raw cross-product of two models' top-k codes (k_a * k_b pairs per token, float64
-// products of the inputs' values). Threads own disjoint row ranges of `out`, so no two
-// threads ever touch one element and no atomics are needed; each thread scans every
-// token's A indices and keeps the pairs whose row is its own, which costs T * k_a reads
-// per thread against T * k_a * k_b / threads writes.
+// products of the inputs' values). The A entries are first bucketed by their row (a stable
+// counting sort, so each row keeps its token order), then threads own disjoint row ranges of
+// `out`: a row takes all of its updates while it sits in cache, no two threads ever touch one
+// element, and no atomics are needed. Because the sort is stable, every element receives its
+// contributions in the same order as a plain token-by-token loop, so results are bitwise
+// those of the reference accumulation.
 #include <ATen/Parallel.h>
 
 #include <ATen/ATen.h>
+
+#include <vector>
 
 #include "ops.h"
 
@@ -35,15 +39,27 @@ void sparse_outer_update_cpu(at::Tensor& out, const at::Tensor& ia_in, const at:
   const double* xa = va.data_ptr<double>();
   const double* xb = vb.data_ptr<double>();
   double* c = out.data_ptr<double>();
+  // Bucket the A entries by row: row_start[a]..row_start[a + 1] indexes `entries`, which holds
+  // flat positions t * ka + p in increasing order within each row (padding -1 is dropped).
+  std::vector<int64_t> row_start(na + 1, 0);
+  for (int64_t e = 0; e < T * ka; ++e)
+    if (pa[e] >= 0) ++row_start[pa[e] + 1];
+  for (int64_t a = 0; a < na; ++a) row_start[a + 1] += row_start[a];
+  std::vector<int64_t> entries(row_start[na]);
+  {
+    std::vector<int64_t> fill(row_start.begin(), row_start.end() - 1);
+    for (int64_t e = 0; e < T * ka; ++e)
+      if (pa[e] >= 0) entries[fill[pa[e]]++] = e;
+  }
   at::parallel_for(0, na, 1, [&](int64_t r0, int64_t r1) {
-    for (int64_t t = 0; t < T; ++t) {
-      const int64_t* rb = pb + t * kb;
-      const double* vbt = xb + t * kb;
-      for (int64_t p = 0; p < ka; ++p) {
-        const int64_t a = pa[t * ka + p];
-        if (a < r0 || a >= r1) continue;  // also skips padding (-1)
-        const double v = xa[t * ka + p];
-        double* ca = c + a * nb;
+    for (int64_t a = r0; a < r1; ++a) {
+      double* ca = c + a * nb;
+      for (int64_t j = row_start[a]; j < row_start[a + 1]; ++j) {
+        const int64_t e = entries[j];
+        const int64_t t = e / ka;
+        const double v = xa[e];
+        const int64_t* rb = pb + t * kb;
+        const double* vbt = xb + t * kb;
         for (int64_t q = 0; q < kb; ++q)
           if (rb[q] >= 0) ca[rb[q]] += v * vbt[q];
       }

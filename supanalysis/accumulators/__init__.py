@@ -5,5 +5,14 @@ from .coactivation import CoActivation
 from .correlation import BestMatch, CrossCorrelation
 from .sparse_coactivation import SparseCoActivation
 from .stats import ActivationStats
+from .topk_codes import TopKCodes
 
-__all__ = ["Accumulator", "ActivationStats", "BestMatch", "CoActivation", "CrossCorrelation", "SparseCoActivation"]
+__all__ = [
+    "Accumulator",
+    "ActivationStats",
+    "BestMatch",
+    "CoActivation",
+    "CrossCorrelation",
+    "SparseCoActivation",
+    "TopKCodes",
+]

@@ -9,7 +9,6 @@ from typing import ClassVar
 import torch
 
 from ..ops._common import check_float, check_rank, flatten_tokens
-from ..ops.activation_stats import activation_stats_sparse, check_sparse_codes
 from ..ops.best_match import best_match
 from ..ops.cross_moments import PRECISIONS, check_precision, cross_moments_update
 from ..ops.sparse_outer import sparse_outer_update
@@ -22,6 +21,7 @@ from ._state import (
     positive_int_field,
 )
 from .base import Accumulator, copied
+from .topk_codes import TopKCodes
 
 DEFAULT_MAX_BYTES = 1 << 30
 
@@ -186,34 +186,35 @@ class CrossCorrelation(Accumulator):
         merged with Chan's formula; per-feature moments are centred (zeros included).
         Equals :meth:`update` on the densified codes to float64 rounding.
         """
-        for name, t in (
-            ("indices_a", indices_a),
-            ("values_a", values_a),
-            ("indices_b", indices_b),
-            ("values_b", values_b),
-        ):
-            if isinstance(t, torch.Tensor):
-                check_device(t.device, name)  # before the range check reads a meta tensor
-        check_sparse_codes(indices_a, values_a, self.n_a, "indices_a", "values_a")
-        check_sparse_codes(indices_b, values_b, self.n_b, "indices_b", "values_b")
-        if indices_a.shape[0] != indices_b.shape[0]:
+        a = TopKCodes(indices_a, values_a, self.n_a, names=("indices_a", "values_a"))
+        b = TopKCodes(indices_b, values_b, self.n_b, names=("indices_b", "values_b"))
+        return self.update_codes(a, b)
+
+    def update_codes(self, codes_a: TopKCodes, codes_b: TopKCodes) -> CrossCorrelation:
+        """:meth:`update_sparse` on codes checked once (:class:`TopKCodes`): codes that feed
+        several cross-correlations share their validation, finite mask and moments."""
+        if codes_a.n != self.n_a or codes_b.n != self.n_b:
             raise ValueError(
-                f"indices_a and indices_b must cover the same tokens, got {indices_a.shape[0]} and {indices_b.shape[0]}"
+                f"codes must have n_a={self.n_a} and n_b={self.n_b} features, got {codes_a.n} and {codes_b.n}"
             )
-        if values_a.dtype != values_b.dtype:
-            raise TypeError(f"values_a and values_b must share a dtype, got {values_a.dtype} and {values_b.dtype}")
-        self._adopt(indices_a, values_a, indices_b, values_b)
-        ia, ib = indices_a.long(), indices_b.long()
-        ok = torch.isfinite(values_a).all(1) & torch.isfinite(values_b).all(1)
-        skipped = int((~ok).sum())
-        if skipped:
-            ia, ib, va, vb = ia[ok], ib[ok], values_a[ok], values_b[ok]
-        else:
-            va, vb = values_a, values_b
-        T = ia.shape[0]
+        if codes_a.n_tokens != codes_b.n_tokens:
+            raise ValueError(
+                f"indices_a and indices_b must cover the same tokens, got {codes_a.n_tokens} and {codes_b.n_tokens}"
+            )
+        if codes_a.values.dtype != codes_b.values.dtype:
+            raise TypeError(
+                f"values_a and values_b must share a dtype, got {codes_a.values.dtype} and {codes_b.values.dtype}"
+            )
+        self._adopt(codes_a.indices, codes_a.values, codes_b.indices, codes_b.values)
+        skipped = 0
+        if not (codes_a.all_finite and codes_b.all_finite):
+            ok = codes_a.finite() & codes_b.finite()
+            skipped = int((~ok).sum())
+            codes_a, codes_b = codes_a.rows(ok), codes_b.rows(ok)
+        T = codes_a.n_tokens
         if T:
-            sa = activation_stats_sparse(ia, va, self.n_a, 0.0, backend=self.backend, validated=True)
-            sb = activation_stats_sparse(ib, vb, self.n_b, 0.0, backend=self.backend, validated=True)
+            sa, sb = codes_a.moments(self.backend), codes_b.moments(self.backend)
+            ia, va, ib, vb = codes_a.indices, codes_a.values, codes_b.indices, codes_b.values
             sparse_outer_update(self._com, ia, va, ib, vb, backend=self.backend)
             coef = self._n * T / (self._n + T)
             # C += raw − T μa μbᵀ + coef δa δbᵀ in one rank-2 update.

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import torch
 
-from ..accumulators import CrossCorrelation
+from ..accumulators import CrossCorrelation, TopKCodes
 from ..accumulators.tiled import TiledBestMatch, best_match_tiled
 from ..config import TestConfig
 from .features import Codes, take_rows, to_dense
@@ -45,12 +45,27 @@ def dense_correlations(
     }  # fmt: skip
 
 
-def cross_update(cc: CrossCorrelation, ca: Codes, cb: Codes) -> None:
+#: One side's match codes of a batch as the pairs take them: top-k codes checked once
+#: (shared by every pair of that site), or a dense [T, n] tensor.
+Shared = torch.Tensor | TopKCodes
+
+
+def shared_codes(codes: Codes, n: int) -> Shared:
+    """``codes`` in the form every pair of its site can share."""
+    return TopKCodes(codes[0], codes[1], n) if isinstance(codes, tuple) else codes
+
+
+def _dense(codes: Shared, n: int) -> torch.Tensor:
+    return to_dense((codes.indices, codes.values), n) if isinstance(codes, TopKCodes) else codes
+
+
+def cross_update(cc: CrossCorrelation, ca: Codes | Shared, cb: Codes | Shared) -> None:
     """Add one batch of both sides' codes (same tokens, [T, n_a] and [T, n_b])."""
-    if isinstance(ca, tuple) and isinstance(cb, tuple):
-        cc.update_sparse(ca[0], ca[1], cb[0], cb[1])
+    ca, cb = shared_codes(ca, cc.n_a), shared_codes(cb, cc.n_b)
+    if isinstance(ca, TopKCodes) and isinstance(cb, TopKCodes):
+        cc.update_codes(ca, cb)
     else:  # a neuron basis on one side: that side is dense anyway
-        cc.update(to_dense(ca, cc.n_a), to_dense(cb, cc.n_b))
+        cc.update(_dense(ca, cc.n_a), _dense(cb, cc.n_b))
 
 
 def update_dense(
@@ -61,11 +76,28 @@ def update_dense(
     take: int,
     perm: torch.Tensor,
 ) -> None:
-    """The first ``take`` tokens into every pair, and B's tokens permuted by ``perm`` into the baselines."""
+    """The first ``take`` tokens into every pair, and B's tokens permuted by ``perm`` into the baselines.
+
+    Each site's codes are checked, and their moments computed, once for all the pairs they
+    feed (any-layer matching pairs a site with every site of the other model)."""
+    first = slice(0, take)
+    cache: dict[tuple[str, int], Shared] = {}
+
+    def site(side: str, codes: list[Codes], i: int, n: int) -> Shared:
+        if (side, i) not in cache:
+            cache[(side, i)] = shared_codes(take_rows(codes[i], first), n)
+        return cache[(side, i)]
+
+    def shuffled(j: int, n: int) -> Shared:
+        if ("b~", j) not in cache:
+            cb = site("b", codes_b, j, n)
+            cache[("b~", j)] = cb.permuted(perm) if isinstance(cb, TopKCodes) else cb[perm]
+        return cache[("b~", j)]
+
     for (i, j), cc in cross.items():
-        cross_update(cc, take_rows(codes_a[i], slice(0, take)), take_rows(codes_b[j], slice(0, take)))
+        cross_update(cc, site("a", codes_a, i, cc.n_a), site("b", codes_b, j, cc.n_b))
     for (i, j), bl in baselines.items():
-        cross_update(bl, take_rows(codes_a[i], slice(0, take)), take_rows(codes_b[j], perm))
+        cross_update(bl, site("a", codes_a, i, bl.n_a), shuffled(j, bl.n_b))
 
 
 def match_tiled(
