@@ -157,18 +157,39 @@ def with_checksum(body: Mapping[str, Any]) -> dict[str, Any]:
     return {**body, CHECKSUM_KEY: body_checksum(body)}
 
 
+class ChecksumMismatch(ValueError):
+    """A checksummed JSON file whose body no longer matches its checksum."""
+
+
 def checked_body(doc: Mapping[str, Any], path: str | os.PathLike) -> tuple[dict[str, Any], bool]:
     """(the body of ``doc`` without its checksum, whether it carried one).
 
-    Raises ValueError naming ``path`` when the checksum does not match the body. A document
+    Raises :class:`ChecksumMismatch` (a ValueError) naming ``path`` when the checksum does
+    not match the body. A document
     without a checksum is returned as it is: whether to trust it is the caller's decision.
     """
     body = {k: v for k, v in doc.items() if k != CHECKSUM_KEY}
     if CHECKSUM_KEY not in doc:
         return body, False
     if doc[CHECKSUM_KEY] != body_checksum(body):
-        raise ValueError(f"{path} fails its checksum: the file was altered or corrupted after it was written")
+        raise ChecksumMismatch(f"{path} fails its checksum: the file was altered or corrupted after it was written")
     return body, True
+
+
+def read_checked_json(path: str | os.PathLike) -> tuple[dict[str, Any], bool]:
+    """:func:`checked_body` of the JSON object in the file ``path``.
+
+    Raises ValueError naming ``path`` when the file is not UTF-8 JSON, holds something
+    other than an object, or fails its checksum (:class:`ChecksumMismatch`); OSError when it cannot be read.
+    """
+    try:
+        with open(path, encoding="utf-8") as fh:
+            doc = json.load(fh)
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise ValueError(f"{path}: not valid UTF-8 JSON ({exc})") from exc
+    if not isinstance(doc, dict):
+        raise ValueError(f"{path}: holds a JSON {type(doc).__name__}, not an object")
+    return checked_body(doc, path)
 
 
 LOCK_FILE = "lock"

@@ -138,16 +138,15 @@ def finished_run(folder: str, seed: int, mode: str, quick: bool) -> dict | None:
     another seed, mode or size: the folder belongs to another command, never silently reused.
     A resumed non-universal run whose universal partner was finished retrains family A (the
     same seeds, so the same models)."""
-    from ..durable import checked_body
+    from ..durable import read_checked_json
 
     path = os.path.join(folder, "planted.json")
     if not os.path.isfile(path):
         return None
-    with open(path, encoding="utf-8") as f:
-        try:
-            body, _ = checked_body(json.load(f), path)
-        except json.JSONDecodeError as e:
-            raise ValueError(f"{path} is not valid JSON ({e}); remove it to run that seed again") from e
+    try:
+        body, _ = read_checked_json(path)
+    except ValueError as e:
+        raise ValueError(f"{e}; remove it to run that seed again") from e
     found = (body.get("seed"), body.get("mode"), body.get("quick"))
     if found != (seed, mode, quick):
         raise ValueError(

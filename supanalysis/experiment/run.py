@@ -114,10 +114,9 @@ def analysed(meas: Measurements, thresholds: Thresholds | None, clock: StageCloc
 def add_timings(path: Path, timings: dict) -> None:
     """Rewrite the report.json at ``path`` with ``timings`` (durably: the old file stays until
     the new one is complete), keeping everything else as written and its checksum valid."""
-    from ..durable import checked_body, with_checksum, write_text
+    from ..durable import read_checked_json, with_checksum, write_text
 
-    with open(path, encoding="utf-8") as fh:
-        body, checksummed = checked_body(json.load(fh), path)
+    body, checksummed = read_checked_json(path)
     body["timings"] = timings
     page = with_checksum(body) if checksummed else body
     write_text(path, json.dumps(page, indent=2, allow_nan=False, ensure_ascii=False) + "\n")

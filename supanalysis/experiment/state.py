@@ -36,8 +36,8 @@ from ..durable import (
     LOCK_FILE,
     FolderLock,
     FolderLocked,
-    checked_body,
     is_temp,
+    read_checked_json,
     remove_stale_temps,
     with_checksum,
     write_text,
@@ -137,15 +137,11 @@ def _read_fingerprint(path: Path) -> tuple[dict, bool]:
     """
     how = "delete the folder, or use another one, to start the run afresh"
     try:
-        doc = json.loads(path.read_text(encoding="utf-8"))
-        if not isinstance(doc, dict):
-            raise ValueError("not a JSON object")
+        return read_checked_json(path)
     except (ValueError, OSError) as exc:
-        raise CheckpointMismatch(f"checkpoint {path} is unreadable ({exc}); refusing to resume from it: {how}") from exc
-    try:
-        return checked_body(doc, path)
-    except ValueError as exc:
-        raise CheckpointMismatch(f"checkpoint {exc}; refusing to resume from it: {how}") from exc
+        raise CheckpointMismatch(
+            f"checkpoint {path} is corrupt or unreadable ({exc}); refusing to resume from it: {how}"
+        ) from exc
 
 
 _OPEN_SCOPES = threading.local()

@@ -18,7 +18,16 @@ from typing import Any
 import numpy as np
 import torch
 
-from ..durable import CHECKSUM_KEY, WriteError, checked_body, durable_write, with_checksum, write_bytes, write_text
+from ..durable import (
+    CHECKSUM_KEY,
+    ChecksumMismatch,
+    WriteError,
+    durable_write,
+    read_checked_json,
+    with_checksum,
+    write_bytes,
+    write_text,
+)
 from . import figures as _figures
 from .html import render_html
 from .markdown import FIGURE_DIR, render_markdown
@@ -125,19 +134,13 @@ def load_report(folder: str | os.PathLike) -> tuple[dict, dict[str, torch.Tensor
         if not p.is_file():
             raise FileNotFoundError(f"not a supanalysis report folder: {p} is missing")
     try:
-        with open(jpath, encoding="utf-8") as fh:
-            report = json.load(fh)
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise ValueError(f"{jpath}: not valid UTF-8 JSON ({exc})") from exc
-    if isinstance(report, dict):
-        try:
-            report, _ = checked_body(report, jpath)
-        except ValueError as exc:
-            raise ValueError(
-                f"{exc}; refusing to read it. Write the report again from its run, or, if you edited it "
-                f"on purpose, delete its {CHECKSUM_KEY!r} field to vouch for it yourself"
-            ) from None
-    schema = report.get("schema") if isinstance(report, dict) else None
+        report, _ = read_checked_json(jpath)
+    except ChecksumMismatch as exc:
+        raise ValueError(
+            f"{exc}; refusing to read it. Write the report again from its run, or, if you edited it "
+            f"on purpose, delete its {CHECKSUM_KEY!r} field to vouch for it yourself"
+        ) from None
+    schema = report.get("schema")
     if schema != SCHEMA:
         raise ValueError(f"{jpath}: expected schema {SCHEMA!r}, found {schema!r}")
     try:
