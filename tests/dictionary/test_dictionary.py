@@ -130,7 +130,11 @@ def test_sparsify_round_trip_exact(tmp_path):
     for loaded in (load_sparsify(tmp_path), load_dictionary(tmp_path)):
         _assert_same(d, loaded)
     x = torch.randn(3, D_IN)
-    assert torch.equal(load_sparsify(tmp_path).encode(x), d.encode(x))
+    # sparsify's fused encoder bias (one addmm) rounds differently from x @ W_enc + b_enc on
+    # some BLAS builds: the codes agree to float32 rounding, the chosen latents exactly.
+    got, want = load_sparsify(tmp_path).encode(x, sparse=True), d.encode(x, sparse=True)
+    assert torch.equal(got[0].sort(-1).values, want[0].sort(-1).values)
+    torch.testing.assert_close(load_sparsify(tmp_path).encode(x), d.encode(x), rtol=1e-5, atol=1e-5)
     with pytest.raises(ValueError, match="TopK"):
         save_sparsify(_random("relu"), tmp_path / "relu")
 
