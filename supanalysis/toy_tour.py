@@ -303,7 +303,10 @@ def _fig_dims(report: dict):
 
 def _fig_pentagon(models: ToyModels):
     n_inst = len(models.densities)
-    fig, axes = new_figure(n_inst, ncols=n_inst, panel_w=3.2, panel_h=3.3)
+    fig, axes = new_figure(
+        n_inst, ncols=n_inst, panel_w=3.2, panel_h=3.3,
+        suptitle="n=5 features in m=2 dims: columns of W (pentagon at p = 0.05)",
+    )  # fmt: skip
     for i, ax in enumerate(axes):
         W = models.directions(i)  # [n, 2]: column i of W is feature i's direction
         r = interference(W)
@@ -319,7 +322,6 @@ def _fig_pentagon(models: ToyModels):
         ax.set_title(f"p = {models.densities[i]:g}: Σ D_i = {r.sum_dims:.2f}", fontsize=9)
         ax.set_xticks([])
         ax.set_yticks([])
-    fig.suptitle("n=5 features in m=2 dims: columns of W (pentagon at p = 0.05)", fontsize=10)
     return fig
 
 

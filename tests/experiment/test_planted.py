@@ -232,7 +232,7 @@ def test_run_seeds_resumes_from_finished_runs(tmp_path, monkeypatch):
     with pytest.raises(ValueError, match="fails its checksum"):
         run_seeds(str(tmp_path), 1, quick=True, progress=False)
     (done / "planted.json").write_text("{")
-    with pytest.raises(ValueError, match="not valid UTF-8 JSON.*run that seed again"):
+    with pytest.raises(ValueError, match=r"not valid UTF-8 JSON.*run that seed again"):
         finished_run(str(done), 0, "universal", True)
 
 

@@ -74,3 +74,30 @@ def test_histogram_is_one_patch_with_numpys_counts():
     for patch in ax.patches:
         np.testing.assert_array_equal(patch.get_data().values, np.histogram(x, bins)[0])
     assert rep.png(fig)[:8] == PNG_MAGIC
+
+
+def test_multi_panel_grids_keep_their_text_apart():
+    """The fixed grid of many-panel figures leaves room for every label: no panel's title,
+    tick labels or axis labels overlap another panel's or the suptitle, at one and two title
+    lines, and every label lies inside the figure."""
+    from matplotlib.transforms import Bbox
+
+    for lines, kw in ((1.0, {}), (2.6, {"ncols": 4, "panel_w": 3.8, "panel_h": 3.2})):
+        fig, axes = rep.new_figure(7, suptitle="A long suptitle over the panels of the grid", title_lines=lines, **kw)
+        for ax in axes:
+            ax.plot([1e-4, 1.0], [0.0, 0.12])
+            ax.set_title("\n".join(["A resid_post.10 ↔ B resid_post.15"] * int(lines)), fontsize=9 if lines == 1 else 8)
+            ax.set_xlabel("log10(density + 1e-10)")
+            ax.set_ylabel("fraction of latents")
+        fig.canvas.draw()
+        fig_box = Bbox.from_bounds(0, 0, *fig.canvas.get_width_height())
+        r = fig.canvas.get_renderer()
+        per_axes = [ax.get_tightbbox(r) for ax in axes]  # title, labels and visible tick labels
+        sup = fig._suptitle.get_window_extent(r)
+        for i, a in enumerate(per_axes):
+            assert fig_box.contains(a.x0 + 1, a.y0 + 1) and fig_box.contains(a.x1 - 1, a.y1 - 1), i
+            assert not a.overlaps(sup), f"panel {i} reaches the suptitle ({lines} title lines)"
+            for j in range(i + 1, len(per_axes)):
+                assert not a.overlaps(per_axes[j]), f"panels {i} and {j} overlap ({lines} title lines)"
+    with pytest.raises(ValueError, match="no room"):
+        rep.new_figure(2, panel_w=0.9)
