@@ -78,7 +78,8 @@ FIGURES: tuple[tuple[str, str, str], ...] = (
     (
         "decoder_dims",
         "Dimensionality of decoder directions",
-        "Histogram of D_i = ‖W_i‖⁴ / Σ_j (W_i·W_j)² over every latent of each site's dictionary (log counts). "
+        "Histogram of D_i = ‖W_i‖⁴ / Σ_j (W_i·W_j)² over every latent of each site's dictionary: one row "
+        "per site, the colour of a bin its latent count (log scale; blank: none). "
         "Reference lines at 1, 3/4, 2/3, 1/2, 2/5 and 3/8, where features of toy models of superposition "
         "cluster; D_i = 1 is a feature with a dimension to itself, 0 a zero or unused direction.",
     ),
@@ -439,39 +440,49 @@ def _fig_match_correlations(report: Mapping, arrays: Mapping):
 
 
 def _fig_decoder_dims(report: Mapping, arrays: Mapping):
-    from matplotlib.ticker import NullLocator
+    """One row per site (A's, then B's), one column per D_i bin, coloured by the bin's latent
+    count (log scale): each row is that site's histogram, and 20 sites cost one image."""
+    from matplotlib.colors import LogNorm
 
-    panels = [(m, s) for m in ("A", "B") for s in sites_of(report, m)]
-    # Two title lines and the reference labels' pad above each panel.
-    fig, axes = new_figure(
-        len(panels), ncols=4, panel_w=3.8, panel_h=3.2, title_lines=2.6,
-        suptitle="Dimensionality D_i of each decoder direction, per site",
-    )  # fmt: skip
-    if not panels:
-        no_data(axes[0], "no data: the report has no sites")
+    rows = [(m, s) for m in ("A", "B") for s in sites_of(report, m)]
+    fig, (ax,) = new_figure(1, panel_w=9.0, panel_h=1.6 + 0.3 * max(1, len(rows)))
+    ax.set_title("Dimensionality D_i of each decoder direction, per site", fontsize=10, pad=14)
+    if not rows:
+        no_data(ax, "no data: the report has no sites")
         return fig
     bins = np.linspace(0.0, 1.05, 43)
-    for ax, (model, s) in zip(axes, panels):
+    counts = np.full((len(rows), bins.size - 1), np.nan)
+    labels = []
+    for r, (model, s) in enumerate(rows):
         name = s.get("site")
         dims = finite_values(_array(arrays, f"dims/{model}/{sanitize(name)}"))
-        summary = f"n={dims.size:,}, ΣD={fmt(finite(s.get('dims_sum')), 3)}, m={fmt(s.get('m'))}"
-        # pad: room for the reference labels above the axes
-        ax.set_title(f"{model}: {short(name)}\n{summary}", fontsize=8, pad=12)
-        if not dims.size:
-            no_data(ax, "no data: dims array missing")
-            continue
-        histogram(ax, np.clip(dims, 0.0, 1.05), bins, fill=True, color=COLORS[model], alpha=0.8)
-        ax.set_yscale("log")
-        # Decades only: minor ticks would be unlabelled marks costing a third of the figure's drawing.
-        ax.yaxis.set_minor_locator(NullLocator())
-        for v, label in DIM_REFERENCES:
-            ax.axvline(v, color="0.35", linestyle=":", linewidth=0.9)
-            # 3/8 and 2/5 are close: push their labels apart.
-            ha = {"3/8": "right", "2/5": "left"}.get(label, "center")
-            ax.text(v, 1.0, label, transform=ax.get_xaxis_transform(), ha=ha, va="bottom", fontsize=6)
-        ax.set_xlim(0.0, 1.05)
-        ax.set_xlabel("D_i")
-        ax.set_ylabel("latents (log)")
+        if dims.size:
+            c = np.histogram(np.clip(dims, 0.0, 1.05), bins)[0].astype(float)
+            counts[r] = np.where(c > 0, c, np.nan)  # an empty bin stays blank
+            summary = f"n={dims.size:,}, ΣD={fmt(finite(s.get('dims_sum')), 3)}, m={fmt(s.get('m'))}"
+        else:
+            summary = "no data: dims array missing"
+        labels.append(f"{model}: {short(name)}  ({summary})")
+    if np.isfinite(counts).any():
+        im = ax.imshow(
+            counts, aspect="auto", interpolation="nearest", cmap="viridis", norm=LogNorm(),
+            extent=(bins[0], bins[-1], len(rows) - 0.5, -0.5),
+        )  # fmt: skip
+        fig.colorbar(im, ax=ax, label="latents in the bin (log)", pad=0.01)
+    ax.set_yticks(range(len(rows)), labels, fontsize=7)
+    for tick, (model, _) in zip(ax.get_yticklabels(), rows):
+        tick.set_color(COLORS[model])
+    n_a = sum(m == "A" for m, _ in rows)
+    if 0 < n_a < len(rows):
+        ax.axhline(n_a - 0.5, color="white", linewidth=2)
+    for v, label in DIM_REFERENCES:
+        ax.axvline(v, color="0.6", linestyle=":", linewidth=0.9)  # seen on white and on the colours
+        # 3/8 and 2/5 are close: push their labels apart.
+        ha = {"3/8": "right", "2/5": "left"}.get(label, "center")
+        ax.text(v, 1.0, label, transform=ax.get_xaxis_transform(), ha=ha, va="bottom", fontsize=7)
+    ax.set_xlim(0.0, 1.05)
+    ax.set_ylim(len(rows) - 0.5, -0.5)
+    ax.set_xlabel("D_i")
     return fig
 
 

@@ -101,3 +101,19 @@ def test_multi_panel_grids_keep_their_text_apart():
                 assert not a.overlaps(per_axes[j]), f"panels {i} and {j} overlap ({lines} title lines)"
     with pytest.raises(ValueError, match="no room"):
         rep.new_figure(2, panel_w=0.9)
+
+
+def test_decoder_dims_rows_are_each_sites_histogram(report, arrays):
+    from supanalysis.report.access import sites_of
+    from supanalysis.report.figures import _fig_decoder_dims
+    from supanalysis.report.schema import sanitize
+
+    fig = _fig_decoder_dims(report, arrays)
+    (image,) = fig.axes[0].get_images()
+    counts = np.ma.filled(image.get_array(), 0.0)
+    rows = [(m, s["site"]) for m in ("A", "B") for s in sites_of(report, m)]
+    assert counts.shape == (len(rows), 42)
+    for r, (model, site) in enumerate(rows):
+        dims = np.asarray(arrays[f"dims/{model}/{sanitize(site)}"], dtype=float)
+        want = np.histogram(np.clip(dims[np.isfinite(dims)], 0.0, 1.05), np.linspace(0.0, 1.05, 43))[0]
+        np.testing.assert_array_equal(np.nan_to_num(counts[r]), want, err_msg=f"{model} {site}")
