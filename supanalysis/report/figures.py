@@ -47,8 +47,9 @@ FIGURES: tuple[tuple[str, str, str], ...] = (
         "Firing densities",
         "Histogram of log10(density + 1e-10) of every latent, per site; each paired site overlays A (blue) and "
         "B (orange), as the fraction of that site's latents. Dead latents pile up at −10. Dashed lines: median "
-        "density of the alive latents; grey dotted line: the density floor. If the models shared features that "
-        "keep their sparsity, the A and B histograms of a pair would coincide.",
+        "density of the alive latents; grey dotted line: the density floor. A model's unpaired sites share one "
+        "panel, a row per site coloured by the same fraction (log scale; white tick: the median). If the models "
+        "shared features that keep their sparsity, the A and B histograms of a pair would coincide.",
     ),
     (
         "sigma_vs_capacity",
@@ -215,8 +216,8 @@ def short(name: Any, width: int = 28) -> str:
     return s if len(s) <= width else "…" + s[-(width - 1) :]
 
 
-def _density_panels(report: Mapping) -> list[tuple[str, list[tuple[str, Any]]]]:
-    """Panels of the density figure: one per pair (A and B overlaid), then each unpaired site alone."""
+def _density_panels(report: Mapping) -> tuple[list[tuple[str, list[tuple[str, Any]]]], dict[str, list]]:
+    """(one panel per pair, A and B overlaid; each model's unpaired sites, which share a panel)."""
     panels = []
     paired: dict[str, set] = {"A": set(), "B": set()}
     for p in report.get("pairs") or []:
@@ -224,53 +225,84 @@ def _density_panels(report: Mapping) -> list[tuple[str, list[tuple[str, Any]]]]:
         paired["A"].add(a)
         paired["B"].add(b)
         panels.append((f"A {short(a, 20)} ↔ B {short(b, 20)}", [("A", a), ("B", b)]))
-    for model in ("A", "B"):
-        for s in sites_of(report, model):
-            if s.get("site") not in paired[model]:
-                panels.append((f"{model}: {short(s.get('site'))} (unpaired)", [(model, s.get("site"))]))
-    return panels
+    unpaired = {m: [s.get("site") for s in sites_of(report, m) if s.get("site") not in paired[m]] for m in ("A", "B")}
+    return panels, {m: sites for m, sites in unpaired.items() if sites}
+
+
+def _log_densities(arrays: Mapping, model: str, site: Any) -> np.ndarray:
+    d = finite_values(_array(arrays, f"density/{model}/{sanitize(site)}"))
+    return np.log10(np.clip(d, 0.0, None) + DENSITY_EPS)
+
+
+def _density_bins(data: list[np.ndarray]) -> np.ndarray:
+    lo, hi = min(x.min() for x in data), max(x.max() for x in data)
+    if hi - lo < 1e-9:
+        lo, hi = lo - 0.5, hi + 0.5
+    return np.linspace(lo, hi, 41)
+
+
+def _density_overlay(ax: Any, report: Mapping, arrays: Mapping, series: list[tuple[str, Any]], floor) -> None:
+    """A pair's panel: each side's histogram as the fraction of its latents, with its median."""
+    data = [(m, s, x) for m, s in series if (x := _log_densities(arrays, m, s)).size]
+    if not data:
+        no_data(ax, "no data: density arrays missing")
+        return
+    bins = _density_bins([x for *_, x in data])
+    for model, site, x in data:
+        histogram(ax, x, bins, weights=np.full(x.size, 1.0 / x.size), linewidth=1.6, color=COLORS[model],
+                  label=f"{model} (n={x.size:,})")  # fmt: skip
+        med = finite(site_by_name(report, model, site).get("median_density"))
+        if med is not None and med > 0:
+            ax.axvline(math.log10(med + DENSITY_EPS), color=COLORS[model], linestyle="--", linewidth=1)
+    if floor is not None and floor > 0:
+        ax.axvline(math.log10(floor + DENSITY_EPS), color="0.5", linestyle=":", linewidth=1, label="density floor")
+    ax.set_ylabel("fraction of latents")
+    ax.legend(fontsize=7, loc="upper left")
+
+
+def _density_rows(ax: Any, report: Mapping, arrays: Mapping, model: str, sites: list, floor) -> None:
+    """A model's unpaired sites in one panel: one row per site, each bin coloured by the fraction
+    of that site's latents in it (blank: none), a white tick at the site's median density."""
+    from matplotlib.colors import LogNorm
+
+    data = [_log_densities(arrays, model, s) for s in sites]
+    if not any(x.size for x in data):
+        no_data(ax, "no data: density arrays missing")
+        return
+    bins = _density_bins([x for x in data if x.size])
+    frac = np.full((len(sites), bins.size - 1), np.nan)
+    for r, x in enumerate(data):
+        if x.size:
+            c = np.histogram(x, bins)[0] / x.size
+            frac[r] = np.where(c > 0, c, np.nan)
+    ax.imshow(frac, aspect="auto", interpolation="nearest", cmap="viridis", norm=LogNorm(),
+              extent=(bins[0], bins[-1], len(sites) - 0.5, -0.5))  # fmt: skip
+    meds = [(math.log10(m + DENSITY_EPS), r) for r, s in enumerate(sites)
+            if (m := finite(site_by_name(report, model, s).get("median_density"))) is not None and m > 0]  # fmt: skip
+    if meds:
+        ax.plot(*zip(*meds), linestyle="none", marker="|", markersize=7, color="white")
+    if floor is not None and floor > 0:
+        ax.axvline(math.log10(floor + DENSITY_EPS), color="0.5", linestyle=":", linewidth=1)
+    step = max(1, math.ceil(len(sites) / 12))  # at most 12 labels: the rows stay legible
+    ax.set_yticks(range(0, len(sites), step), [short(s, 14) for s in sites[::step]], fontsize=6)
+    ax.set_ylim(len(sites) - 0.5, -0.5)
 
 
 def _fig_density_histograms(report: Mapping, arrays: Mapping):
-    panels = _density_panels(report)
-    fig, axes = new_figure(len(panels), suptitle="Firing density of each latent, A vs B per site pair")
-    if not panels:
+    panels, unpaired = _density_panels(report)
+    fig, axes = new_figure(len(panels) + len(unpaired), suptitle="Firing density of each latent, A vs B per site pair")
+    if not panels and not unpaired:
         no_data(axes[0], "no data: the report has no sites")
         return fig
     floor = finite(config_value(report, "density_floor"))
     for ax, (title, series) in zip(axes, panels):
         ax.set_title(title, fontsize=9)
-        data = []
-        for model, site in series:
-            d = finite_values(_array(arrays, f"density/{model}/{sanitize(site)}"))
-            if d.size:
-                data.append((model, site, np.log10(np.clip(d, 0.0, None) + DENSITY_EPS)))
-        if not data:
-            no_data(ax, "no data: density arrays missing")
-            continue
-        lo = min(x.min() for *_, x in data)
-        hi = max(x.max() for *_, x in data)
-        if hi - lo < 1e-9:
-            lo, hi = lo - 0.5, hi + 0.5
-        bins = np.linspace(lo, hi, 41)
-        for model, site, x in data:
-            histogram(
-                ax,
-                x,
-                bins,
-                weights=np.full(x.size, 1.0 / x.size),
-                linewidth=1.6,
-                color=COLORS[model],
-                label=f"{model} (n={x.size:,})",
-            )
-            med = finite(site_by_name(report, model, site).get("median_density"))
-            if med is not None and med > 0:
-                ax.axvline(math.log10(med + DENSITY_EPS), color=COLORS[model], linestyle="--", linewidth=1)
-        if floor is not None and floor > 0:
-            ax.axvline(math.log10(floor + DENSITY_EPS), color="0.5", linestyle=":", linewidth=1, label="density floor")
+        _density_overlay(ax, report, arrays, series, floor)
         ax.set_xlabel("log10(density + 1e-10)")
-        ax.set_ylabel("fraction of latents")
-        ax.legend(fontsize=7, loc="upper left")
+    for ax, (model, sites) in zip(axes[len(panels) :], unpaired.items()):
+        ax.set_title(f"{model}: {len(sites)} unpaired sites, one row each", fontsize=9)
+        _density_rows(ax, report, arrays, model, sites, floor)
+        ax.set_xlabel("log10(density + 1e-10)")
     return fig
 
 

@@ -117,3 +117,23 @@ def test_decoder_dims_rows_are_each_sites_histogram(report, arrays):
         dims = np.asarray(arrays[f"dims/{model}/{sanitize(site)}"], dtype=float)
         want = np.histogram(np.clip(dims[np.isfinite(dims)], 0.0, 1.05), np.linspace(0.0, 1.05, 43))[0]
         np.testing.assert_array_equal(np.nan_to_num(counts[r]), want, err_msg=f"{model} {site}")
+
+
+def test_unpaired_sites_share_one_panel_of_histogram_rows(report, arrays):
+    """B's sites without a partner: one row each, the fraction of the site's latents per bin."""
+    from supanalysis.report.figures import DENSITY_EPS, _fig_density_histograms
+    from supanalysis.report.schema import sanitize
+
+    fig = _fig_density_histograms(report, arrays)
+    paired = {p["site_b"] for p in report["pairs"]}
+    unpaired = [s["site"] for s in report["sites"]["B"] if s["site"] not in paired]
+    assert len(unpaired) >= 2 and len(fig.axes) == len(report["pairs"]) + 1
+    (image,) = fig.axes[-1].get_images()
+    got = np.nan_to_num(np.ma.filled(image.get_array(), np.nan))
+    logs = []
+    for site in unpaired:
+        d = np.asarray(arrays[f"density/B/{sanitize(site)}"], dtype=float)
+        logs.append(np.log10(np.clip(d[np.isfinite(d)], 0.0, None) + DENSITY_EPS))
+    bins = np.linspace(min(x.min() for x in logs), max(x.max() for x in logs), 41)
+    for r, x in enumerate(logs):
+        np.testing.assert_allclose(got[r], np.histogram(x, bins)[0] / x.size, err_msg=unpaired[r])
