@@ -124,10 +124,10 @@ def _extensions():
 ext_modules, build_ext = _extensions()
 
 setup(
-    packages=[*find_packages(include=["supanalysis", "supanalysis.*"]), "supanalysis.kernels"],
-    # Triton kernels live in the top-level kernels/ folder of the source tree and are
-    # installed inside our namespace: a top-level `kernels` package belongs to another project.
-    package_dir={"supanalysis": "supanalysis", "supanalysis.kernels": "kernels"},
+    # The Triton kernels are supanalysis.kernels, in the package's own folder: a top-level
+    # `kernels` package (even one importable only from a clone's root) would shadow the PyPI
+    # project of that name, which transformers imports.
+    packages=find_packages(include=["supanalysis", "supanalysis.*"]),
     package_data={"supanalysis": ["dispatch.json"]},
     ext_modules=ext_modules,
     cmdclass={"build_ext": build_ext},

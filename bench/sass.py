@@ -113,6 +113,7 @@ def analyse(cubin: bytes) -> Sass:
 
 def _stats_case(dtype: str, arch: int) -> tuple[Sass, int]:
     import triton.language as tl
+
     from supanalysis.kernels import activation_stats as mod
 
     itemsize = {"bf16": 2, "fp16": 2, "fp32": 4}[dtype]

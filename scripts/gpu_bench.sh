@@ -75,8 +75,6 @@ status=0
 step "extension: the prebuilt supanalysis._C where its source stamp matches, else a build for sm_$TORCH_CUDA_ARCH_LIST"
 $gpu && nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.max.sm --format=csv
 "$PY" -c "import sys, torch, triton; print('python', sys.version.split()[0], 'torch', torch.__version__, 'triton', triton.__version__)"
-# The Triton kernels (kernels/) join the package when it is installed; this copy is not.
-"$PY" -c "import supanalysis.kernels" 2>/dev/null || ln -sfn ../kernels supanalysis/kernels
 # A _C built elsewhere for this machine's python and torch (check_cuda_build.sh with
 # SUPANALYSIS_PREBUILT_DIR) saves the build's minutes, if it was built from these sources.
 if $gpu && [ -f prebuilt/stamp ] && [ "$(cat prebuilt/stamp)" = "$(bash scripts/source_stamp.sh)" ]; then

@@ -88,13 +88,6 @@ def _triton_version() -> str | None:
     return triton.__version__
 
 
-@functools.cache
-def _kernels_importable() -> bool:
-    """The Triton kernels live in the top-level kernels/ folder and are installed as
-    ``supanalysis.kernels`` (setup.py's package_dir): a source tree on PYTHONPATH lacks them."""
-    return importlib.util.find_spec("supanalysis.kernels") is not None
-
-
 def backends() -> dict[str, BackendStatus]:
     """Every backend with whether it can run here, on which devices, why not, and the named
     variants of the registered ops it offers."""
@@ -138,9 +131,6 @@ def backend_status() -> dict[str, BackendStatus]:
     tv = _triton_version()
     if tv is None:
         out["triton"] = BackendStatus("triton", False, (), "triton is not installed (pip install triton)")
-    elif not _kernels_importable():
-        why = "supanalysis.kernels is not importable (kernels/ joins the package when installed: pip install -e .)"
-        out["triton"] = BackendStatus("triton", False, (), why)
     else:
         devs = (("cuda",) if cuda_dev else ()) + (("cpu",) if triton_interpret() else ())
         why = f"triton {tv}"

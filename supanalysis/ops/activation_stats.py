@@ -2,7 +2,7 @@
 
 Anatomy (the same for every op): ``activation_stats_reference`` (float64 PyTorch, the
 ground truth), ``activation_stats_cpu`` (csrc/cpu/activation_stats.cpp),
-``activation_stats_triton`` (kernels/activation_stats.py), ``activation_stats_cuda``
+``activation_stats_triton`` (supanalysis/kernels/activation_stats.py), ``activation_stats_cuda``
 (csrc/cuda/activation_stats.cu), registered once as ``supanalysis::activation_stats``.
 
 Batch outputs (a :class:`StatsBatch`), for ``x [T, n]``:

@@ -1,7 +1,7 @@
 """best_match: every feature's most correlated partner, without the correlation matrix.
 
 Anatomy: ``best_match_reference`` (float64, dense), ``best_match_cpu``
-(csrc/cpu/best_match.cpp), ``best_match_triton`` (kernels/correlation.py),
+(csrc/cpu/best_match.cpp), ``best_match_triton`` (supanalysis/kernels/correlation.py),
 ``best_match_cuda`` (csrc/cuda/best_match.cu), registered as ``supanalysis::best_match``.
 
 corr_ij = C_ij · inv_std_a_i · inv_std_b_j for comoment C [n_a, n_b] float64 and

@@ -2,7 +2,7 @@
 
 Anatomy: ``coactivation_update_reference`` / ``coactivation_update_sparse_reference``
 (float64 / int64 PyTorch), ``*_cpu`` (csrc/cpu/coactivation.cpp), ``*_triton``
-(kernels/coactivation.py), ``*_cuda`` (csrc/cuda/coactivation.cu), registered once as
+(supanalysis/kernels/coactivation.py), ``*_cuda`` (csrc/cuda/coactivation.cu), registered once as
 ``supanalysis::coactivation_update`` and ``supanalysis::coactivation_update_sparse``.
 
 Both mutate ``counts [n, n] int64`` in place: counts[i, j] += #tokens where features i

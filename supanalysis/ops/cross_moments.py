@@ -1,7 +1,7 @@
 """cross_moments_update: streaming centred co-moments of two models' features.
 
 Anatomy: ``cross_moments_update_reference`` (float64), ``cross_moments_update_cpu``
-(csrc/cpu/cross_moments.cpp), ``cross_moments_update_triton`` (kernels/correlation.py),
+(csrc/cpu/cross_moments.cpp), ``cross_moments_update_triton`` (supanalysis/kernels/correlation.py),
 ``cross_moments_update_cuda`` (csrc/cuda/cross_moments.cu), registered as
 ``supanalysis::cross_moments_update`` (mutates ``comoment``).
 

@@ -1,7 +1,7 @@
 """interference: how feature directions overlap, without the n x n Gram matrix.
 
 Anatomy: ``interference_reference`` (float64, row blocks), ``interference_cpu``
-(csrc/cpu/interference.cpp), ``interference_triton`` (kernels/interference.py),
+(csrc/cpu/interference.cpp), ``interference_triton`` (supanalysis/kernels/interference.py),
 ``interference_cuda`` (csrc/cuda/interference.cu), registered as ``supanalysis::interference``.
 
 For directions ``W [n, m]`` (rows are features) and, optionally, ``V [k, m]``:

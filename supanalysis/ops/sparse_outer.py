@@ -1,7 +1,7 @@
 """sparse_outer_update: the raw cross-product of two sets of top-k codes.
 
 Anatomy: ``sparse_outer_update_reference`` (float64), ``sparse_outer_update_cpu``
-(csrc/cpu/sparse_outer.cpp), ``sparse_outer_update_triton`` (kernels/correlation.py),
+(csrc/cpu/sparse_outer.cpp), ``sparse_outer_update_triton`` (supanalysis/kernels/correlation.py),
 ``sparse_outer_update_cuda`` (csrc/cuda/sparse_outer.cu), registered as
 ``supanalysis::sparse_outer_update`` (mutates ``out``).
 
