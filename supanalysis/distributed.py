@@ -58,6 +58,23 @@ def init_from_env(device: str | None = None) -> tuple[int, int, str | None]:
     return dist.get_rank(), dist.get_world_size(), device
 
 
+def leave_process_group() -> None:
+    """Destroy the default process group, then collect garbage at once.
+
+    A gloo work object (or a tensor it holds) that survives in a reference cycle is otherwise
+    freed during interpreter finalisation, where freeing it aborts the process ("terminate
+    called without an active exception", SIGABRT) after all its work succeeded: measured in
+    about one 2-rank exit of five without the collection, none in thirty with it.
+    """
+    import gc
+
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
+    gc.collect()
+
+
 def shard_range(n: int, rank: int, world: int) -> tuple[int, int]:
     """The contiguous block [lo, hi) of ``n`` items that ``rank`` of ``world`` owns."""
     return n * rank // world, n * (rank + 1) // world

@@ -65,7 +65,7 @@ def run(args: argparse.Namespace) -> int:
     """Measure, analyse, write the report folder from rank 0 and print the verdict."""
     from dataclasses import replace
 
-    from ..distributed import init_from_env
+    from ..distributed import init_from_env, leave_process_group
     from ..experiment import run_test
     from ..report.summary import print_summary
 
@@ -75,18 +75,22 @@ def run(args: argparse.Namespace) -> int:
     if args.checkpoint_minutes is not None and args.checkpoint_minutes <= 0:
         raise ValueError(f"--checkpoint-minutes must be positive, got {args.checkpoint_minutes}")
     # Under torchrun (WORLD_SIZE > 1) join the process group: every rank measures its share.
-    rank, _world, device = init_from_env(cfg.device)
-    if device != cfg.device:
-        cfg = replace(cfg, device=device)
-    report = run_test(
-        cfg,
-        progress=not args.no_progress and rank == 0,
-        checkpoint_dir=args.checkpoint_dir,
-        resume=args.resume,
-        checkpoint_every_tokens=args.checkpoint_every,
-        checkpoint_every_seconds=args.checkpoint_minutes * 60.0,
-    )
-    if rank == 0:
-        report.write(args.out)  # only after every measurement succeeded: no partial report
-        print_summary(report.data, args.out)
+    rank, world, device = init_from_env(cfg.device)
+    try:
+        if device != cfg.device:
+            cfg = replace(cfg, device=device)
+        report = run_test(
+            cfg,
+            progress=not args.no_progress and rank == 0,
+            checkpoint_dir=args.checkpoint_dir,
+            resume=args.resume,
+            checkpoint_every_tokens=args.checkpoint_every,
+            checkpoint_every_seconds=args.checkpoint_minutes * 60.0,
+        )
+        if rank == 0:
+            report.write(args.out)  # only after every measurement succeeded: no partial report
+            print_summary(report.data, args.out)
+    finally:
+        if world > 1:
+            leave_process_group()
     return 0

@@ -13,6 +13,7 @@ import torch.multiprocessing as mp
 
 import supanalysis as sa
 from supanalysis.accumulators.sparse_coactivation import SparseCoActivation
+from supanalysis.distributed import leave_process_group
 
 
 def _free_port() -> int:
@@ -58,7 +59,7 @@ def _worker(rank: int, world: int, port: int, out: str) -> None:
                 out,
             )
     finally:
-        dist.destroy_process_group()
+        leave_process_group()
 
 
 def test_two_rank_all_reduce_equals_single_process(tmp_path):
@@ -109,7 +110,7 @@ def _interference_worker(rank: int, world: int, port: int, out: str) -> None:
         if rank == 0:
             torch.save(gathered, out)
     finally:
-        dist.destroy_process_group()
+        leave_process_group()
 
 
 _FIELDS = ("norms", "sq_interference", "sq_cos", "dims", "max_abs_cos", "argmax", "topk_cos", "topk_index")
@@ -159,7 +160,7 @@ def _measure_worker(rank: int, world: int, port: int, root: str, out: str, budge
                 json.dump(report, fh)
             torch.save(state, out)
     finally:
-        dist.destroy_process_group()
+        leave_process_group()
 
 
 def _pipeline_config(root: str, budget: int = 8 << 30):

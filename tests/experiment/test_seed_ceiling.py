@@ -19,6 +19,7 @@ from supanalysis.dictionary import Dictionary, train_topk_sae
 from supanalysis.dictionary import train as train_mod
 from supanalysis.dictionary.activations import TopK
 from supanalysis.dictionary.train import TopKTrainConfig
+from supanalysis.distributed import leave_process_group
 from supanalysis.experiment import analyse, features, measure
 from supanalysis.report import render_html, render_markdown
 
@@ -188,7 +189,7 @@ def _worker(rank: int, world: int, port: int, root: str, out: str) -> None:
         with open(f"{out}.{rank}.json", "w") as fh:
             json.dump(rep["sites"], fh)
     finally:
-        dist.destroy_process_group()
+        leave_process_group()
 
 
 def test_two_ranks_report_the_single_process_ceiling(workspace, tmp_path):

@@ -19,6 +19,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 from supanalysis.config import TestConfig
+from supanalysis.distributed import leave_process_group
 from supanalysis.durable import LOCK_FILE, TEMP_MARK
 from supanalysis.experiment.state import (
     FINGERPRINT_FILE,
@@ -208,7 +209,7 @@ def _rank_opens(rank: int, world: int, port: int, folder: str, out: str) -> None
         dist.barrier()
         ck.close()
     finally:
-        dist.destroy_process_group()
+        leave_process_group()
 
 
 def test_the_ranks_of_one_run_share_the_folder_and_another_run_is_refused(tmp_path):
