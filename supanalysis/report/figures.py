@@ -260,23 +260,31 @@ def _density_overlay(ax: Any, report: Mapping, arrays: Mapping, series: list[tup
     ax.legend(fontsize=7, loc="upper left")
 
 
+def _histogram_rows(ax: Any, samples: list[np.ndarray], bins: np.ndarray, *, fraction: bool) -> Any | None:
+    """One image row per sample, row r being ``np.histogram(samples[r], bins)`` (as a fraction
+    of the sample when ``fraction``), on a log colour scale with empty bins left blank: many
+    histograms as one image instead of one panel each. None when every sample is empty."""
+    from matplotlib.colors import LogNorm
+
+    rows = np.full((len(samples), bins.size - 1), np.nan)
+    for r, x in enumerate(samples):
+        if x.size:
+            c = np.histogram(x, bins)[0].astype(float)
+            rows[r] = np.where(c > 0, c / x.size if fraction else c, np.nan)
+    if not np.isfinite(rows).any():
+        return None
+    return ax.imshow(rows, aspect="auto", interpolation="nearest", cmap="viridis", norm=LogNorm(),
+                     extent=(bins[0], bins[-1], len(samples) - 0.5, -0.5))  # fmt: skip
+
+
 def _density_rows(ax: Any, report: Mapping, arrays: Mapping, model: str, sites: list, floor) -> None:
     """A model's unpaired sites in one panel: one row per site, each bin coloured by the fraction
     of that site's latents in it (blank: none), a white tick at the site's median density."""
-    from matplotlib.colors import LogNorm
-
     data = [_log_densities(arrays, model, s) for s in sites]
     if not any(x.size for x in data):
         no_data(ax, "no data: density arrays missing")
         return
-    bins = _density_bins([x for x in data if x.size])
-    frac = np.full((len(sites), bins.size - 1), np.nan)
-    for r, x in enumerate(data):
-        if x.size:
-            c = np.histogram(x, bins)[0] / x.size
-            frac[r] = np.where(c > 0, c, np.nan)
-    ax.imshow(frac, aspect="auto", interpolation="nearest", cmap="viridis", norm=LogNorm(),
-              extent=(bins[0], bins[-1], len(sites) - 0.5, -0.5))  # fmt: skip
+    _histogram_rows(ax, data, _density_bins([x for x in data if x.size]), fraction=True)
     meds = [(math.log10(m + DENSITY_EPS), r) for r, s in enumerate(sites)
             if (m := finite(site_by_name(report, model, s).get("median_density"))) is not None and m > 0]  # fmt: skip
     if meds:
@@ -474,32 +482,22 @@ def _fig_match_correlations(report: Mapping, arrays: Mapping):
 def _fig_decoder_dims(report: Mapping, arrays: Mapping):
     """One row per site (A's, then B's), one column per D_i bin, coloured by the bin's latent
     count (log scale): each row is that site's histogram, and 20 sites cost one image."""
-    from matplotlib.colors import LogNorm
-
     rows = [(m, s) for m in ("A", "B") for s in sites_of(report, m)]
     fig, (ax,) = new_figure(1, panel_w=9.0, panel_h=1.6 + 0.3 * max(1, len(rows)))
     ax.set_title("Dimensionality D_i of each decoder direction, per site", fontsize=10, pad=14)
     if not rows:
         no_data(ax, "no data: the report has no sites")
         return fig
-    bins = np.linspace(0.0, 1.05, 43)
-    counts = np.full((len(rows), bins.size - 1), np.nan)
-    labels = []
-    for r, (model, s) in enumerate(rows):
+    samples, labels = [], []
+    for model, s in rows:
         name = s.get("site")
         dims = finite_values(_array(arrays, f"dims/{model}/{sanitize(name)}"))
-        if dims.size:
-            c = np.histogram(np.clip(dims, 0.0, 1.05), bins)[0].astype(float)
-            counts[r] = np.where(c > 0, c, np.nan)  # an empty bin stays blank
-            summary = f"n={dims.size:,}, ΣD={fmt(finite(s.get('dims_sum')), 3)}, m={fmt(s.get('m'))}"
-        else:
-            summary = "no data: dims array missing"
+        samples.append(np.clip(dims, 0.0, 1.05))
+        summary = (f"n={dims.size:,}, ΣD={fmt(finite(s.get('dims_sum')), 3)}, m={fmt(s.get('m'))}" if dims.size
+                   else "no data: dims array missing")  # fmt: skip
         labels.append(f"{model}: {short(name)}  ({summary})")
-    if np.isfinite(counts).any():
-        im = ax.imshow(
-            counts, aspect="auto", interpolation="nearest", cmap="viridis", norm=LogNorm(),
-            extent=(bins[0], bins[-1], len(rows) - 0.5, -0.5),
-        )  # fmt: skip
+    im = _histogram_rows(ax, samples, np.linspace(0.0, 1.05, 43), fraction=False)
+    if im is not None:
         fig.colorbar(im, ax=ax, label="latents in the bin (log)", pad=0.01)
     ax.set_yticks(range(len(rows)), labels, fontsize=7)
     for tick, (model, _) in zip(ax.get_yticklabels(), rows):
