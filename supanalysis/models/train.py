@@ -38,9 +38,17 @@ def _lr_at(step: int, cfg: LMTrainConfig) -> float:
 
 
 def train_language_model(
-    model: nn.Module, tokens: np.ndarray, cfg: LMTrainConfig, *, progress: bool = True, desc: str = "training"
+    model: nn.Module,
+    tokens: np.ndarray,
+    cfg: LMTrainConfig,
+    *,
+    progress: bool = True,
+    desc: str = "training",
+    position: int = 0,
 ) -> list[float]:
-    """Train ``model`` (ids (B, S) -> logits (B, S, V)) in place; returns the loss per step."""
+    """Train ``model`` (ids (B, S) -> logits (B, S, V)) in place; returns the loss per step.
+
+    position: the progress bar's line, for models trained side by side in several processes."""
     tokens = np.asarray(tokens).reshape(-1)
     if tokens.size <= cfg.seq_len + 1:
         raise ValueError(f"need more than seq_len + 1 = {cfg.seq_len + 1} tokens, got {tokens.size}")
@@ -49,7 +57,7 @@ def train_language_model(
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay, betas=(0.9, 0.95))
     model.train()
     losses: list[float] = []
-    bar = tqdm(range(cfg.steps), desc=desc, unit="step", disable=not progress)
+    bar = tqdm(range(cfg.steps), desc=desc, unit="step", disable=not progress, position=position)
     for step in bar:
         starts = gen.integers(0, tokens.size - cfg.seq_len - 1, size=cfg.batch_size)
         window = np.stack([tokens[s : s + cfg.seq_len + 1] for s in starts]).astype(np.int64)
