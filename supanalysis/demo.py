@@ -133,14 +133,15 @@ def train_demo_model(
 FAMILY = (("A", 0), ("B", 0), ("A", 1), ("B", 1))
 
 
+#: this worker process's progress-bar line (set once per worker by _one_thread_worker)
+_BAR_SLOT = 0
+
+
 def _one_thread_worker(slots: Any) -> None:
     """Pool initialiser: one intra-op thread per model, and this worker's progress-bar line."""
     global _BAR_SLOT
     torch.set_num_threads(1)
     _BAR_SLOT = slots.get()
-
-
-_BAR_SLOT = 0
 
 
 def _train_in_worker(out: str, corpus: np.ndarray, size: DemoSize, shape: str, model_seed: int, seed: int,
