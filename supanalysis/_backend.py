@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import functools
 import importlib
-import importlib.util
 import logging
 import os
 from collections.abc import Callable, Sequence
