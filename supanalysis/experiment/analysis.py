@@ -24,7 +24,14 @@ from .. import science as S
 from ..accumulators import BestMatch
 from ..accumulators.tiled import TiledBestMatch
 from ..config import TestConfig, Thresholds
-from .family import FamilyAnalysis, analyse_family, overall_universality, pair_universality
+from .family import (
+    FamilyAnalysis,
+    PooledDecision,
+    analyse_family,
+    overall_universality,
+    pair_universality,
+    pooled_universality,
+)
 from .measurements import Measurements, ModelMeasurement, PairMeasurement, SiteMeasurement
 from .rows import (
     REPORT_SCHEMA,
@@ -61,18 +68,19 @@ def build_report(meas: Measurements, thresholds: Thresholds | None = None) -> tu
         per_model[label] = per_model_row(sites[label])
     premises = model_premises(meas, th)
     fam = analyse_family(meas, th)
+    pooled = pooled_universality(fam, meas.family.primary) if meas.family is not None else None
     p4 = dictionaries_premise(meas, sites, th)
     pairs, verdicts = [], []
     first_pair_premises = None
     for p in meas.pairs:
         pair_premises = [*premises, site_premise(meas, p, per_model)]
         first_pair_premises = first_pair_premises or pair_premises  # the premise table shows the first pair's P3
-        row = pair_row(meas, p, sites["A"][p.i], sites["B"][p.j], pair_premises, th, arrays, fam)
+        row = pair_row(meas, p, sites["A"][p.i], sites["B"][p.j], pair_premises, th, arrays, fam, pooled)
         row.verdict = S.labelled(row.verdict, row.universality.calibrated, p4)
         pairs.append(row)
         verdicts.append(row.verdict)
     any_layer = any_layer_rows(meas, th) if cfg.any_layer and meas.cross else []
-    universality = overall_universality([r.universality for r in pairs])
+    universality = overall_universality([r.universality for r in pairs], pooled)
     verdict = S.labelled(S.overall_verdict(verdicts), universality["calibrated"], p4)
     verdict = replace(verdict, universality=universality)
     report = Report(
@@ -238,6 +246,7 @@ def pair_row(
     th: Thresholds,
     arrays: Arrays,
     fam: FamilyAnalysis | None = None,
+    pooled: PooledDecision | None = None,
 ) -> PairRow:
     """One depth pair's matching, density ratio, universality and verdict; adds its arrays."""
     cfg = meas.config
@@ -253,7 +262,7 @@ def pair_row(
     pi = S.predicted_ratio(ra.sigma, rb.sigma, th.C)
     _pair_arrays(pair_key(ra.site, rb.site), bm, blm, pa[ii], pb[jj], arrays)
     primary = meas.family.primary if meas.family is not None else (0, 1)
-    uni = pair_universality(fam, primary, (p.i, p.j), (mf_a, mf_b), (bf_a, bf_b), th.phi)
+    uni = pair_universality(fam, primary, (p.i, p.j), (mf_a, mf_b), (bf_a, bf_b), th.phi, pooled)
     return PairRow(
         site_a=ra.site,
         site_b=rb.site,

@@ -8,9 +8,10 @@ the report; a dead latent has no best match and is left out (NaN) of every boots
 
 from __future__ import annotations
 
+import functools
 import math
 from collections import Counter
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 
 import torch
 
@@ -18,17 +19,22 @@ from .. import calibration as K
 from .. import science as S
 from ..config import TestConfig, Thresholds
 from .measurements import FamilyMeasurement, Measurements, ModelMeasurement
-from .rows import CeilingRow, FamilyModelRow, FamilyRow, MatrixRow, RelativeRow, UniversalityRow
+from .plan import model_grid_sites, pair_by_depth
+from .rows import CeilingRow, FamilyModelRow, FamilyRow, MatrixRow, PooledRow, RelativeRow, UniversalityRow
 
 UKey = tuple[int, int, int, int]  # (model x, model y, x's site, y's site): x's latents matched into y
+# (x, y, ceiling seed z), x's sites, and its latents' cross and ceiling best matches, concatenated over those sites
+Pooled = tuple[tuple[int, int, int], list[str], torch.Tensor, torch.Tensor]
 
 
 @dataclass
 class FamilyAnalysis:
-    """The family's rows, and each U by (x, y, site of x, site of y) for the pair verdicts."""
+    """The family's rows, each U by (x, y, site of x, site of y) for the pair verdicts, and
+    each model's pooled U by (x, y) for the overall verdict."""
 
     row: FamilyRow
     U: dict[UKey, S.Estimate]
+    pooled: dict[tuple[int, int], PooledRow] = field(default_factory=dict)
 
 
 class BestMatches:
@@ -37,6 +43,7 @@ class BestMatches:
     def __init__(self, fm: FamilyMeasurement, th: Thresholds) -> None:
         self.fm, self.th = fm, th
         self._bm: dict[int, object] = {}
+        self.grid = model_grid_sites(fm.models)
 
     def _best_match(self, matcher):
         key = id(matcher)
@@ -44,10 +51,28 @@ class BestMatches:
             self._bm[key] = matcher.best_match()
         return self._bm[key]
 
-    def site_pairs(self, x: int, y: int) -> list[tuple[int, int]]:
-        """Depth-paired sites (x's, y's) of models x and y."""
+    def measured(self, x: int, y: int, i: int, j: int) -> bool:
+        """Whether x's site i was correlated with y's site j."""
         pairs = self.fm.cross.get((min(x, y), max(x, y)), {})
-        return sorted(pairs) if x < y else sorted((j, i) for i, j in pairs)
+        return ((i, j) if x < y else (j, i)) in pairs
+
+    def site_pairs(self, x: int, y: int) -> list[tuple[int, int]]:
+        """Depth-paired sites (x's, y's) of models x and y that were measured."""
+        mx, my = self.fm.models[x], self.fm.models[y]
+        depth = pair_by_depth([s.layer for s in mx.sites], mx.shape.n_layers,
+                              [s.layer for s in my.sites], my.shape.n_layers)  # fmt: skip
+        return [(i, j) for i, j in depth if self.measured(x, y, i, j)]
+
+    def candidates(self, x: int, y: int, i: int, paired: int) -> list[int]:
+        """The sites of y that x's site i is matched into: y's grid sites, where all of them
+        were measured against i (else only ``paired``, its depth partner: measurements made
+        without the grid)."""
+        grid = self.grid[y]
+        return list(grid) if all(self.measured(x, y, i, j) for j in grid) else [paired]
+
+    def best_over(self, x: int, y: int, i: int, sites: list[int]) -> torch.Tensor:
+        """Each alive latent of x's site i: its best correlation over y's ``sites`` (NaN when dead)."""
+        return functools.reduce(torch.fmax, [self.best(x, y, i, j) for j in sites])
 
     def best(self, x: int, y: int, i: int, j: int) -> torch.Tensor:
         """(n_latents of x's site i,) float64: each latent's best correlation in y's site j, NaN when dead."""
@@ -109,26 +134,47 @@ def ceiling_partner(fm: FamilyMeasurement, x: int) -> int | None:
     return next((z for z in range(len(fm.models)) if z != x and fm.shapes[z] == fm.shapes[x]), None)
 
 
-def relative_rows(bms: BestMatches, cfg: TestConfig) -> tuple[list[RelativeRow], dict[UKey, S.Estimate]]:
+def relative_rows(bms: BestMatches, cfg: TestConfig) -> tuple[list[RelativeRow], dict[UKey, S.Estimate], list[Pooled]]:
     """U for every model x with a ceiling partner z, into every model y of another shape, per
-    depth-paired site pair (i of x, j of y); the ceiling is x's site i matched into z's paired site."""
-    fm, rows, found = bms.fm, [], {}
+    depth-paired site pair (i of x, j of y). x's site i is matched into y's grid sites (cross)
+    and into z's grid sites (ceiling): the same number of candidate sites at the same depths on
+    both sides, with no assumption about which depth of y holds a feature of x's depth."""
+    fm, rows, found, pooled = bms.fm, [], {}, []
     for x in range(len(fm.models)):
         z = ceiling_partner(fm, x)
         if z is None:
             continue
         into_z = dict(bms.site_pairs(x, z))
         for y in (y for y in range(len(fm.models)) if fm.shapes[y] != fm.shapes[x]):
+            crosses, ceils, sites = [], [], []
             for i, j in bms.site_pairs(x, y):
                 if i not in into_z:
                     continue
-                cross, ceiling = bms.best(x, y, i, j), bms.best(x, z, i, into_z[i])
+                sites_y, sites_z = bms.candidates(x, y, i, j), bms.candidates(x, z, i, into_z[i])
+                cross, ceiling = bms.best_over(x, y, i, sites_y), bms.best_over(x, z, i, sites_z)
                 u = K.relative_universality(cross, ceiling, bms.th.tau, n_boot=cfg.bootstrap, seed=cfg.seed)
                 found[(x, y, i, j)] = u
+                names_y = [fm.models[y].sites[k].site for k in sites_y]
+                names_z = [fm.models[z].sites[k].site for k in sites_z]
                 rows.append(RelativeRow(
                     fm.labels[x], fm.labels[y], fm.labels[z], fm.models[x].sites[i].site, fm.models[y].sites[j].site,
-                    u, bms.fraction(cross), bms.fraction(ceiling),
+                    u, bms.fraction(cross), bms.fraction(ceiling), names_y, names_z,
                 ))  # fmt: skip
+                crosses.append(cross), ceils.append(ceiling), sites.append(fm.models[x].sites[i].site)
+            if crosses:
+                pooled.append(((x, y, z), sites, torch.cat(crosses), torch.cat(ceils)))
+    return rows, found, pooled
+
+
+def pooled_rows(bms: BestMatches, cfg: TestConfig, pooled: list[Pooled]) -> tuple[list[PooledRow], dict]:
+    """Each model's U into each model of another shape over all its compared sites' latents at
+    once: one paired bootstrap over the pooled latents (the overall verdict's U)."""
+    fm, rows, found = bms.fm, [], {}
+    for (x, y, z), sites, cross, ceiling in pooled:
+        u = K.relative_universality(cross, ceiling, bms.th.tau, n_boot=cfg.bootstrap, seed=cfg.seed)
+        found[(x, y)] = PooledRow(fm.labels[x], fm.labels[y], fm.labels[z], sites, u, bms.fraction(cross),
+                                  bms.fraction(ceiling))  # fmt: skip
+        rows.append(found[(x, y)])
     return rows, found
 
 
@@ -138,9 +184,10 @@ def analyse_family(meas: Measurements, th: Thresholds) -> FamilyAnalysis | None:
     if fm is None:
         return None
     bms = BestMatches(fm, th)
-    rel, found = relative_rows(bms, meas.config)
-    row = FamilyRow(model_rows(fm, meas.config), matrix(bms), ceilings(bms, meas.config), rel)
-    return FamilyAnalysis(row, found)
+    rel, found, pooled = relative_rows(bms, meas.config)
+    pool_rows, pool_found = pooled_rows(bms, meas.config, pooled)
+    row = FamilyRow(model_rows(fm, meas.config), matrix(bms), ceilings(bms, meas.config), rel, pool_rows)
+    return FamilyAnalysis(row, found, pool_found)
 
 
 def pair_universality(
@@ -150,14 +197,18 @@ def pair_universality(
     fractions: tuple[float, float],
     baselines: tuple[float, float],
     phi: float,
+    pooled: PooledDecision | None = None,
 ) -> UniversalityRow:
-    """The decision for the primary pair's depth pair ``ij``: calibrated when A's and B's
-    latents both have a U (a ceiling on each side), else the absolute rule on A's side."""
+    """The decision for the primary pair's depth pair ``ij``: the pooled one when there is one
+    (universality is decided for the model pair as a whole; the row keeps its own U_a, U_b),
+    else calibrated when A's and B's latents both have a U here, else the absolute rule on A's side."""
     (ia, ib), (i, j) = primary, ij
     u_a = fam.U.get((ia, ib, i, j)) if fam else None
     u_b = fam.U.get((ib, ia, j, i)) if fam else None
     usable = all(u is not None and math.isfinite(u.hi) for u in (u_a, u_b))
-    if usable:
+    if pooled is not None:
+        d = pooled.decision
+    elif usable:
         d = K.decide_universality({"a": fractions[0], "b": fractions[1]},
                                   {"a": baselines[0], "b": baselines[1]}, {"a": u_a, "b": u_b}, phi=phi)  # fmt: skip
     else:  # the absolute rule on A's latents, exactly as without a family
@@ -165,8 +216,36 @@ def pair_universality(
     return UniversalityRow(d.outcome, d.calibrated, d.reason, u_a, u_b)
 
 
-def overall_universality(rows: list[UniversalityRow]) -> dict:
-    """Majority over the primary pair's depth pairs (a tie: non-universal), and the smallest U."""
+@dataclass(frozen=True)
+class PooledDecision:
+    """The universality decision of the primary pair as a whole, and its smaller pooled U."""
+
+    decision: K.UniversalityDecision
+    U_min: S.Estimate
+
+
+def pooled_universality(fam: FamilyAnalysis | None, primary: tuple[int, int]) -> PooledDecision | None:
+    """The decision from the primary pair's pooled Us (A's latents at every compared site into
+    B, B's into A): non-universal iff either's CI lies below 1; None unless both exist with a
+    finite CI (then each depth pair decides on its own, and the majority overall)."""
+    ia, ib = primary
+    rows = {side: fam.pooled.get(key) for side, key in (("a", (ia, ib)), ("b", (ib, ia)))} if fam else {}
+    if not rows or any(r is None or not math.isfinite(r.U.hi) for r in rows.values()):
+        return None
+    d = K.decide_universality({s: r.cross_fraction for s, r in rows.items()}, {},
+                              {s: r.U for s, r in rows.items()})  # fmt: skip
+    sites = {s: ", ".join(r.sites) for s, r in rows.items()}
+    reason = f"pooled over the compared sites (A: {sites['a']}; B: {sites['b']}): {d.reason}"
+    u_min = min((r.U for r in rows.values()), key=lambda u: u.value)
+    return PooledDecision(K.UniversalityDecision(d.outcome, d.calibrated, reason), u_min)
+
+
+def overall_universality(rows: list[UniversalityRow], pooled: PooledDecision | None = None) -> dict:
+    """The pooled decision when there is one (:func:`pooled_universality`); else the majority
+    over the primary pair's depth pairs (a tie: non-universal), and the smallest U."""
+    if pooled is not None:
+        d = pooled.decision
+        return {"outcome": d.outcome, "calibrated": d.calibrated, "U_min": asdict(pooled.U_min), "reason": d.reason}
     if not rows:
         return {"outcome": K.NON_UNIVERSAL, "calibrated": False, "U_min": None, "reason": "no site pairs"}
     tally = Counter(r.outcome for r in rows)

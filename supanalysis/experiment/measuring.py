@@ -44,6 +44,8 @@ from .measurements import (
 )
 from .plan import (
     TokenPlan,
+    grid_pairs,
+    model_grid_sites,
     open_models,
     open_token_file,
     pair_by_depth,
@@ -119,9 +121,13 @@ def measure(
     keys = {ia: "A", ib: "B", **{k: f"M{k}" for k in order[2:]}}
     measured = {k: measure_model(specs[k], mods[k], keys[k], cfg, plan, ck, saved, progress, dev, clock) for k in order}
     a, b = measured[ia][0], measured[ib][0]
-    pairs = plan_pairs(cfg, [s.layer for s in a.sites], a.shape.n_layers, [s.layer for s in b.sites], b.shape.n_layers)
+    mms = [measured[k][0] for k in range(len(specs))]
+    grid = model_grid_sites(mms) if len(mms) > 2 else None
+    on_grid = grid_pairs(grid[ia], grid[ib]) if grid else []
+    layers = ([s.layer for s in a.sites], a.shape.n_layers, [s.layer for s in b.sites], b.shape.n_layers)
+    pairs = plan_pairs(cfg, *layers, grid=on_grid)
     tiled = is_tiled(cfg, a, b, pairs)
-    family = family_correlations(cfg, [measured[k][0] for k in range(len(specs))], (ia, ib), dev)
+    family = family_correlations(cfg, mms, (ia, ib), grid, dev)
     state = PassState(
         a,
         b,
@@ -145,14 +151,20 @@ def measure(
         with clock.stage("tiled_matching", sum(p.numel() for p in state.kept.perms)):
             cross, baselines = match_tiled(cfg, a, b, pairs, state.kept, progress and rank == 0, world > 1)
     depth = [PairMeasurement(i, j, cross[(i, j)], baselines[(i, j)]) for (i, j) in pairs.depth]
-    fam = family_measurement(cfg, [measured[k][0] for k in range(len(specs))], (ia, ib), family, depth)
+    primary_cross = {ij: cross[ij] for ij in sorted(set(pairs.depth) | set(on_grid))}
+    fam = family_measurement(cfg, mms, (ia, ib), family, primary_cross)
     return Measurements(cfg, a, b, depth, cross, str(dev), cfg.backend, fam)
 
 
 def family_correlations(
-    cfg: TestConfig, mms: list[ModelMeasurement], primary: tuple[int, int], device: torch.device
+    cfg: TestConfig,
+    mms: list[ModelMeasurement],
+    primary: tuple[int, int],
+    grid: list[list[int]] | None,
+    device: torch.device,
 ) -> dict[tuple[int, int], dict[SitePair, CrossCorrelation]]:
-    """One empty cross-correlation per depth-paired site pair of every model pair but the primary.
+    """One empty cross-correlation per site pair of every model pair but the primary: the
+    depth pairs, and every pair of grid sites (``grid``: per model, its grid sites).
 
     These are always dense (no baseline, no any-layer): their co-moments must fit ``match_max_bytes``.
     """
@@ -165,8 +177,9 @@ def family_correlations(
             mx, my = mms[x], mms[y]
             depth = pair_by_depth([s.layer for s in mx.sites], mx.shape.n_layers,
                                   [s.layer for s in my.sites], my.shape.n_layers)  # fmt: skip
-            need += sum(8 * mx.sites[i].stats.n_features * my.sites[j].stats.n_features for i, j in depth)
-            out[(x, y)] = dense_correlations(cfg, mx, my, depth, device)
+            wanted = sorted(set(depth) | set(grid_pairs(grid[x], grid[y]) if grid else ()))
+            need += sum(8 * mx.sites[i].stats.n_features * my.sites[j].stats.n_features for i, j in wanted)
+            out[(x, y)] = dense_correlations(cfg, mx, my, wanted, device)
     if need > cfg.match_max_bytes:
         raise ValueError(
             f"the family's cross-correlations need {need:,} bytes, more than match_max_bytes = "
@@ -180,14 +193,14 @@ def family_measurement(
     mms: list[ModelMeasurement],
     primary: tuple[int, int],
     family: dict[tuple[int, int], dict[SitePair, CrossCorrelation]],
-    depth: list[PairMeasurement],
+    primary_cross: dict[SitePair, Matcher],
 ) -> FamilyMeasurement:
-    """The family's models and every pair's correlations, the primary pair's from its depth pairs."""
+    """The family's models and every pair's correlations (the primary pair's: its depth and grid pairs)."""
     specs = cfg.model_specs()
     shapes = [s.shape_label(k) for k, s in enumerate(specs)]
     cross: dict[tuple[int, int], dict[SitePair, Matcher]] = dict(family)
     ia, ib = primary  # ia < ib: A is the first model (TestConfig.primary_pair)
-    cross[(ia, ib)] = {(p.i, p.j): p.corr for p in depth}
+    cross[(ia, ib)] = dict(primary_cross)
     return FamilyMeasurement(mms, shapes, [s.seed for s in specs], family_labels(shapes, primary), primary, cross)
 
 

@@ -131,8 +131,7 @@ def pair_by_depth(layers_a: list[int], L_a: int, layers_b: list[int], L_b: int) 
     Every site of the model with fewer sites gets the site of the other whose relative depth
     is closest (ties: the shallower one), so each site of the shallower model appears once.
     """
-    da = [(layer + 1) / L_a for layer in layers_a]
-    db = [(layer + 1) / L_b for layer in layers_b]
+    da, db = relative_depths(layers_a, L_a), relative_depths(layers_b, L_b)
     pairs = []
     if len(da) <= len(db):
         for i, d in enumerate(da):
@@ -141,6 +140,41 @@ def pair_by_depth(layers_a: list[int], L_a: int, layers_b: list[int], L_b: int) 
         for j, d in enumerate(db):
             pairs.append((min(range(len(da)), key=lambda i: (abs(da[i] - d), i)), j))
     return sorted(set(pairs))
+
+
+def relative_depths(layers: list[int], n_layers: int) -> list[float]:
+    """Each site's relative depth (layer + 1) / L: 1 is the last block's output."""
+    return [(layer + 1) / n_layers for layer in layers]
+
+
+def family_grid(site_layers: list[tuple[list[int], int]]) -> list[float]:
+    """The family's common depth grid: the relative depths of the model with the fewest sites
+    (the first such in config order). ``site_layers``: per model, (its sites' layers, its L).
+
+    Every model has a site near each of these depths, so matching over the grid offers every
+    model the same number of candidate sites, whatever its shape (docs/science.md, "Calibration").
+    """
+    layers, n_layers = min(site_layers, key=lambda s: len(s[0]))
+    return relative_depths(layers, n_layers)
+
+
+def grid_sites(layers: list[int], n_layers: int, grid: list[float]) -> list[int]:
+    """Index of the site nearest each grid depth (ties: the shallower), in grid order."""
+    d = relative_depths(layers, n_layers)
+    return [min(range(len(d)), key=lambda j: (abs(d[j] - g), j)) for g in grid]
+
+
+def model_grid_sites(models: list) -> list[list[int]]:
+    """Per model (anything with ``.sites[k].layer`` and ``.shape.n_layers``, e.g. a
+    ModelMeasurement), the indices of its sites on the family's common depth grid."""
+    layers = [([s.layer for s in m.sites], m.shape.n_layers) for m in models]
+    grid = family_grid(layers)
+    return [grid_sites(ls, n, grid) for ls, n in layers]
+
+
+def grid_pairs(sites_x: list[int], sites_y: list[int]) -> list[SitePair]:
+    """Every (grid site of x, grid site of y): what matching over the grid needs measured."""
+    return sorted({(i, j) for i in sites_x for j in sites_y})
 
 
 @dataclass(frozen=True)
@@ -152,8 +186,13 @@ class PairPlan:
     all: list[SitePair]
 
 
-def plan_pairs(cfg: TestConfig, layers_a: list[int], L_a: int, layers_b: list[int], L_b: int) -> PairPlan:
-    """Depth pairs, plus every (i, j) when ``cfg.any_layer``."""
+def plan_pairs(
+    cfg: TestConfig, layers_a: list[int], L_a: int, layers_b: list[int], L_b: int, grid: list[SitePair] = ()
+) -> PairPlan:
+    """Depth pairs, plus every (i, j) when ``cfg.any_layer``, else plus the ``grid`` pairs."""
     depth = pair_by_depth(layers_a, L_a, layers_b, L_b)
-    every = [(i, j) for i in range(len(layers_a)) for j in range(len(layers_b))] if cfg.any_layer else depth
+    if cfg.any_layer:
+        every = [(i, j) for i in range(len(layers_a)) for j in range(len(layers_b))]
+    else:
+        every = sorted(set(depth) | set(grid))
     return PairPlan(depth, every)

@@ -18,7 +18,7 @@ from __future__ import annotations
 import inspect
 import math
 import re
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass, field, fields
 from typing import Any
 
 from ..science import Estimate, Premise, Verdict
@@ -318,10 +318,12 @@ class RelativeRow:
     into: label of the model of another shape they are matched into
     ceiling_model: label of the seed of model's shape that gives the ceiling
     site: site of model
-    site_into: the depth-paired site of into
+    site_into: the depth-paired site of into (names the row)
     U: cross_fraction / ceiling_fraction, paired bootstrap CI over model's alive latents (null without a ceiling match)
-    cross_fraction: fraction of model's alive latents with ρ* ≥ τ in into
-    ceiling_fraction: the same in ceiling_model, at the same site
+    cross_fraction: fraction of model's alive latents with ρ* ≥ τ in into, best over sites_into_matched
+    ceiling_fraction: the same in ceiling_model, best over sites_ceiling
+    sites_into_matched: the sites of into matched over: its grid sites (older reports: absent, site_into alone)
+    sites_ceiling: the sites of ceiling_model matched over, at the same depths (older reports: absent)
     """
 
     model: str
@@ -329,6 +331,30 @@ class RelativeRow:
     ceiling_model: str
     site: str
     site_into: str
+    U: Estimate
+    cross_fraction: float
+    ceiling_fraction: float
+    sites_into_matched: list[str] = field(default_factory=list)
+    sites_ceiling: list[str] = field(default_factory=list)
+
+
+@dataclass
+class PooledRow:
+    """`Pooled`: one model's relative universality over all its compared sites (`family.pooled_universality[k]`).
+
+    model: label of the model whose latents are matched
+    into: label of the model of another shape they are matched into
+    ceiling_model: label of the seed of model's shape that gives the ceiling
+    sites: the sites of model whose alive latents are pooled (those of its relative-universality rows into into)
+    U: cross_fraction / ceiling_fraction over the pooled latents, paired bootstrap CI (null without a ceiling match)
+    cross_fraction: fraction of the pooled latents with ρ* ≥ τ in into (each latent's best over its row's sites)
+    ceiling_fraction: the same in ceiling_model
+    """
+
+    model: str
+    into: str
+    ceiling_model: str
+    sites: list[str]
     U: Estimate
     cross_fraction: float
     ceiling_fraction: float
@@ -342,12 +368,14 @@ class FamilyRow:
     matched_fraction_matrix: matched fractions between every two models
     ceilings: within-shape ceilings: for each two seeds of one shape, per depth-paired site pair
     relative_universality: per model, model of another shape and depth-paired site pair, U against the ceiling
+    pooled_universality: per model and model of another shape, U over every site of its rows (the verdict's U)
     """
 
     models: list[FamilyModelRow]
     matched_fraction_matrix: MatrixRow
     ceilings: list[CeilingRow]
     relative_universality: list[RelativeRow]
+    pooled_universality: list[PooledRow] = field(default_factory=list)
 
 
 @dataclass
@@ -457,5 +485,5 @@ ESTIMATE_FIELDS = field_names(Estimate)
 #: every object of the schema, in the order docs/report-schema.md describes them
 SCHEMA_OBJECTS: tuple[type, ...] = (
     Report, LibraryRow, ModelRow, PerModelRow, SiteRow, PairRow, UniversalityRow, AnyLayerRow, FamilyRow,
-    FamilyModelRow, MatrixRow, CeilingRow, RelativeRow, TimingsRow, StageRow, Premise, Verdict, Estimate,
+    FamilyModelRow, MatrixRow, CeilingRow, RelativeRow, PooledRow, TimingsRow, StageRow, Premise, Verdict, Estimate,
 )  # fmt: skip

@@ -18,7 +18,7 @@ END = "<!-- end of the generated section -->"
 _JSON_NAMES = {"ModelRow": "Model", "PerModelRow": "PerModel", "SiteRow": "Site", "PairRow": "Pair",
                "AnyLayerRow": "AnyLayer", "LibraryRow": "Library", "UniversalityRow": "Universality",
                "FamilyRow": "Family", "FamilyModelRow": "FamilyModel", "MatrixRow": "Matrix",
-               "CeilingRow": "Ceiling", "RelativeRow": "Relative", "TimingsRow": "Timings",
+               "CeilingRow": "Ceiling", "RelativeRow": "Relative", "PooledRow": "Pooled", "TimingsRow": "Timings",
                "StageRow": "Stage"}  # fmt: skip
 
 

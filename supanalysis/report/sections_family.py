@@ -130,9 +130,11 @@ def universality_table(report: Mapping, pairs: Sequence[Mapping]) -> list[Any]:
     headers = ["pair", "side", "cross matched fraction", "ceiling fraction", "ceiling seed", "U [CI]"]
     return [
         ("h3", "Universality against the within-shape ceiling"),
-        "U = cross-shape matched fraction / matched fraction between two seeds of one shape at the same site "
-        "(docs/science.md, Calibration); non-universal when the CI of U lies below 1. Uncalibrated pairs "
-        "(no ceiling) are decided by the absolute rule on the matched fraction.",
+        "U = cross-shape matched fraction / matched fraction between two seeds of one shape, each latent's "
+        "best match taken over the same depths in both (the family's depth grid; docs/science.md, Calibration). "
+        "With a family, the decision rests on U pooled over every compared site of each model (below); "
+        "non-universal when a pooled U's CI lies below 1. Uncalibrated pairs (no ceiling) are decided by the "
+        "absolute rule on the matched fraction.",
         Table(headers + ["calibrated", "universality"], rows),
     ]
 
@@ -173,12 +175,35 @@ def _ceilings_table(ceilings: Sequence[Mapping]) -> list[Any]:
     ]
 
 
+def _sites(names: Any) -> str:
+    listed = isinstance(names, Sequence) and not isinstance(names, str) and len(names) > 0
+    return ", ".join(map(str, names)) if listed else MISSING
+
+
 def _relative_table(relative: Sequence[Mapping]) -> list[Any]:
     if not relative:
         return []
-    keys = ("model", "into", "ceiling_model", "site", "site_into", "cross_fraction", "ceiling_fraction")
-    rows = [[fmt(r.get(k)) for k in keys] + [fmt(r.get("U"))] for r in relative]
-    return [("h3", "Relative universality U, every model into every other shape"), Table([*keys, "U [CI]"], rows)]
+    keys = ("model", "into", "ceiling_model", "site", "site_into")
+    rows = [
+        [fmt(r.get(k)) for k in keys]
+        + [_sites(r.get("sites_into_matched")), _sites(r.get("sites_ceiling"))]
+        + [fmt(r.get("cross_fraction")), fmt(r.get("ceiling_fraction")), fmt(r.get("U"))]
+        for r in relative
+    ]
+    headers = [*keys, "matched over (into)", "matched over (ceiling)", "cross_fraction", "ceiling_fraction", "U [CI]"]
+    return [("h3", "Relative universality U, every model into every other shape"), Table(headers, rows)]
+
+
+def _pooled_table(pooled: Sequence[Mapping]) -> list[Any]:
+    if not pooled:
+        return []
+    keys = ("model", "into", "ceiling_model")
+    rows = [[fmt(r.get(k)) for k in keys] + [_sites(r.get("sites")), fmt(r.get("cross_fraction")),
+            fmt(r.get("ceiling_fraction")), ci(r.get("U"))] for r in pooled]  # fmt: skip
+    return [
+        ("h3", "Relative universality pooled over each model's compared sites (the verdict's U)"),
+        Table([*keys, "sites pooled", "cross_fraction", "ceiling_fraction", "U [CI]"], rows),
+    ]
 
 
 def family_section(report: Mapping) -> Section | None:
@@ -196,5 +221,6 @@ def family_section(report: Mapping) -> Section | None:
         *_sigma_table(report),
         *_ceilings_table(fam.get("ceilings") or []),
         *_relative_table(fam.get("relative_universality") or []),
+        *_pooled_table(fam.get("pooled_universality") or []),
     ]
     return Section("Family", blocks)
