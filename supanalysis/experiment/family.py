@@ -160,7 +160,9 @@ def relative_rows(bms: BestMatches, cfg: TestConfig) -> tuple[list[RelativeRow],
                     fm.labels[x], fm.labels[y], fm.labels[z], fm.models[x].sites[i].site, fm.models[y].sites[j].site,
                     u, bms.fraction(cross), bms.fraction(ceiling), names_y, names_z,
                 ))  # fmt: skip
-                crosses.append(cross), ceils.append(ceiling), sites.append(fm.models[x].sites[i].site)
+                crosses.append(cross)
+                ceils.append(ceiling)
+                sites.append(fm.models[x].sites[i].site)
             if crosses:
                 pooled.append(((x, y, z), sites, torch.cat(crosses), torch.cat(ceils)))
     return rows, found, pooled
