@@ -107,3 +107,22 @@ def test_evaluate_sae_matches_one_shot_fvu():
     assert metrics["tokens"] == 3 * 512
     assert abs(metrics["fvu"] - fvu(x, x_hat).item()) < 1e-6
     assert metrics["l0"] <= 4
+
+
+def test_training_keeps_no_tensor_alive_after_it_returns():
+    # The decoder-gradient projection once ran under autograd: each step's gradient then held
+    # a graph holding the last one, two tensors per step, GBs over a long run.
+    import gc
+
+    from supanalysis.dictionary.train import TopKTrainConfig, train_topk_sae
+
+    def live() -> int:
+        gc.collect()
+        return sum(isinstance(o, torch.Tensor) for o in gc.get_objects())
+
+    x = torch.randn(4096, 16, generator=torch.Generator().manual_seed(0))
+    train_topk_sae([x], None, 64, 4, 4096, config=TopKTrainConfig(batch_size=128), progress=False)  # warm up
+    before = live()
+    result = train_topk_sae([x], None, 64, 4, 4096, config=TopKTrainConfig(batch_size=128), progress=False)
+    del result
+    assert live() - before <= 2, "a training run left tensors alive"

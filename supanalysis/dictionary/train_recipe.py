@@ -58,9 +58,14 @@ def lr_factor(tokens: int, n_tokens: int, warmup: int, decay: str, decay_start: 
     return f * ((1 - t) if decay == "linear" else 0.5 * (1 + math.cos(math.pi * t)))
 
 
+@torch.no_grad()
 def project_decoder_grad(sae: Dictionary) -> None:
     """Remove each decoder row's gradient component along the (unit) row: renormalisation
-    fixes the norm, so that component would only fight Adam's moment estimates."""
+    fixes the norm, so that component would only fight Adam's moment estimates.
+
+    Without no_grad the in-place update on the gradient, a product with the decoder (a
+    Parameter), is recorded by autograd: each step's gradient then holds a graph that holds
+    the last, and a training run keeps two tensors per step alive (GBs over a long run)."""
     w, g = sae._W_dec, sae._W_dec.grad
     if g is not None:
         g.sub_((g * w).sum(1, keepdim=True) * w)
