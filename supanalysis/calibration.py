@@ -114,14 +114,37 @@ def relative_universality(
         c, k = c[keep], k[keep]
     else:
         c, k = _finite(c), _finite(k)
-    if c.numel() == 0 or k.numel() == 0 or not bool((k >= tau).any()):
-        return Estimate(math.nan, math.nan, math.nan, int(c.numel()), level)
     num, den = (c >= tau).to(torch.float64), (k >= tau).to(torch.float64)
+    return ratio_of_means(num, den, paired=paired, n_boot=n_boot, level=level, seed=seed)
+
+
+def ratio_of_means(
+    num: torch.Tensor,
+    den: torch.Tensor,
+    *,
+    paired: bool = True,
+    n_boot: int = 2000,
+    level: float = 0.95,
+    seed: int = 0,
+) -> Estimate:
+    """mean(num) / mean(den) with a bootstrap CI; the estimate is NaN when den has no positive entry.
+
+    num, den: (n,) and (n,) (paired: entry k of both belongs to one feature, resampled
+    jointly) or (n') (independent); finite values only. U is this ratio for num = a feature's
+    matched indicator in the other shape (or its mean over several models of that shape) and
+    den = its matched indicator in the ceiling; its ``n`` is the number of entries of num.
+    """
+    num = torch.as_tensor(num, dtype=torch.float64).flatten().cpu()
+    den = torch.as_tensor(den, dtype=torch.float64).flatten().cpu()
+    if paired and num.shape != den.shape:
+        raise ValueError(f"paired bootstrap needs one value per feature in both, got {num.numel()} and {den.numel()}")
+    if num.numel() == 0 or den.numel() == 0 or not bool((den > 0).any()):
+        return Estimate(math.nan, math.nan, math.nan, int(num.numel()), level)
     point = float(num.mean() / den.mean())
     draws = _ratio_draws(num, den, paired, n_boot, seed)
     a = (1.0 - level) / 2
     lo, hi = torch.quantile(draws, torch.tensor([a, 1 - a], dtype=torch.float64)).tolist()
-    return Estimate(point, lo, hi, int(c.numel()), level)
+    return Estimate(point, lo, hi, int(num.numel()), level)
 
 
 @dataclass(frozen=True)
@@ -143,6 +166,7 @@ def decide_universality(
     relative: dict[str, Estimate | None],
     *,
     phi: float = 0.5,
+    margin: float = 0.0,
 ) -> UniversalityDecision:
     """The universality rule of docs/science.md for one site pair.
 
@@ -150,18 +174,20 @@ def decide_universality(
     cross-shape matched fraction and its alignment-breaking baseline; relative: per side the
     relative universality U against that side's ceiling, or None where no control exists.
     Calibrated when every side has a finite U: then non-universal iff some side's U has its
-    upper CI bound below 1. Otherwise the absolute rule (fraction < phi, or no better than
-    the baseline) decides, and the decision says it is uncalibrated.
+    upper CI bound below 1 − margin (the smallest shortfall that counts). Otherwise the
+    absolute rule (fraction < phi, or no better than the baseline) decides, and the decision
+    says it is uncalibrated.
     """
     sides = sorted(fractions)
     usable = {s: u for s, u in relative.items() if u is not None and math.isfinite(u.hi)}
     if sides and all(s in usable for s in sides):
-        below = [s for s in sides if usable[s].hi < 1.0]
+        below = [s for s in sides if usable[s].hi < 1.0 - margin]
         texts = "; ".join(_u_text(s.upper(), usable[s]) for s in sides)
+        line = "the ceiling" if margin == 0 else f"{1.0 - margin:g} of the ceiling"
         if below:
-            why = f"{texts}: the cross-shape match is below the within-shape ceiling beyond the CI"
+            why = f"{texts}: the cross-shape match is below {line} beyond the CI"
             return UniversalityDecision(NON_UNIVERSAL, True, why)
-        return UniversalityDecision(UNIVERSAL, True, f"{texts}: the CI reaches the ceiling")
+        return UniversalityDecision(UNIVERSAL, True, f"{texts}: the CI reaches {line}")
     weak = [s for s in sides if fractions[s] < phi or fractions[s] <= baselines.get(s, -math.inf)]
     texts = ", ".join(f"matched fraction {s.upper()} {fractions[s]:.3f}" for s in sides)
     note = "uncalibrated: no within-shape or dictionary ceiling was measured, so the absolute rule decides: "

@@ -93,6 +93,8 @@ class Thresholds:
     C: the compressed-sensing constant in n/m ≤ C·g(p).
     max_fvu: P4 holds when every dictionary's held-out FVU is at most this.
     max_dead: P4 holds when every dictionary's dead fraction (1 − alive / latents) is at most this.
+    u_margin: the smallest shortfall of U below its ceiling that counts: non-universal when a CI of
+        U lies below 1 − u_margin (docs/science.md, "Calibration").
     """
 
     tau: float = 0.5
@@ -103,6 +105,7 @@ class Thresholds:
     C: float = 1.0
     max_fvu: float = 0.1
     max_dead: float = 0.1
+    u_margin: float = 0.05
 
     def __post_init__(self) -> None:
         if not -1.0 <= self.tau <= 1.0:
@@ -119,6 +122,8 @@ class Thresholds:
             v = getattr(self, name)
             if not 0 <= v < math.inf:
                 raise ValueError(f"{name} must be a finite number >= 0, got {v}")
+        if not 0.0 <= self.u_margin < 1.0:
+            raise ValueError(f"u_margin must be in [0, 1), got {self.u_margin}")
 
 
 @dataclass

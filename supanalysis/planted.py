@@ -34,6 +34,7 @@ from .experiment import TestReport, run_test
 from .experiment.features import SEED_CEILING_OFFSET, encode, seed_best_match, train_site_sae
 from .experiment.plan import sequence_budget
 from .models import TinyConfig, TinyTransformer
+from .models import load as load_model
 from .models.train import LMTrainConfig, train_language_model
 from .planted_data import FAMILY, FULL, PRIMARY, QUICK, PlantedSize, PlantedSpec, family_streams, indicators
 from .planted_markdown import MATCH_MARGIN, MATCH_RATIO, planted_markdown
@@ -367,6 +368,27 @@ def run_planted(out_dir: str, quick: bool = False, seed: int = 0, progress: bool
     return run_planted_mode(out_dir, QUICK if quick else FULL, seed, progress)[0]
 
 
+def reload_planted(out_dir: str, size: PlantedSize, previous: dict) -> PlantedRun:
+    """A finished run's family read back from ``out_dir`` (models, dictionaries, test tokens and
+    their labels, config.json) with the training summary of its planted.json ``previous``:
+    nothing is trained. For testing trained families again after a change to the analysis."""
+    with open(os.path.join(out_dir, "config.json"), encoding="utf-8") as f:
+        config = TestConfig.from_dict(json.load(f))
+    labels = np.load(os.path.join(out_dir, "data", "labels.npy"))
+    n_eval = sequence_budget(size.eval_tokens + size.eval_tokens // size.seq_len, size.seq_len)
+    mode = previous["mode"]
+    run = PlantedRun(config, size.spec, mode, tuple(previous["absent_features"]), labels[n_eval * size.seq_len :],
+                     n_eval)  # fmt: skip
+    specs = config.model_specs()
+    if len(specs) != len(FAMILY):
+        raise ValueError(f"{out_dir}/config.json lists {len(specs)} models, a planted family has {len(FAMILY)}")
+    for (shape, s), spec in zip(FAMILY, specs):
+        run.models[shape + s], run.specs[shape + s] = load_model(spec.path).eval(), spec
+    run.lm_loss = dict(previous["train_loss"])
+    run.sae_summary = list(previous["dictionaries"])
+    return run
+
+
 def run_planted_mode(
     out_dir: str,
     size: PlantedSize,
@@ -374,13 +396,21 @@ def run_planted_mode(
     progress: bool = True,
     mode: str = "universal",
     shared: PlantedRun | None = None,
+    retest: dict | None = None,
 ) -> tuple[dict, PlantedRun]:
     """Build, test and compare with the truth; writes planted.json, planted.md and the test's
     report (report.json/md/html) into ``out_dir``; -> (the planted.json dict, the run, whose
-    family-A models a run of the other mode at the same seed can reuse via ``shared``)."""
+    family-A models a run of the other mode at the same seed can reuse via ``shared``).
+
+    retest: the planted.json of a run finished in ``out_dir``: its trained family is tested
+    again (:func:`reload_planted`) instead of being built; the result says ``"retested": true``
+    and keeps the original training time."""
     t0 = time.time()
-    run = prepare_planted(out_dir, size, seed, mode, progress, shared)
-    t_prep = time.time() - t0
+    if retest is not None:
+        run, t_prep = reload_planted(out_dir, size, retest), float(retest["seconds"]["prepare"])
+    else:
+        run = prepare_planted(out_dir, size, seed, mode, progress, shared)
+        t_prep = time.time() - t0
     report = run_test(run.config, progress=progress)
     report.write(out_dir)
     truth = compare_with_truth(run, report)
@@ -405,8 +435,11 @@ def run_planted_mode(
         "dictionaries": run.sae_summary,
         "verdict": data["verdict"]["outcome"],
         **truth,
-        "seconds": {"prepare": round(t_prep, 1), "total": round(time.time() - t0, 1)},
+        # a retest's own time is the test's: the total adds it to the original training
+        "seconds": {"prepare": round(t_prep, 1), "total": round(time.time() - t0 + (t_prep if retest else 0.0), 1)},
     }
+    if retest is not None:
+        result["retested"] = True
     # planted.json last: its presence marks the run finished (commands.planted.finished_run)
     write_text(os.path.join(out_dir, "planted.md"), planted_markdown(result))
     write_text(os.path.join(out_dir, "planted.json"), json.dumps(with_checksum(result), indent=2))

@@ -15,6 +15,7 @@ from supanalysis.calibration import (
     matched_fraction,
     mean_best_match,
     premise_adequate_dictionaries,
+    ratio_of_means,
     relative_universality,
 )
 from supanalysis.science import Estimate
@@ -115,3 +116,33 @@ def test_adequate_dictionaries_premise():
 
 def test_estimate_type_is_the_science_estimate():
     assert isinstance(relative_universality(_best(5, 5), _best(8, 2), 0.5), Estimate)
+
+
+def test_a_shortfall_within_the_margin_is_not_non_universal():
+    # 1,000 features, 95% of the ceiling's matches recur across shapes: U = 0.95, CI well below 1.
+    ceiling = _best(1000, 0)
+    cross = _best(950, 50)
+    u = relative_universality(cross, ceiling, tau=0.5)
+    assert u.value == pytest.approx(0.95) and u.hi < 1.0
+    strict = decide_universality({"a": 0.95}, {}, {"a": u})
+    assert strict.outcome == NON_UNIVERSAL
+    loose = decide_universality({"a": 0.95}, {}, {"a": u}, margin=0.1)
+    assert loose.outcome == UNIVERSAL and "0.9 of the ceiling" in loose.reason
+    half = relative_universality(_best(500, 500), ceiling, tau=0.5)
+    assert decide_universality({"a": 0.5}, {}, {"a": half}, margin=0.1).outcome == NON_UNIVERSAL
+
+
+def test_ratio_of_means_takes_fractional_numerators():
+    # A numerator that is the fraction of two cross-shape models a feature recurs in.
+    num = torch.tensor([1.0, 0.5, 0.5, 0.0] * 50, dtype=torch.float64)
+    den = torch.tensor([1.0, 1.0, 1.0, 0.0] * 50, dtype=torch.float64)
+    u = ratio_of_means(num, den, n_boot=500)
+    assert u.value == pytest.approx(2 / 3) and u.lo < 2 / 3 < u.hi and u.n == 200
+    # The indicator form is relative_universality's: the same draws, the same CI.
+    c, k = _best(120, 80), _best(150, 50)
+    assert ratio_of_means((c >= 0.5).double(), (k >= 0.5).double(), n_boot=300) == relative_universality(
+        c, k, tau=0.5, n_boot=300
+    )
+    assert math.isnan(ratio_of_means(num, torch.zeros(200, dtype=torch.float64)).value)
+    with pytest.raises(ValueError, match="one value per feature"):
+        ratio_of_means(num, den[:10])

@@ -36,6 +36,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     what = "the test of the test: planted universal and non-universal features"
     p = add_run_verb(subparsers, "planted", what, "supanalysis-out/planted", "smaller everything, same code path", run)
     p.add_argument("--seeds", type=int, default=1, help="runs per planting mode (default: %(default)s)")
+    p.add_argument("--retest", action="store_true",
+                   help="test the trained family of every run already finished in --out again (no training), "
+                        "e.g. after a change to the analysis; runs not yet there are run in full")  # fmt: skip
 
 
 def judge_run(result: dict) -> dict:
@@ -57,6 +60,7 @@ def judge_run(result: dict) -> dict:
         "planted_matched_absent": sum(p["planted_matched_absent"] for p in pairs),
         "density_median_rel_error": result["summary"]["density"]["median_rel_error"],
         "seconds": result["seconds"]["total"],
+        "retested": bool(result.get("retested")),
     }
 
 
@@ -99,9 +103,12 @@ def meets_target(table: dict, quick: bool) -> tuple[bool, str]:
     return ok, f"mean U_min: non-universal {n:.3f}, universal {u:.3f} (need non-universal < universal and < 1)"
 
 
-def run_seeds(out: str, seeds: int, quick: bool = False, seed: int = 0, progress: bool = True) -> dict:
+def run_seeds(
+    out: str, seeds: int, quick: bool = False, seed: int = 0, progress: bool = True, retest: bool = False
+) -> dict:
     """``seeds`` runs of each planting mode into ``out``/seed-<s>/<mode>; writes planted.json
-    and planted.md (the table) into ``out`` and returns the planted.json dict."""
+    and planted.md (the table) into ``out`` and returns the planted.json dict. A run already
+    finished there is read back, or with ``retest`` its trained family is tested again."""
     from ..durable import write_text
     from ..planted import FULL, QUICK, run_planted_mode
 
@@ -114,7 +121,9 @@ def run_seeds(out: str, seeds: int, quick: bool = False, seed: int = 0, progress
         for mode in EXPECTED:
             folder = os.path.join(out, f"seed-{s}", mode)
             result = finished_run(folder, s, mode, quick)
-            if result is None:
+            if result is not None and retest:
+                result, _ = run_planted_mode(folder, size, s, progress, mode, retest=result)
+            elif result is None:
                 result, run = run_planted_mode(folder, size, s, progress, mode, shared)
                 shared = shared or run
             rows.append(judge_run(result) | {"folder": os.path.relpath(folder, out)})
@@ -172,21 +181,28 @@ def _tables(summary: dict) -> tuple[list[str], list[list[str]], list[str], list[
         for truth, counts in table["matrix"].items()
     ]  # fmt: skip
     run_head = ["seed", "truth", "outcome", "calibrated", "U_min [CI]", "planted matched (absent)", "density error",
-                "s"]  # fmt: skip
+                "s", "retested"]  # fmt: skip
     runs = [
         ([str(r["seed"]), r["truth"], str(r["outcome"]), "yes" if r["calibrated"] else "no",
           f"{format_number(r['U_min'])} [{format_number(r['U_min_lo'])}, {format_number(r['U_min_hi'])}]",
           f"{r['planted_matched']} ({r['planted_matched_absent']})", format_number(r["density_median_rel_error"]),
-          str(r["seconds"])], r["folder"])
+          str(r["seconds"]), "yes" if r.get("retested") else "no"], r["folder"])
         for r in summary["runs"]
     ]  # fmt: skip
     return head, rows, run_head, runs
 
 
 def _intro(summary: dict) -> str:
+    retested = sum(bool(r.get("retested")) for r in summary["runs"])
+    again = (
+        f" {retested} of the runs were tested again on their trained families (`--retest`, after a change to the "
+        "analysis): their verdicts are the current analysis's."
+        if retested
+        else ""
+    )
     return (
         f"{summary['seeds']} seed(s) per planting mode ({'quick' if summary['quick'] else 'full'} setting), made by "
-        f"`{command_line(summary)}`. Rows: the truth; columns: the verdict's universality outcome."
+        f"`{command_line(summary)}`. Rows: the truth; columns: the verdict's universality outcome.{again}"
     )
 
 
@@ -229,7 +245,8 @@ def seeds_html(summary: dict) -> str:
 
 def run(args: argparse.Namespace) -> int:
     """Run the seeds, print the table; 0 when it meets its target, else 1."""
-    summary = run_seeds(args.out, args.seeds, quick=args.quick, seed=args.seed, progress=not args.no_progress)
+    summary = run_seeds(args.out, args.seeds, quick=args.quick, seed=args.seed, progress=not args.no_progress,
+                        retest=args.retest)  # fmt: skip
     print(seeds_markdown(summary).split("\n\n| seed")[0])
     for r in summary["runs"]:
         print(f"seed {r['seed']} {r['truth']}: {r['outcome']} U_min {r['U_min']} ({r['seconds']} s)")

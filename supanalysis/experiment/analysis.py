@@ -68,7 +68,7 @@ def build_report(meas: Measurements, thresholds: Thresholds | None = None) -> tu
         per_model[label] = per_model_row(sites[label])
     premises = model_premises(meas, th)
     fam = analyse_family(meas, th)
-    pooled = pooled_universality(fam, meas.family.primary) if meas.family is not None else None
+    pooled = pooled_universality(fam, meas.family.primary, th.u_margin) if meas.family is not None else None
     p4 = dictionaries_premise(meas, sites, th)
     pairs, verdicts = [], []
     first_pair_premises = None
@@ -262,7 +262,7 @@ def pair_row(
     pi = S.predicted_ratio(ra.sigma, rb.sigma, th.C)
     _pair_arrays(pair_key(ra.site, rb.site), bm, blm, pa[ii], pb[jj], arrays)
     primary = meas.family.primary if meas.family is not None else (0, 1)
-    uni = pair_universality(fam, primary, (p.i, p.j), (mf_a, mf_b), (bf_a, bf_b), th.phi, pooled)
+    uni = pair_universality(fam, primary, (p.i, p.j), (mf_a, mf_b), (bf_a, bf_b), th.phi, pooled, th.u_margin)
     return PairRow(
         site_a=ra.site,
         site_b=rb.site,

@@ -23,18 +23,17 @@ from .plan import model_grid_sites, pair_by_depth
 from .rows import CeilingRow, FamilyModelRow, FamilyRow, MatrixRow, PooledRow, RelativeRow, UniversalityRow
 
 UKey = tuple[int, int, int, int]  # (model x, model y, x's site, y's site): x's latents matched into y
-# (x, y, ceiling seed z), x's sites, and its latents' cross and ceiling best matches, concatenated over those sites
-Pooled = tuple[tuple[int, int, int], list[str], torch.Tensor, torch.Tensor]
 
 
 @dataclass
 class FamilyAnalysis:
     """The family's rows, each U by (x, y, site of x, site of y) for the pair verdicts, and
-    each model's pooled U by (x, y) for the overall verdict."""
+    each shape's pooled U by (shape, other shape) for the overall verdict."""
 
     row: FamilyRow
     U: dict[UKey, S.Estimate]
-    pooled: dict[tuple[int, int], PooledRow] = field(default_factory=dict)
+    pooled: dict[tuple[str, str], PooledRow] = field(default_factory=dict)
+    shapes: list[str] = field(default_factory=list)  # per model of the family
 
 
 class BestMatches:
@@ -134,19 +133,32 @@ def ceiling_partner(fm: FamilyMeasurement, x: int) -> int | None:
     return next((z for z in range(len(fm.models)) if z != x and fm.shapes[z] == fm.shapes[x]), None)
 
 
-def relative_rows(bms: BestMatches, cfg: TestConfig) -> tuple[list[RelativeRow], dict[UKey, S.Estimate], list[Pooled]]:
+@dataclass
+class SiteMatches:
+    """One compared site i of a model x: its latents' best matches in the ceiling seed and in
+    each model of another shape (each over the grid sites; NaN where a latent is dead)."""
+
+    x: int
+    site: str
+    ceiling: torch.Tensor
+    cross: dict[int, torch.Tensor] = field(default_factory=dict)  # y -> best matches in y
+
+
+def relative_rows(
+    bms: BestMatches, cfg: TestConfig
+) -> tuple[list[RelativeRow], dict[UKey, S.Estimate], list[SiteMatches]]:
     """U for every model x with a ceiling partner z, into every model y of another shape, per
     depth-paired site pair (i of x, j of y). x's site i is matched into y's grid sites (cross)
     and into z's grid sites (ceiling): the same number of candidate sites at the same depths on
-    both sides, with no assumption about which depth of y holds a feature of x's depth."""
-    fm, rows, found, pooled = bms.fm, [], {}, []
+    both sides, with no assumption about which depth of y holds a feature of x's depth.
+    Also returns every compared site's matches, for the pooled Us."""
+    fm, rows, found, by_site = bms.fm, [], {}, {}
     for x in range(len(fm.models)):
         z = ceiling_partner(fm, x)
         if z is None:
             continue
         into_z = dict(bms.site_pairs(x, z))
         for y in (y for y in range(len(fm.models)) if fm.shapes[y] != fm.shapes[x]):
-            crosses, ceils, sites = [], [], []
             for i, j in bms.site_pairs(x, y):
                 if i not in into_z:
                     continue
@@ -160,23 +172,42 @@ def relative_rows(bms: BestMatches, cfg: TestConfig) -> tuple[list[RelativeRow],
                     fm.labels[x], fm.labels[y], fm.labels[z], fm.models[x].sites[i].site, fm.models[y].sites[j].site,
                     u, bms.fraction(cross), bms.fraction(ceiling), names_y, names_z,
                 ))  # fmt: skip
-                crosses.append(cross)
-                ceils.append(ceiling)
-                sites.append(fm.models[x].sites[i].site)
-            if crosses:
-                pooled.append(((x, y, z), sites, torch.cat(crosses), torch.cat(ceils)))
-    return rows, found, pooled
+                site = by_site.setdefault((x, i), SiteMatches(x, fm.models[x].sites[i].site, ceiling))
+                site.cross[y] = cross
+    return rows, found, list(by_site.values())
 
 
-def pooled_rows(bms: BestMatches, cfg: TestConfig, pooled: list[Pooled]) -> tuple[list[PooledRow], dict]:
-    """Each model's U into each model of another shape over all its compared sites' latents at
-    once: one paired bootstrap over the pooled latents (the overall verdict's U)."""
-    fm, rows, found = bms.fm, [], {}
-    for (x, y, z), sites, cross, ceiling in pooled:
-        u = K.relative_universality(cross, ceiling, bms.th.tau, n_boot=cfg.bootstrap, seed=cfg.seed)
-        found[(x, y)] = PooledRow(fm.labels[x], fm.labels[y], fm.labels[z], sites, u, bms.fraction(cross),
-                                  bms.fraction(ceiling))  # fmt: skip
-        rows.append(found[(x, y)])
+def pooled_rows(
+    bms: BestMatches, cfg: TestConfig, sites: list[SiteMatches]
+) -> tuple[list[PooledRow], dict[tuple[str, str], PooledRow]]:
+    """U of each shape into each other shape over the whole family: every latent of every seed
+    of the shape at every compared site, its numerator the fraction of the other shape's
+    models it is matched in, its denominator whether it is matched in its own ceiling seed;
+    one paired bootstrap over those latents (the overall verdict's U)."""
+    fm, th = bms.fm, bms.th
+    rows, found = [], {}
+    for shape in dict.fromkeys(fm.shapes[s.x] for s in sites):
+        for into in dict.fromkeys(fm.shapes):
+            mine = [s for s in sites if fm.shapes[s.x] == shape and any(fm.shapes[y] == into for y in s.cross)]
+            if into == shape or not mine:
+                continue
+            nums, dens, ys = [], [], set()
+            for s in mine:
+                cross = torch.stack([c for y, c in s.cross.items() if fm.shapes[y] == into])
+                alive = s.ceiling.isfinite()
+                nums.append((cross[:, alive] >= th.tau).double().mean(0))
+                dens.append((s.ceiling[alive] >= th.tau).double())
+                ys |= {y for y in s.cross if fm.shapes[y] == into}
+            num, den = torch.cat(nums), torch.cat(dens)
+            u = K.ratio_of_means(num, den, n_boot=cfg.bootstrap, seed=cfg.seed)
+            xs = sorted({s.x for s in mine})
+            row = PooledRow(
+                shape, into, [fm.labels[x] for x in xs], [fm.labels[y] for y in sorted(ys)],
+                [f"{fm.labels[s.x]} {s.site}" for s in mine], u,
+                float(num.mean()) if num.numel() else 0.0, float(den.mean()) if den.numel() else 0.0,
+            )  # fmt: skip
+            found[(shape, into)] = row
+            rows.append(row)
     return rows, found
 
 
@@ -186,10 +217,10 @@ def analyse_family(meas: Measurements, th: Thresholds) -> FamilyAnalysis | None:
     if fm is None:
         return None
     bms = BestMatches(fm, th)
-    rel, found, pooled = relative_rows(bms, meas.config)
-    pool_rows, pool_found = pooled_rows(bms, meas.config, pooled)
+    rel, found, sites = relative_rows(bms, meas.config)
+    pool_rows, pool_found = pooled_rows(bms, meas.config, sites)
     row = FamilyRow(model_rows(fm, meas.config), matrix(bms), ceilings(bms, meas.config), rel, pool_rows)
-    return FamilyAnalysis(row, found, pool_found)
+    return FamilyAnalysis(row, found, pool_found, list(fm.shapes))
 
 
 def pair_universality(
@@ -200,6 +231,7 @@ def pair_universality(
     baselines: tuple[float, float],
     phi: float,
     pooled: PooledDecision | None = None,
+    margin: float = 0.0,
 ) -> UniversalityRow:
     """The decision for the primary pair's depth pair ``ij``: the pooled one when there is one
     (universality is decided for the model pair as a whole; the row keeps its own U_a, U_b),
@@ -212,7 +244,8 @@ def pair_universality(
         d = pooled.decision
     elif usable:
         d = K.decide_universality({"a": fractions[0], "b": fractions[1]},
-                                  {"a": baselines[0], "b": baselines[1]}, {"a": u_a, "b": u_b}, phi=phi)  # fmt: skip
+                                  {"a": baselines[0], "b": baselines[1]}, {"a": u_a, "b": u_b}, phi=phi,
+                                  margin=margin)  # fmt: skip
     else:  # the absolute rule on A's latents, exactly as without a family
         d = K.decide_universality({"a": fractions[0]}, {"a": baselines[0]}, {"a": None}, phi=phi)
     return UniversalityRow(d.outcome, d.calibrated, d.reason, u_a, u_b)
@@ -226,18 +259,22 @@ class PooledDecision:
     U_min: S.Estimate
 
 
-def pooled_universality(fam: FamilyAnalysis | None, primary: tuple[int, int]) -> PooledDecision | None:
-    """The decision from the primary pair's pooled Us (A's latents at every compared site into
-    B, B's into A): non-universal iff either's CI lies below 1; None unless both exist with a
-    finite CI (then each depth pair decides on its own, and the majority overall)."""
-    ia, ib = primary
-    rows = {side: fam.pooled.get(key) for side, key in (("a", (ia, ib)), ("b", (ib, ia)))} if fam else {}
-    if not rows or any(r is None or not math.isfinite(r.U.hi) for r in rows.values()):
+def pooled_universality(
+    fam: FamilyAnalysis | None, primary: tuple[int, int], margin: float = 0.0
+) -> PooledDecision | None:
+    """The decision from the primary pair's shapes' pooled Us (A's shape into B's, B's into A's):
+    non-universal iff either's CI lies below 1 − margin; None unless both exist with a finite
+    CI (then each depth pair decides on its own, and the majority overall)."""
+    if fam is None:
+        return None
+    sa, sb = (fam.shapes[k] for k in primary)
+    rows = {"a": fam.pooled.get((sa, sb)), "b": fam.pooled.get((sb, sa))}
+    if any(r is None or not math.isfinite(r.U.hi) for r in rows.values()):
         return None
     d = K.decide_universality({s: r.cross_fraction for s, r in rows.items()}, {},
-                              {s: r.U for s, r in rows.items()})  # fmt: skip
-    sites = {s: ", ".join(r.sites) for s, r in rows.items()}
-    reason = f"pooled over the compared sites (A: {sites['a']}; B: {sites['b']}): {d.reason}"
+                              {s: r.U for s, r in rows.items()}, margin=margin)  # fmt: skip
+    who = {s: f"{', '.join(r.models)} into {', '.join(r.into_models)}" for s, r in rows.items()}
+    reason = f"pooled over every seed and compared site (A: {who['a']}; B: {who['b']}): {d.reason}"
     u_min = min((r.U for r in rows.values()), key=lambda u: u.value)
     return PooledDecision(K.UniversalityDecision(d.outcome, d.calibrated, reason), u_min)
 

@@ -340,20 +340,23 @@ class RelativeRow:
 
 @dataclass
 class PooledRow:
-    """`Pooled`: one model's relative universality over all its compared sites (`family.pooled_universality[k]`).
+    """`Pooled`: one shape's relative universality into another over the whole family (`family.pooled_universality[k]`).
 
-    model: label of the model whose latents are matched
-    into: label of the model of another shape they are matched into
-    ceiling_model: label of the seed of model's shape that gives the ceiling
-    sites: the sites of model whose alive latents are pooled (those of its relative-universality rows into into)
-    U: cross_fraction / ceiling_fraction over the pooled latents, paired bootstrap CI (null without a ceiling match)
-    cross_fraction: fraction of the pooled latents with ρ* ≥ τ in into (each latent's best over its row's sites)
-    ceiling_fraction: the same in ceiling_model
+    shape: the shape whose latents are matched
+    into_shape: the other shape
+    models: labels of the models of shape whose latents are pooled (each has a ceiling seed)
+    into_models: labels of the models of into_shape they are matched into
+    sites: "<model> <site>" of every pooled site
+    U: cross_fraction / ceiling_fraction, paired bootstrap CI over the pooled alive latents (null: no ceiling match)
+    cross_fraction: mean over the pooled latents of the fraction of into_models each is matched in (ρ* ≥ τ, best
+        over the grid sites)
+    ceiling_fraction: fraction of the pooled latents matched in their own model's ceiling seed
     """
 
-    model: str
-    into: str
-    ceiling_model: str
+    shape: str
+    into_shape: str
+    models: list[str]
+    into_models: list[str]
     sites: list[str]
     U: Estimate
     cross_fraction: float
@@ -368,7 +371,7 @@ class FamilyRow:
     matched_fraction_matrix: matched fractions between every two models
     ceilings: within-shape ceilings: for each two seeds of one shape, per depth-paired site pair
     relative_universality: per model, model of another shape and depth-paired site pair, U against the ceiling
-    pooled_universality: per model and model of another shape, U over every site of its rows (the verdict's U)
+    pooled_universality: per shape and other shape, U over every seed and compared site (the verdict's U)
     """
 
     models: list[FamilyModelRow]

@@ -132,7 +132,7 @@ def universality_table(report: Mapping, pairs: Sequence[Mapping]) -> list[Any]:
         ("h3", "Universality against the within-shape ceiling"),
         "U = cross-shape matched fraction / matched fraction between two seeds of one shape, each latent's "
         "best match taken over the same depths in both (the family's depth grid; docs/science.md, Calibration). "
-        "With a family, the decision rests on U pooled over every compared site of each model (below); "
+        "With a family, the decision rests on each shape's U pooled over its seeds and compared sites (below); "
         "non-universal when a pooled U's CI lies below 1. Uncalibrated pairs (no ceiling) are decided by the "
         "absolute rule on the matched fraction.",
         Table(headers + ["calibrated", "universality"], rows),
@@ -197,13 +197,20 @@ def _relative_table(relative: Sequence[Mapping]) -> list[Any]:
 def _pooled_table(pooled: Sequence[Mapping]) -> list[Any]:
     if not pooled:
         return []
-    keys = ("model", "into", "ceiling_model")
-    rows = [[fmt(r.get(k)) for k in keys] + [_sites(r.get("sites")), fmt(r.get("cross_fraction")),
-            fmt(r.get("ceiling_fraction")), ci(r.get("U"))] for r in pooled]  # fmt: skip
-    return [
-        ("h3", "Relative universality pooled over each model's compared sites (the verdict's U)"),
-        Table([*keys, "sites pooled", "cross_fraction", "ceiling_fraction", "U [CI]"], rows),
+    rows = [[fmt(r.get("shape")), fmt(r.get("into_shape")), _sites(r.get("models")), _sites(r.get("into_models")),
+             _sites(r.get("sites")), fmt(r.get("cross_fraction")), fmt(r.get("ceiling_fraction")), ci(r.get("U"))]
+            for r in pooled]  # fmt: skip
+    headers = [
+        "shape",
+        "into",
+        "models",
+        "matched into",
+        "sites pooled",
+        "cross_fraction",
+        "ceiling_fraction",
+        "U [CI]",
     ]
+    return [("h3", "Relative universality pooled over the family (the verdict's U)"), Table(headers, rows)]
 
 
 def family_section(report: Mapping) -> Section | None:

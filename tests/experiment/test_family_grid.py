@@ -11,7 +11,7 @@ import pytest
 import torch
 from pair_config import tiny
 
-from supanalysis.calibration import NON_UNIVERSAL, UNIVERSAL, relative_universality
+from supanalysis.calibration import NON_UNIVERSAL, UNIVERSAL, ratio_of_means
 from supanalysis.config import ModelSpec, TestConfig, Thresholds
 from supanalysis.experiment import measure, run_test
 from supanalysis.experiment.family import (
@@ -77,7 +77,7 @@ def _analyse(fm: FamilyMeasurement) -> tuple[list, FamilyAnalysis]:
     bms, cfg = BestMatches(fm, TH), TestConfig(bootstrap=200)
     rel, found, pooled = relative_rows(bms, cfg)
     _, by_pair = pooled_rows(bms, cfg, pooled)
-    return rel, FamilyAnalysis(None, found, by_pair)
+    return rel, FamilyAnalysis(None, found, by_pair, list(fm.shapes))
 
 
 TH = Thresholds(tau=0.5)
@@ -110,33 +110,41 @@ def test_a_match_at_the_other_grid_depth_counts_and_one_off_the_grid_does_not():
     assert math.isnan(rel[("A", "B", "resid_post.1")].U.value)
 
 
-def test_the_verdict_pools_each_models_sites():
+def test_the_verdict_pools_every_seed_and_site_of_a_shape():
     # A's layer 0 recurs in B (at the other grid depth) and in A'; A's layer 1 recurs in A' only.
-    # B's latents recur in A and B' at both grid sites. Pooled U_A = (4/8) / (8/8) = 0.5.
+    # A' recurs in A at both layers and in neither B. B's latents recur in A and B' at both grid
+    # sites. Pooled over A (sites 0, 1) and A' (sites 0, 1), each into B and B':
+    # numerators 0.5 (A layer 0: in B, not in B') and 0 elsewhere -> 2 / 16 = 0.125 of a ceiling of 1.
     fm = _family(
         cross_ab={(0, 7): (HIT, HIT), (1, 3): (MISS, HIT)},
         cross_aa={(0, 0): (HIT, HIT), (1, 1): (HIT, HIT)},
         cross_bb={(3, 3): (HIT, HIT), (7, 7): (HIT, HIT)},
     )
     _, fam = _analyse(fm)
-    pa, pb = fam.pooled[(0, 2)], fam.pooled[(2, 0)]
-    assert pa.sites == ["resid_post.0", "resid_post.1"] and pb.sites == ["resid_post.3", "resid_post.7"]
-    assert (pa.cross_fraction, pa.ceiling_fraction, pa.U.value) == (0.5, 1.0, 0.5)
-    assert pb.U.value == 1.0
+    pa, pb = fam.pooled[("A", "B")], fam.pooled[("B", "A")]
+    assert pa.models == ["A", "A'"] and pa.into_models == ["B", "B'"]
+    assert pa.sites == ["A resid_post.0", "A resid_post.1", "A' resid_post.0", "A' resid_post.1"]
+    assert pb.sites == ["B resid_post.3", "B resid_post.7", "B' resid_post.3", "B' resid_post.7"]
+    assert (pa.cross_fraction, pa.ceiling_fraction, pa.U.value, pa.U.n) == (0.125, 1.0, 0.125, 16)
+    # B's latents: B layers 3, 7 in A (HIT), not in A' (nothing measured): 0.5 each; B' nowhere.
+    assert pb.U.value == pytest.approx(0.25)
     best = BestMatches(fm, TH)
-    cross = torch.cat([best.best_over(0, 2, i, [3, 7]) for i in (0, 1)])
-    ceiling = torch.cat([best.best_over(0, 1, i, [0, 1]) for i in (0, 1)])
-    want = relative_universality(cross, ceiling, TH.tau, n_boot=200, seed=0)
-    assert (pa.U.lo, pa.U.hi) == (want.lo, want.hi)
+    into_b = [best.best_over(0, y, i, [3, 7]) for i in (0, 1) for y in (2, 3)]
+    num = torch.stack(into_b).reshape(2, 2, N).ge(TH.tau).double().mean(1).flatten()
+    num = torch.cat([num, torch.zeros(2 * N, dtype=torch.float64)])
+    want = ratio_of_means(num, torch.ones(4 * N, dtype=torch.float64), n_boot=200, seed=0)
+    assert (pa.U.value, pa.U.lo, pa.U.hi) == (want.value, want.lo, want.hi)
     d = pooled_universality(fam, (0, 2))
     assert d.decision.outcome == NON_UNIVERSAL and d.decision.calibrated and d.U_min == pa.U
-    assert "pooled over the compared sites" in d.decision.reason
+    assert "pooled over every seed and compared site" in d.decision.reason
 
 
 def test_every_grid_site_matched_everywhere_is_universal():
     everything = {(i, j): (HIT, HIT) for i in (0, 1) for j in (3, 7)}
     fm = _family(cross_ab=everything, cross_aa={(0, 0): (HIT, HIT), (1, 1): (HIT, HIT)},
                  cross_bb={(3, 3): (HIT, HIT), (7, 7): (HIT, HIT)})  # fmt: skip
+    for pair in [(0, 3), (1, 2), (1, 3)]:  # every model of A matches every model of B
+        fm.cross[pair] = {ij: _Fixed(HIT, HIT) for ij in fm.cross[pair]}
     d = pooled_universality(_analyse(fm)[1], (0, 2))
     assert d.decision.outcome == UNIVERSAL and d.U_min.value == 1.0
 
@@ -169,7 +177,8 @@ def test_the_family_pass_measures_every_pair_of_grid_sites(tmp_path, any_layer):
         tiny(L, d, seed).save(tmp_path / name)
     models = [ModelSpec(path=str(tmp_path / f), shape=f[0], seed=str(k)) for k, f in enumerate(shapes)]
     cfg = TestConfig(models=models, tokens=str(tmp_path / "tokens.npy"), seq_len=32, batch_size=8, eval_tokens=300,
-                     stats_tokens=1000, match_tokens=1000, bootstrap=50, any_layer=any_layer)  # fmt: skip
+                     stats_tokens=1000, match_tokens=1000, bootstrap=50, any_layer=any_layer,
+                     thresholds=Thresholds(tau=0.1))  # random tiny models: both ceilings match some  # fmt: skip
     fm = measure(cfg, progress=False).family
     # A: layers 0, 1 (depths 1/2, 1); B: layers 0-3, its grid sites 1 and 3.
     depth = {(0, 1): [(0, 0), (1, 1)], (2, 3): [(0, 0), (1, 1), (2, 2), (3, 3)], (0, 2): [(0, 1), (1, 3)]}
@@ -183,8 +192,9 @@ def test_the_family_pass_measures_every_pair_of_grid_sites(tmp_path, any_layer):
         for cc in pairs.values():
             assert cc.n_tokens == 1000
     rep = run_test(cfg, progress=False).data
-    pooled = {(r["model"], r["into"]): r for r in rep["family"]["pooled_universality"]}
-    assert pooled[("A", "B")]["sites"] == ["resid_post.0", "resid_post.1"]
-    assert pooled[("B", "A")]["sites"] == ["resid_post.1", "resid_post.3"]
+    pooled = {(r["shape"], r["into_shape"]): r for r in rep["family"]["pooled_universality"]}
+    assert pooled[("A", "B")]["sites"] == [f"{m} resid_post.{k}" for m in ("A", "A'") for k in (0, 1)]
+    assert pooled[("B", "A")]["sites"] == [f"{m} resid_post.{k}" for m in ("B", "B'") for k in (1, 3)]
+    assert rep["verdict"]["universality"]["U_min"] in [pooled[("A", "B")]["U"], pooled[("B", "A")]["U"]]
     for r in rep["family"]["relative_universality"]:
         assert len(r["sites_into_matched"]) == len(r["sites_ceiling"]) == 2

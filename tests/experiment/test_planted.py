@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 
 import numpy as np
 import pytest
@@ -236,7 +237,14 @@ def test_run_seeds_resumes_from_finished_runs(tmp_path, monkeypatch):
         finished_run(str(done), 0, "universal", True)
 
 
-def test_quick_planted_seeds_run_compares_both_plantings_with_the_truth(tmp_path):
+@pytest.fixture(scope="module")
+def quick_seed(tmp_path_factory):
+    """One quick seed of both plantings, run once for the tests below: (folder, summary)."""
+    out = tmp_path_factory.mktemp("planted")
+    return out, run_seeds(str(out), 1, quick=True, progress=False)
+
+
+def test_quick_planted_seeds_run_compares_both_plantings_with_the_truth(quick_seed):
     # One seed of each planting mode at the quick size: a family of four TinyTransformers (two
     # shapes of equal 12·L·d², two seeds each) on planted data, a TopK SAE per site, one
     # run_test, then the comparison with the planted truth and the confusion table.
@@ -246,7 +254,7 @@ def test_quick_planted_seeds_run_compares_both_plantings_with_the_truth(tmp_path
     # learnt are not matched across the models, and the direction of U between the two plantings
     # (non-universal below universal, and below 1). Whether each run's verdict is right needs
     # the full size (docs/planted.md); the confusion table's logic is tested on hand-made runs above.
-    summary = run_seeds(str(tmp_path), 1, quick=True, progress=False)
+    tmp_path, summary = quick_seed
     assert summary["meets_target"] is True, summary["target"]
     t = summary["table"]
     assert t["runs"] == {"universal": 1, "non-universal": 1}
@@ -263,6 +271,37 @@ def test_quick_planted_seeds_run_compares_both_plantings_with_the_truth(tmp_path
     assert json.loads((tmp_path / "planted.json").read_text())["table"] == json.loads(json.dumps(t))
     assert "| truth \\ verdict |" in (tmp_path / "planted.md").read_text()
     assert "<th>truth \\ verdict</th>" in (tmp_path / "planted.html").read_text()
+
+
+def test_retest_tests_the_trained_families_again_without_training(quick_seed, tmp_path, monkeypatch):
+    import supanalysis.planted as planted
+
+    src, summary = quick_seed
+    shutil.copytree(src, tmp_path, dirs_exist_ok=True)  # config.json still names src's models
+
+    def no_training(*args, **kwargs):
+        raise AssertionError("a retest must not train")
+
+    monkeypatch.setattr(planted, "prepare_planted", no_training)
+    again = run_seeds(str(tmp_path), 1, quick=True, progress=False, retest=True)
+    assert [r["retested"] for r in again["runs"]] == [True, True]
+    assert not any(r["retested"] for r in summary["runs"])
+    for before, after in zip(summary["runs"], again["runs"]):
+        # The same families and the same analysis: the same verdict and U, to the bit.
+        assert {k: after[k] for k in ("outcome", "U_min", "U_min_lo", "U_min_hi", "planted_matched")} == {
+            k: before[k] for k in ("outcome", "U_min", "U_min_lo", "U_min_hi", "planted_matched")}  # fmt: skip
+        r = json.loads((tmp_path / after["folder"] / "planted.json").read_text())
+        assert r["retested"] is True and r["dictionaries"] and r["train_loss"]
+        _check_run(r, tmp_path / after["folder"])
+    assert "tested again on their trained families" in (tmp_path / "planted.md").read_text()
+    # Without --retest the retested runs are read back as they are.
+    assert run_seeds(str(tmp_path), 1, quick=True, progress=False)["runs"] == again["runs"]
+    # A family whose models are gone is refused, naming what is missing.
+    cfg = json.loads((tmp_path / "seed-0" / "universal" / "config.json").read_text())
+    cfg["models"][0]["path"] = cfg["model_a"]["path"] = str(tmp_path / "gone")
+    (tmp_path / "seed-0" / "universal" / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises((FileNotFoundError, ValueError), match="gone"):
+        run_seeds(str(tmp_path), 1, quick=True, progress=False, retest=True)
 
 
 def _check_run(r: dict, folder) -> None:
