@@ -94,7 +94,12 @@ def test_four_models_fill_the_family_consistently(family_report):
     v = rep["verdict"]
     assert v["calibrated"] and v["universality"]["calibrated"]
     assert v["universality"]["outcome"] == uni["outcome"]
-    assert v["universality"]["U_min"]["value"] == min(uni["U_a"]["value"], uni["U_b"]["value"])
+    # The verdict rests on U pooled over the family (both seeds of each shape): its U_min is the
+    # smaller pooled U, and every depth pair carries that decision.
+    pooled = {(r["shape"], r["into_shape"]): r for r in fam["pooled_universality"]}
+    assert set(pooled) == {("wide", "deep"), ("deep", "wide")}
+    assert pooled[("wide", "deep")]["models"] == ["A", "A'"] and pooled[("deep", "wide")]["into_models"] == ["A", "A'"]
+    assert v["universality"]["U_min"] == min((p["U"] for p in pooled.values()), key=lambda u: u["value"])
     assert rep["premises"][-1]["name"] == "P4 adequate dictionaries" and rep["premises"][-1]["holds"]
     json.dumps(rep, allow_nan=False)
 
