@@ -64,6 +64,11 @@ class PlantedRun:
     lm_loss: dict[str, float] = field(default_factory=dict)
 
 
+def eval_sequences(size: PlantedSize) -> int:
+    """Sequences of the test's eval slice, as experiment.plan.plan_tokens cuts it."""
+    return sequence_budget(size.eval_tokens + size.eval_tokens // size.seq_len, size.seq_len)
+
+
 def prepare_planted(
     out: str,
     size: PlantedSize,
@@ -81,7 +86,7 @@ def prepare_planted(
     # The test's token file is exactly eval | statistics (dictionaries are given, so the
     # test cuts no SAE-training slice); experiment.plan.plan_tokens's slicing is reproduced
     # here so the labels line up with the tokens the test measures.
-    n_eval = sequence_budget(size.eval_tokens + size.eval_tokens // L, L)
+    n_eval = eval_sequences(size)
     n_stats = sequence_budget(size.stats_tokens, L)
     streams = family_streams(spec, mode, size.lm_tokens + size.sae.tokens + L, (n_eval + n_stats) * L, seed)
     os.makedirs(os.path.join(out, "data"), exist_ok=True)
@@ -372,10 +377,9 @@ def reload_planted(out_dir: str, size: PlantedSize, previous: dict) -> PlantedRu
     """A finished run's family read back from ``out_dir`` (models, dictionaries, test tokens and
     their labels, config.json) with the training summary of its planted.json ``previous``:
     nothing is trained. For testing trained families again after a change to the analysis."""
-    with open(os.path.join(out_dir, "config.json"), encoding="utf-8") as f:
-        config = TestConfig.from_dict(json.load(f))
+    config = TestConfig.load(os.path.join(out_dir, "config.json"))
     labels = np.load(os.path.join(out_dir, "data", "labels.npy"))
-    n_eval = sequence_budget(size.eval_tokens + size.eval_tokens // size.seq_len, size.seq_len)
+    n_eval = eval_sequences(size)
     mode = previous["mode"]
     run = PlantedRun(config, size.spec, mode, tuple(previous["absent_features"]), labels[n_eval * size.seq_len :],
                      n_eval)  # fmt: skip
